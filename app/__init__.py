@@ -1,0 +1,1 @@
+"""Gradio web app (local or a Hugging Face Space)."""

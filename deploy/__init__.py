@@ -1,0 +1,1 @@
+"""Headless edge deployment: HTTP service, watched folder, audit log."""

@@ -1,0 +1,83 @@
+"""The result record of one inspection, shared by the app, the edge service and the evaluation.
+
+The JSON part (:class:`InspectionResult`) is what the API returns, the audit log stores and the
+evaluation appends to JSONL; pictures ride along in :class:`InspectionImages`, excluded from JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+PromptSettingName = Literal["baseline", "visual", "textual", "full"]
+CAASPolicy = Literal["auto", "off", "on"]
+
+
+class InspectOptions(BaseModel):
+    """Per-request choices; ``None`` means "as configured in settings"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_setting: PromptSettingName | None = None
+    caas: CAASPolicy | None = None
+    alpha: float | None = Field(None, ge=0.0)
+    explain: bool | None = None
+    use_mllm: bool = True
+    attention_map: bool = False
+
+
+class BoxRecord(BaseModel):
+    """A predicted defect box in ORIGINAL image pixel coordinates (x1, y1 exclusive)."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    peak: float
+
+
+@dataclass
+class InspectionImages:
+    """RGB uint8 pictures for people (H×W×3), all at the original image's resolution unless noted."""
+
+    heatmap_overlay: np.ndarray
+    boxed: np.ndarray | None
+    template: np.ndarray | None
+    attention_overlay: np.ndarray | None = None
+
+
+class InspectionResult(BaseModel):
+    """Everything one inspection decided, in JSON-serialisable form."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    image_name: str | None = None
+    image_sha256: str
+    image_size: tuple[int, int] = Field(description="(width, height) of the original image.")
+    bank: str
+    bank_id: str
+    score: float
+    tau: float
+    s_max: float
+    expert_decision: Literal["anomalous", "normal"]
+    low_confidence: bool = Field(description="tau <= score <= s_max: the expert is unsure.")
+    boxes: list[BoxRecord]
+    inspected_region: tuple[int, int, int, int] = Field(description="(x0, y0, x1, y1) the backbone saw.")
+    template: str | None = Field(None, description="Reference image shown to the MLLM as the normal template.")
+    mode: Literal["expert-only", "expert+mllm"]
+    prompt_setting: PromptSettingName | None = None
+    caas_applied: bool = False
+    caas_alpha: float | None = None
+    mllm_letter: str | None = None
+    mllm_answer: Literal["yes", "no", "unknown"] | None = None
+    mllm_raw: str | None = None
+    explanation: str | None = None
+    verdict: Literal["defect", "no_defect", "unknown"] = Field(
+        description="Final answer: the MLLM's when it ran, else the expert's decision."
+    )
+    model_id: str | None = None
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    images: InspectionImages | None = Field(None, exclude=True, repr=False)
