@@ -111,11 +111,15 @@ class CAASSettings(_Group):
 
 
 class PromptSettings(_Group):
+    """Which hints the MLLM gets (paper Table 3 settings) and whether it explains."""
+
     setting: Literal["baseline", "visual", "textual", "full"] = Field("full")
     explain: bool = Field(False, description="Ask a second turn for the defect's type, location and cause.")
 
 
 class AppSettings(_Group):
+    """The Gradio web app."""
+
     host: str = Field("127.0.0.1")
     port: int = Field(7860, ge=1, le=65535)
     share: bool = False
@@ -123,12 +127,21 @@ class AppSettings(_Group):
 
 
 class ServiceSettings(_Group):
+    """The headless edge service (``eagle serve``) and watched folder."""
+
     host: str = Field("127.0.0.1")
     port: int = Field(8080, ge=1, le=65535)
     token: SecretStr | None = Field(None, description="Bearer token; required on a non-loopback address.")
     max_upload_mb: int = Field(25, ge=1)
     queue_size: int = Field(8, ge=1)
     retry_after_s: int = Field(2, ge=1)
+    max_archive_mb: int = Field(1024, ge=1, description="Largest zip upload for a bank build (MiB).")
+    max_archive_unpacked_mb: int = Field(4096, ge=1, description="Most bytes a bank zip may unpack to (MiB).")
+    max_archive_entries: int = Field(10_000, ge=1, description="Most entries in a bank zip.")
+    max_pending_builds: int = Field(4, ge=1, description="Bank builds allowed to wait; more get 429.")
+    shutdown_timeout_s: float = Field(120.0, gt=0, description="Graceful shutdown: wait this long for accepted work.")
+    audit_path: Path | None = Field(None, description="SQLite audit log; default <data_dir>/audit.sqlite3.")
+    watch_poll_s: float = Field(1.0, gt=0, description="Watched folder: seconds between scans.")
 
 
 class Settings(BaseSettings):
@@ -139,9 +152,7 @@ class Settings(BaseSettings):
     )
 
     data_dir: Path = Field(default_factory=_default_data_dir, description="Banks, audit log and app state.")
-    max_image_pixels: int = Field(
-        64_000_000, ge=1, description="Larger images are refused (decompression-bomb guard)."
-    )
+    max_image_pixels: int = Field(64_000_000, ge=1, description="Larger images are refused (decompression-bomb guard).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     expert: ExpertSettings = Field(default_factory=ExpertSettings)
     mllm: MLLMSettings = Field(default_factory=MLLMSettings)

@@ -1,0 +1,57 @@
+"""Start the web app: locally (``eagle app``) or as a Hugging Face Space (``app.py``).
+
+On ZeroGPU Spaces (the ``spaces`` package is importable and ``SPACE_ID`` is set), GPU work is wrapped
+in ``spaces.GPU`` so a GPU is attached only while the model runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from eagle.pipeline import Pipeline
+from eagle.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def on_spaces() -> bool:
+    """Whether we run inside a Hugging Face Space."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def wrap_for_zerogpu(pipeline: Pipeline) -> Pipeline:
+    """Route the pipeline's MLLM-bound methods through ``spaces.GPU`` when that package is present."""
+    try:
+        import spaces  # type: ignore[import-not-found]
+    except ImportError:
+        return pipeline
+    pipeline.inspect = spaces.GPU(duration=120)(pipeline.inspect)  # type: ignore[method-assign]
+    pipeline.explain_stream = spaces.GPU(duration=120)(pipeline.explain_stream)  # type: ignore[method-assign]
+    log.info("ZeroGPU detected: inspections run under spaces.GPU")
+    return pipeline
+
+
+def create_demo(settings: Settings):
+    """The Gradio Blocks for these settings (banks under ``settings.data_dir``)."""
+    from app.ui import build_ui
+
+    settings.banks_dir.mkdir(parents=True, exist_ok=True)
+    pipeline = Pipeline(settings)
+    if on_spaces():
+        wrap_for_zerogpu(pipeline)
+    return build_ui(pipeline)
+
+
+def launch(settings: Settings, *, host: str | None = None, port: int | None = None, share: bool | None = None):
+    """Build and serve the app (blocks until stopped)."""
+    demo = create_demo(settings)
+    demo.queue(default_concurrency_limit=1)  # one model, one device: requests are served in order
+    server_name = None if on_spaces() else (host or settings.app.host)
+    return demo.launch(
+        server_name=server_name,
+        server_port=None if on_spaces() else (port or settings.app.port),
+        share=settings.app.share if share is None else share,
+        max_file_size=f"{settings.app.max_upload_mb}mb",
+        show_error=True,
+    )

@@ -1,0 +1,148 @@
+"""The Gradio layout: References, Banks and Inspect tabs wired to :mod:`app.handlers`.
+
+Example:
+    >>> from eagle.pipeline import Pipeline
+    >>> from eagle.settings import Settings
+    >>> demo = build_ui(Pipeline(Settings(mllm={"enabled": False})))  # doctest: +SKIP
+    >>> demo.launch()                                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+
+import gradio as gr
+
+from app import handlers
+from eagle.pipeline import Pipeline
+
+TITLE = "EAGLE — tuning-free industrial visual inspection"
+PROMPT_SETTINGS = [
+    ("full: boxes + textual prior", "full"),
+    ("visual: boxes only", "visual"),
+    ("textual: prior only", "textual"),
+    ("baseline: no expert hints", "baseline"),
+]
+CAAS_CHOICES = [("auto (when the expert is unsure)", "auto"), ("off", "off"), ("forced on", "on")]
+
+
+def _references_tab(pipeline: Pipeline, bank_choices: list[gr.Dropdown]) -> None:
+    gr.Markdown(
+        "Upload a few dozen photos of **good** parts (image files, a whole folder, or a zip). EAGLE learns "
+        "what normal looks like and sets its own threshold (DBT). At least "
+        f"{pipeline.settings.expert.min_references} images; {pipeline.settings.expert.recommended_references}+ "
+        "recommended."
+    )
+    with gr.Row():
+        files = gr.File(label="Reference images or zip", file_count="multiple", elem_id="ref-files")
+        folder = gr.File(label="…or a folder", file_count="directory", elem_id="ref-folder")
+    name = gr.Textbox(label="Bank name", placeholder="e.g. bottle-line-3", elem_id="bank-name")
+    build = gr.Button("Build bank", variant="primary", elem_id="build-bank")
+    facts = gr.Markdown(elem_id="bank-facts")
+    histogram = gr.Plot(label="DBT: training scores, τ and s_max")
+
+    def run(uploads, folder_files, bank_name, progress=gr.Progress()):
+        facts_md, figure, choice = handlers.build_bank(
+            pipeline, list(uploads or []) + list(folder_files or []), bank_name, progress
+        )
+        return (facts_md, figure, *[choice] * len(bank_choices))
+
+    build.click(run, [files, folder, name], [facts, histogram, *bank_choices], api_name="build_bank")
+
+
+def _banks_tab(pipeline: Pipeline, selector: gr.Dropdown) -> tuple[gr.Dataframe, gr.Dropdown]:
+    table = gr.Dataframe(
+        headers=handlers.BANK_TABLE_HEADERS, value=handlers.bank_table(pipeline), interactive=False, label="Saved banks"
+    )
+    with gr.Row():
+        refresh = gr.Button("Refresh")
+        delete = gr.Button("Delete selected", variant="stop")
+        export = gr.Button("Download selected as zip")
+    facts = gr.Markdown()
+    histogram = gr.Plot(label="DBT of the selected bank")
+    download = gr.File(label="Bank zip", interactive=False)
+    with gr.Accordion("Upload a bank zip", open=False):
+        upload = gr.File(label="Bank zip", file_types=[".zip"])
+        upload_name = gr.Textbox(label="Name for the imported bank (default: the zip's name)")
+        do_import = gr.Button("Import")
+
+    refresh.click(
+        lambda: (handlers.bank_table(pipeline), gr.update(choices=handlers.bank_names(pipeline))),
+        None,
+        [table, selector],
+    )
+    selector.change(functools.partial(handlers.show_bank, pipeline), selector, [facts, histogram])
+    delete.click(functools.partial(handlers.delete_bank, pipeline), selector, [table, selector])
+    export.click(functools.partial(handlers.export_bank, pipeline), selector, download)
+    do_import.click(functools.partial(handlers.import_bank, pipeline), [upload, upload_name], [table, selector])
+    return table, selector
+
+
+def _inspect_tab(pipeline: Pipeline, bank: gr.Dropdown) -> None:
+    status = gr.Markdown(handlers.mllm_status_markdown(pipeline), elem_id="mllm-status")
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = gr.Image(
+                label="Image to inspect",
+                type="filepath",
+                image_mode=None,
+                sources=["upload", "clipboard", "webcam"],
+                elem_id="query-image",
+            )
+            setting = gr.Radio(PROMPT_SETTINGS, value=pipeline.settings.prompt.setting, label="Prompt setting")
+            caas = gr.Radio(CAAS_CHOICES, value=pipeline.settings.caas.policy, label="CAAS")
+            alpha = gr.Slider(0.0, 2.0, value=pipeline.settings.caas.alpha, step=0.05, label="CAAS α")
+            with gr.Row():
+                use_mllm = gr.Checkbox(
+                    value=pipeline.mllm_enabled, label="Ask the MLLM", interactive=pipeline.mllm_enabled
+                )
+                explain = gr.Checkbox(value=pipeline.settings.prompt.explain, label="Explain the defect")
+                attention = gr.Checkbox(value=False, label="Show where the model looked")
+            go = gr.Button("Inspect", variant="primary", elem_id="inspect")
+        with gr.Column(scale=2):
+            verdict = gr.HTML(elem_id="verdict")
+            gauge = gr.Plot(label="Score against τ and s_max")
+            summary = gr.Markdown(elem_id="inspect-summary")
+            with gr.Row():
+                heatmap = gr.Image(label="Anomaly heatmap", interactive=False)
+                boxed = gr.Image(label="Boxes shown to the model", interactive=False)
+                template = gr.Image(label="Template (most similar normal)", interactive=False)
+            answer = gr.Textbox(label="Model answer", interactive=False)
+            explanation = gr.Textbox(label="Explanation", lines=4, interactive=False)
+            looked = gr.Image(label="Where the model looked", interactive=False)
+            timings = gr.JSON(label="Timings (ms)")
+
+    outputs = [verdict, gauge, heatmap, boxed, template, answer, explanation, looked, timings, summary]
+
+    def run(
+        img, bank_name, prompt_setting, caas_policy, caas_alpha, do_explain, ask, show_attention, progress=gr.Progress()
+    ):
+        yield from handlers.inspect(
+            pipeline, img, bank_name, prompt_setting, caas_policy, caas_alpha, do_explain, ask, show_attention, progress
+        )
+
+    go.click(run, [image, bank, setting, caas, alpha, explain, use_mllm, attention], outputs, api_name="inspect").then(
+        lambda: handlers.mllm_status_markdown(pipeline), None, status
+    )
+
+
+def build_ui(pipeline: Pipeline) -> gr.Blocks:
+    """Compose the app for one pipeline (which holds the banks and, lazily, the model)."""
+    names = handlers.bank_names(pipeline)
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(f"# {TITLE}")
+        if not pipeline.mllm_enabled:
+            gr.Markdown("**Expert-only mode**: no multimodal model is configured; verdicts come from the expert.")
+        inspect_bank = gr.Dropdown(
+            names, value=names[0] if names else None, label="Bank", elem_id="bank-select", render=False
+        )
+        banks_bank = gr.Dropdown(names, value=None, label="Selected bank", render=False)
+        with gr.Tab("Inspect", id="inspect"):
+            inspect_bank.render()
+            _inspect_tab(pipeline, inspect_bank)
+        with gr.Tab("References", id="references"):
+            _references_tab(pipeline, [inspect_bank, banks_bank])
+        with gr.Tab("Banks", id="banks"):
+            banks_bank.render()
+            _banks_tab(pipeline, banks_bank)
+    return demo
