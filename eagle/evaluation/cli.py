@@ -1,0 +1,158 @@
+"""``eagle eval`` and ``eagle eval-merge``: batch evaluation that reproduces the paper's tables.
+
+Example:
+    $ eagle eval --dataset mvtec --root /data/mvtec --out runs/mvtec
+    $ eagle eval --dataset visa --root /data/VisA --settings full,full+caas --shard 0/4 --out runs/visa-0
+    $ eagle eval-merge runs/visa-0 runs/visa-1 runs/visa-2 runs/visa-3 --out runs/visa
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from eagle.cli import CommandError
+from eagle.evaluation.readers import DATASET_KINDS, DatasetError
+from eagle.evaluation.records import RecordsError
+from eagle.evaluation.report import DATASET_TITLES, ReportError, build_report, write_report
+from eagle.evaluation.runner import (
+    DEFAULT_PIXEL_SIZE,
+    DEFAULT_SETTINGS,
+    EvalConfig,
+    EvalConfigError,
+    EvalRunner,
+    bank_root,
+    parse_settings,
+)
+from eagle.evaluation.shards import Shard, ShardError
+from eagle.settings import Settings
+
+log = logging.getLogger("eagle.cli")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``eval`` and ``eval-merge`` to the ``eagle`` parser."""
+    run = subparsers.add_parser(
+        "eval",
+        help="Evaluate on MVTec-AD / VisA / MMAD / a good+bad folder and write the paper's tables.",
+        description="Per class: build (or reuse) a bank, score every test image once, ask the MLLM under each "
+        "setting; records are appended as they finish (rerun with the same --out to resume).",
+    )
+    run.add_argument("--dataset", required=True, choices=DATASET_KINDS, help="Data set layout.")
+    run.add_argument("--root", required=True, type=Path, help="Data set folder.")
+    run.add_argument("--classes", nargs="+", default=None, help="Classes to evaluate (space or comma separated).")
+    run.add_argument(
+        "--settings",
+        default=DEFAULT_SETTINGS,
+        help="Comma-separated settings: baseline, visual, textual, full, each optionally +caas "
+        f"(default {DEFAULT_SETTINGS}).",
+    )
+    run.add_argument("--model", default=None, help="MLLM preset (default: EAGLE_MLLM__PRESET).")
+    run.add_argument("--no-mllm", action="store_true", help="Expert-only: skip the MLLM, compute expert metrics only.")
+    run.add_argument("--out", type=Path, default=None, help="Output folder (default eagle-eval/<dataset>).")
+    run.add_argument("--shard", default="0/1", help="Run shard i of n (0-based), e.g. 0/4; merge with eval-merge.")
+    run.add_argument("--limit", type=int, default=None, help="At most N test images per class (a stable sample).")
+    run.add_argument(
+        "--pixel-size",
+        type=int,
+        default=DEFAULT_PIXEL_SIZE,
+        help=f"Longest side for pixel AUROC/AUPRO maps (default {DEFAULT_PIXEL_SIZE}; 0 = mask resolution).",
+    )
+    run.add_argument("--no-pixel", action="store_true", help="Skip pixel metrics (no anomaly maps stored).")
+    run.add_argument("--bank-dir", type=Path, default=None, help="Bank cache folder (default <out>/cache).")
+    run.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    run.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
+    run.set_defaults(func=run_eval)
+
+    merge = subparsers.add_parser(
+        "eval-merge",
+        help="Combine the records of several eval output folders (shards) into one report.",
+    )
+    merge.add_argument("runs", nargs="+", type=Path, metavar="OUT_DIR", help="Output folders of `eagle eval`.")
+    merge.add_argument("--out", type=Path, required=True, help="Folder for the merged report.")
+    merge.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
+    merge.set_defaults(func=run_merge)
+
+
+def _classes(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [c for value in values for c in value.split(",") if c.strip()]
+
+
+def build_config(args: argparse.Namespace) -> EvalConfig:
+    """Turn parsed ``eagle eval`` arguments into an :class:`EvalConfig` (raises on bad values)."""
+    return EvalConfig(
+        dataset=args.dataset,
+        root=args.root,
+        out=args.out or Path("eagle-eval") / args.dataset,
+        classes=_classes(args.classes),
+        settings=parse_settings(args.settings),
+        shard=Shard.parse(args.shard),
+        limit=args.limit,
+        pixel_metrics=not args.no_pixel,
+        pixel_size=args.pixel_size or None,
+        bank_dir=args.bank_dir,
+        progress=not args.no_progress,
+        plots=not args.no_plots,
+    )
+
+
+def _summary_lines(report: dict) -> list[str]:
+    lines = []
+    for dataset, data in report["metrics"].items():
+        meta = report["meta"]["datasets"][dataset]
+        title = DATASET_TITLES.get(dataset, dataset)
+        mean = data["mean"]
+        auroc = "–" if mean["image_auroc"] is None else f"{100 * mean['image_auroc']:.1f}"
+        state = "" if meta["complete"] else "  [incomplete]"
+        lines.append(f"{title}: {meta['n_images']} images, expert image AUROC {auroc}{state}")
+        for setting, m in [("expert", data["pooled"]["expert"]), *data["pooled"]["settings"].items()]:
+            if m:
+                lines.append(
+                    f"  {setting:<14} acc {100 * m['accuracy']:5.1f}  prec {100 * m['precision']:5.1f}  "
+                    f"rec {100 * m['recall']:5.1f}  F1 {100 * m['f1']:5.1f}  unknown {m['n_unknown']}"
+                )
+        if not meta["mllm_enabled"]:
+            lines.append("  MLLM disabled: expert metrics only")
+    return lines
+
+
+def run_eval(args: argparse.Namespace, settings: Settings) -> int:
+    """Handler of ``eagle eval``."""
+    try:
+        config = build_config(args)
+    except (EvalConfigError, ShardError) as err:
+        raise CommandError(str(err)) from None
+    settings.data_dir = bank_root(config)
+    if args.model:
+        settings.mllm.preset = args.model
+    if args.no_mllm:
+        settings.mllm.enabled = False
+    from eagle.pipeline import MLLMUnavailableError, Pipeline, ReferenceImagesError
+
+    try:
+        runner = EvalRunner(Pipeline(settings), settings, config)
+        report = runner.run()
+    except (DatasetError, EvalConfigError, RecordsError, ReportError, MLLMUnavailableError) as err:
+        raise CommandError(str(err)) from None
+    except ReferenceImagesError as err:
+        raise CommandError(str(err), exit_code=1) from None
+    for line in _summary_lines(report):
+        print(line)
+    print(f"report: {config.out / 'report.md'}")
+    return 0
+
+
+def run_merge(args: argparse.Namespace, settings: Settings) -> int:
+    """Handler of ``eagle eval-merge``."""
+    try:
+        report = build_report(args.runs)
+        write_report(report, args.out, plots=not args.no_plots)
+    except (ReportError, RecordsError) as err:
+        raise CommandError(str(err)) from None
+    for line in _summary_lines(report):
+        print(line)
+    print(f"report: {args.out / 'report.md'}")
+    return 0

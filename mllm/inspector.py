@@ -1,0 +1,266 @@
+"""Ask a loaded multimodal LLM the EAGLE question, optionally with CAAS, and stream an explanation.
+
+:class:`MLLMInspector` owns no policy: the caller decides the prompt setting and whether CAAS is active (the gate
+``tau <= s_img <= s_max`` is :func:`mllm.caas.should_apply`); the inspector builds the prompt, runs greedy
+decoding under a lock (one model, many request threads), parses the letter and reports timings.
+
+Example:
+    >>> inspector = MLLMInspector(load_mllm(settings.mllm), settings)  # doctest: +SKIP
+    >>> answer = inspector.ask(query=q, template=t, boxed=b, expert_anomalous=True, setting="full")  # doctest: +SKIP
+    >>> answer.answer, answer.letter  # doctest: +SKIP
+    ('yes', 'A')
+    >>> for chunk in inspector.explain_stream(query=q, template=t, boxed=b, expert_anomalous=True,
+    ...                                       answer=answer, setting="full"):  # doctest: +SKIP
+    ...     print(chunk, end="")
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from PIL import Image
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from mllm.answers import parse_answer
+from mllm.prompts import Setting, build_explanation_messages, build_prompt, render_inputs
+
+if TYPE_CHECKING:
+    from eagle.settings import Settings
+    from mllm.caas import CAASConfig
+    from mllm.loading import LoadedMLLM
+
+__all__ = ["MLLMAnswer", "MLLMInspector", "MLLMInferenceError"]
+
+# Longest wait for the next streamed chunk before the stream is declared stuck (seconds; CPU hosts are slow).
+_STREAM_TIMEOUT_S = 600.0
+
+
+class MLLMInferenceError(RuntimeError):
+    """Generation failed (e.g. out of memory); one-line message."""
+
+
+@dataclass
+class MLLMAnswer:
+    """The model's answer to the defect question.
+
+    Attributes:
+        letter: Option letter parsed (``"A"``/``"B"``) or ``None``.
+        answer: ``yes`` (defect), ``no`` or ``unknown`` (see :mod:`mllm.answers`).
+        raw_text: The decoded reply, special tokens skipped.
+        caas_applied: Whether CAAS was active during generation.
+        n_input_tokens: Prompt length in tokens (visual tokens included).
+        n_new_tokens: Tokens generated.
+        timings_ms: ``prepare`` (prompt + preprocessing), ``generate`` and ``total`` wall times in ms.
+        setting: The prompt setting used.
+        boxed_included: Whether the boxed query image was sent.
+    """
+
+    letter: str | None
+    answer: Literal["yes", "no", "unknown"]
+    raw_text: str
+    caas_applied: bool
+    n_input_tokens: int
+    n_new_tokens: int
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    setting: Setting = "full"
+    boxed_included: bool = False
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops generation once ``event`` is set (a stream consumer went away)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000.0, 3)
+
+
+class MLLMInspector:
+    """Runs the EAGLE question (and the optional explanation turn) on one loaded model, one call at a time.
+
+    Args:
+        loaded: The model from :func:`mllm.loading.load_mllm`.
+        settings: The whole settings tree (``mllm.max_new_tokens``, ``mllm.explanation_max_new_tokens``).
+    """
+
+    def __init__(self, loaded: LoadedMLLM, settings: Settings) -> None:
+        self.loaded = loaded
+        self.settings = settings
+        self._lock = threading.Lock()
+
+    def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
+        """Greedy decoding with the model's own end-of-turn / padding ids (sampling settings of the hub ignored)."""
+        own = self.loaded.model.generation_config
+        eos = own.eos_token_id if own.eos_token_id is not None else self.loaded.tokenizer.eos_token_id
+        pad = own.pad_token_id if own.pad_token_id is not None else self.loaded.tokenizer.pad_token_id
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos,
+            pad_token_id=pad if pad is not None else (eos[0] if isinstance(eos, list) else eos),
+        )
+
+    def ask(
+        self,
+        *,
+        query: Image.Image,
+        template: Image.Image,
+        boxed: Image.Image | None,
+        expert_anomalous: bool | None,
+        setting: Setting,
+        caas: CAASConfig | None = None,
+    ) -> MLLMAnswer:
+        """Ask "Is there any defect in the object?" with the EAGLE prompt for ``setting``.
+
+        Args:
+            query: The image under inspection.
+            template: The most similar normal reference (1-shot+ template).
+            boxed: The query with the expert's red boxes (sent only in ``visual``/``full`` when anomalous).
+            expert_anomalous: The expert's verdict; ``None`` allowed for ``baseline``.
+            setting: ``baseline``, ``visual``, ``textual`` or ``full``.
+            caas: When given, CAAS is active for this call (the caller applied the gate); ``None``: off.
+
+        Returns:
+            The parsed :class:`MLLMAnswer` with timings.
+
+        Raises:
+            mllm.prompts.PromptError: inputs the setting cannot use.
+            mllm.caas.CAASError: a CAAS configuration the model cannot take (e.g. layers beyond its depth).
+            MLLMInferenceError: generation ran out of memory.
+        """
+        start = time.perf_counter()
+        prompt = build_prompt(
+            query=query, template=template, boxed=boxed, expert_anomalous=expert_anomalous, setting=setting
+        )
+        with self._lock:
+            inputs = render_inputs(self.loaded, prompt.messages, prompt.images)
+            prepared = time.perf_counter()
+            n_input = int(inputs["input_ids"].shape[1])
+            context = nullcontext() if caas is None else self._caas_context(caas, inputs["input_ids"], prompt)
+            try:
+                with context:
+                    output = self.loaded.model.generate(
+                        **inputs, generation_config=self._generation_config(self.settings.mllm.max_new_tokens)
+                    )
+            except torch.OutOfMemoryError:
+                raise MLLMInferenceError(
+                    f"out of memory generating with a {n_input}-token prompt; lower EAGLE_MLLM__MAX_PIXELS"
+                ) from None
+            generated_ms = _ms(prepared)
+        new_tokens = output[0, n_input:]
+        raw = self.loaded.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        parsed = parse_answer(raw)
+        return MLLMAnswer(
+            letter=parsed.letter,
+            answer=parsed.answer,
+            raw_text=raw,
+            caas_applied=caas is not None,
+            n_input_tokens=n_input,
+            n_new_tokens=int(new_tokens.numel()),
+            timings_ms={
+                "prepare": round((prepared - start) * 1000.0, 3),
+                "generate": generated_ms,
+                "total": _ms(start),
+            },
+            setting=setting,
+            boxed_included=prompt.boxed_included,
+        )
+
+    def _caas_context(self, caas: CAASConfig, input_ids: torch.Tensor, prompt: Any) -> Any:
+        """Engineer E's CAAS context manager over this prompt's visual tokens (imported lazily: torch-only path)."""
+        from mllm.caas import apply_caas, visual_token_mask
+
+        mask = visual_token_mask(
+            input_ids, self.loaded.image_token_id, tokens=caas.tokens, query_image_index=prompt.query_index
+        )
+        return apply_caas(self.loaded.model, self.loaded.decoder_layers, caas, mask)
+
+    def explain_stream(
+        self,
+        *,
+        query: Image.Image,
+        template: Image.Image,
+        boxed: Image.Image | None,
+        expert_anomalous: bool | None,
+        answer: MLLMAnswer,
+        setting: Setting,
+    ) -> Iterator[str]:
+        """Stream a 2–3 sentence explanation of ``answer`` as a second chat turn.
+
+        For a ``yes`` the model is asked for the defect's type, location and likely cause; for a ``no``, what it
+        compared and why the object looks normal; for ``unknown``, the question is asked openly. Greedy, at most
+        ``settings.mllm.explanation_max_new_tokens`` tokens, without CAAS. Text arrives in chunks from
+        transformers' ``TextIteratorStreamer`` while a background thread generates; the model stays locked until
+        the stream ends. Closing the iterator early stops generation at the next token.
+
+        Args:
+            query: The image under inspection (as given to :meth:`ask`).
+            template: The normal template image (as given to :meth:`ask`).
+            boxed: The boxed query image or ``None`` (as given to :meth:`ask`).
+            expert_anomalous: The expert's verdict (as given to :meth:`ask`).
+            answer: The first-turn answer (its raw text becomes the assistant turn).
+            setting: The prompt setting (as given to :meth:`ask`).
+
+        Yields:
+            Decoded text chunks; their concatenation is the whole explanation.
+
+        Raises:
+            MLLMInferenceError: generation failed in the background thread.
+        """
+        prompt = build_prompt(
+            query=query, template=template, boxed=boxed, expert_anomalous=expert_anomalous, setting=setting
+        )
+        messages = build_explanation_messages(prompt, answer.raw_text, answer.answer)
+        self._lock.acquire()
+        cancel = threading.Event()
+        failure: list[BaseException] = []
+        worker: threading.Thread | None = None
+        try:
+            inputs = render_inputs(self.loaded, messages, prompt.images)
+            streamer = TextIteratorStreamer(
+                self.loaded.tokenizer, skip_prompt=True, timeout=_STREAM_TIMEOUT_S, skip_special_tokens=True
+            )
+            config = self._generation_config(self.settings.mllm.explanation_max_new_tokens)
+
+            def run() -> None:
+                try:
+                    self.loaded.model.generate(
+                        **inputs,
+                        generation_config=config,
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
+                    )
+                except BaseException as err:  # noqa: BLE001 - handed to the consumer thread below
+                    failure.append(err)
+                    streamer.end()
+
+            worker = threading.Thread(target=run, name="mllm-explain", daemon=True)
+            worker.start()
+            for chunk in streamer:
+                if chunk:
+                    yield chunk
+            worker.join()
+            if failure:
+                error = failure[0]
+                raise MLLMInferenceError(f"explanation failed: {type(error).__name__}: {error}".splitlines()[0])
+        finally:
+            cancel.set()
+            if worker is not None:
+                worker.join()
+            self._lock.release()
+
+    def explain(self, **kwargs: Any) -> str:
+        """The whole explanation as one string (same arguments as :meth:`explain_stream`)."""
+        return "".join(self.explain_stream(**kwargs))

@@ -1,0 +1,60 @@
+"""Shared test fixtures: a synthetic MVTec-like data set and a seeded random-weight backbone."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # so tests can `from synthetic import ...`
+
+from synthetic import make_mvtec_like  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _limit_threads():
+    """The CI box has 2 shared cores: keep torch from oversubscribing them."""
+    torch.set_num_threads(2)
+    yield
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """Root of a synthetic MVTec-AD folder (category ``widget``); see :func:`synthetic.make_mvtec_like`."""
+    return make_mvtec_like(tmp_path_factory.mktemp("mvtec"))
+
+
+@pytest.fixture(scope="session")
+def random_backbone_loaded():
+    """``(module, WeightsInfo)`` from :func:`expert.weights.load_backbone` with ``weights="random", seed=0``."""
+    from eagle.settings import ExpertSettings
+    from expert.weights import load_backbone
+
+    return load_backbone(ExpertSettings(weights="random", seed=0))
+
+
+@pytest.fixture(scope="session")
+def random_backbone(random_backbone_loaded):
+    """Seeded random-weight WideResNet-50-2 feature extractor (layer2+layer3), eval mode."""
+    return random_backbone_loaded[0]
+
+
+@pytest.fixture(scope="session")
+def random_weights_info(random_backbone_loaded):
+    """The :class:`expert.weights.WeightsInfo` of :func:`random_backbone` (source ``random:seed=0``)."""
+    return random_backbone_loaded[1]
+
+
+@pytest.fixture(scope="session")
+def patch_embedder(random_backbone):
+    """:class:`expert.backbone.PatchEmbedder` over the random backbone, eval mode."""
+    from expert.backbone import build_patch_embedder
+
+    return build_patch_embedder(random_backbone)
+
+
+# Fixture plugins shared across test files (tiny offline MLLMs; a pipeline with the synthetic bank built once).
+from tests.fixtures_mllm import tiny_llava_dir, tiny_qwen_dir  # noqa: E402, F401
+from tests.fixtures_pipeline import built_pipeline  # noqa: E402, F401
