@@ -91,7 +91,7 @@ def extract_zip(
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 with archive.open(member) as src, open(target, "wb") as out:
-                    remaining = member.file_size + 1
+                    remaining = member.file_size
                     while chunk := src.read(1 << 20):
                         remaining -= len(chunk)
                         if remaining < 0:

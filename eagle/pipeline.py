@@ -279,7 +279,9 @@ class Pipeline:
         timings = dict(expert.timings_ms)
         t0 = time.perf_counter()
         template_img = self.banks.template_image(bank, expert.template_index)
-        boxed = draw_boxes(image, expert.boxes) if expert.anomalous and expert.boxes else None
+        # The boxed view exists whenever the expert says anomalous (the prompt promises it); in the rare case that
+        # every region was too small to box, it is the plain image.
+        boxed = draw_boxes(image, expert.boxes) if expert.anomalous else None
         images = InspectionImages(
             heatmap_overlay=heatmap_overlay(image, expert.anomaly_map, expert.valid_mask, vmin=0.0, vmax=expert.s_max),
             boxed=boxed,

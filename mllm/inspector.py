@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -264,3 +265,45 @@ class MLLMInspector:
     def explain(self, **kwargs: Any) -> str:
         """The whole explanation as one string (same arguments as :meth:`explain_stream`)."""
         return "".join(self.explain_stream(**kwargs))
+
+    def attention_overlay(
+        self,
+        *,
+        query: Image.Image,
+        template: Image.Image,
+        boxed: Image.Image | None,
+        expert_anomalous: bool | None,
+        setting: Setting,
+        layers: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Where the model looked: the answering position's attention to the query image, over the image.
+
+        The attention is read from ``layers`` (default: the CAAS layer range of the settings, clipped to the
+        model's depth) without switching the model to eager attention, averaged over those layers and drawn
+        as a heat map on the ORIGINAL query image (the paper's Fig. 1/9).
+
+        Returns:
+            RGB uint8 array of the query image's size.
+        """
+        from mllm.attention_readout import attention_overlay, image_attention_maps, processor_view_box
+
+        depth = len(self.loaded.decoder_layers)
+        if layers is None:
+            caas = self.settings.caas
+            layers = [i for i in range(caas.layer_start, caas.layer_end + 1) if i < depth] or [depth - 1]
+        prompt = build_prompt(
+            query=query, template=template, boxed=boxed, expert_anomalous=expert_anomalous, setting=setting
+        )
+        with self._lock:
+            inputs = render_inputs(self.loaded, prompt.messages, prompt.images)
+            maps = image_attention_maps(
+                self.loaded.model,
+                self.loaded.decoder_layers,
+                inputs,
+                self.loaded.image_token_id,
+                layers=list(layers),
+                image_index=prompt.query_index,
+            )
+        grid = np.mean(np.stack(list(maps.values())), axis=0)
+        view = processor_view_box(getattr(self.loaded.processor, "image_processor", None), query.size)
+        return attention_overlay(query, grid, view_box=view)

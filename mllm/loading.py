@@ -196,7 +196,7 @@ def _resolve_model_id(settings: MLLMSettings, preset: ModelPreset) -> str:
 def _how_to_get(model_id: str, reason: str) -> MLLMLoadError:
     return MLLMLoadError(
         f"cannot load MLLM weights {model_id!r} ({reason}): on a connected machine run "
-        f"`huggingface-cli download {model_id}` and copy the Hugging Face cache (~/.cache/huggingface) here, "
+        f"`hf download {model_id}` and copy the Hugging Face cache (~/.cache/huggingface) here, "
         "or set EAGLE_MLLM__MODEL_ID to a local model directory"
     )
 

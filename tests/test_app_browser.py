@@ -107,7 +107,8 @@ def test_build_a_bank_and_inspect_in_the_browser(app_url, synthetic_root):
         page.locator("#bank-name textarea, #bank-name input").first.fill("widget")
         page.locator("#build-bank").click()
         page.wait_for_function(
-            "document.querySelector('#bank-facts') && document.querySelector('#bank-facts').innerText.includes('references')",
+            "() => { const f = document.querySelector('#bank-facts');"
+            " return f && f.innerText.includes('references'); }",
             timeout=300_000,
         )
         facts = page.inner_text("#bank-facts")

@@ -189,3 +189,29 @@ def test_calls_from_two_threads_are_serialised(inspector):
         del inspector.loaded.model.generate
     assert max(peak) == 1 and len(results) == 2
     assert results[0].raw_text == results[1].raw_text
+
+
+def test_attention_overlay_is_the_mean_read_out_drawn_on_the_query(inspector):
+    from mllm.attention_readout import attention_overlay, image_attention_maps
+
+    query = Image.fromarray(np.random.default_rng(5).integers(0, 256, (56, 112, 3), dtype=np.uint8))
+    images = {**IMAGES, "query": query}
+    overlay = inspector.attention_overlay(**images, expert_anomalous=True, setting="full", layers=[9, 15])
+    assert overlay.shape == (56, 112, 3) and overlay.dtype == np.uint8
+    prompt = build_prompt(**images, expert_anomalous=True, setting="full")
+    inputs = render_inputs(inspector.loaded, prompt.messages, prompt.images)
+    maps = image_attention_maps(
+        inspector.loaded.model,
+        inspector.loaded.decoder_layers,
+        inputs,
+        inspector.loaded.image_token_id,
+        layers=[9, 15],
+        image_index=prompt.query_index,
+    )
+    expected = attention_overlay(query, (maps[9] + maps[15]) / 2)
+    assert np.abs(overlay.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_attention_overlay_defaults_to_the_caas_layers(inspector):
+    overlay = inspector.attention_overlay(**IMAGES, expert_anomalous=False, setting="baseline")
+    assert overlay.shape == (64, 64, 3)

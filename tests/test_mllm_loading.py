@@ -66,7 +66,7 @@ def test_offline_hub_id_without_cache_says_how_to_get_weights(tmp_path, monkeypa
         load_mllm(MLLMSettings(preset="qwen2.5-vl-3b"))
     message = str(err.value)
     assert "\n" not in message
-    assert "huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct" in message
+    assert "hf download Qwen/Qwen2.5-VL-3B-Instruct" in message
     assert "EAGLE_MLLM__MODEL_ID" in message
 
 

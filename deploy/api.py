@@ -1,0 +1,518 @@
+"""The HTTP API of the edge service: a FastAPI application around one :class:`eagle.pipeline.Pipeline`.
+
+Endpoints (all ``/v1`` endpoints and ``/metrics`` need ``Authorization: Bearer <token>`` when a token is set):
+
+=================================  ==================================================================
+``POST /v1/inspect``               multipart ``image`` + ``bank`` (+ options) → the inspection record
+``GET /v1/banks``                  the saved banks
+``POST /v1/banks``                 multipart ``name`` + ``archive`` (zip of normal images) → 202 + job
+``GET /v1/jobs``, ``/v1/jobs/{id}`` bank-build job status
+``DELETE /v1/banks/{name}``        delete a bank
+``GET /healthz``                   the process is alive
+``GET /readyz``                    banks and model loaded (503 otherwise)
+``GET /metrics``                   Prometheus text
+``GET /openapi.json``, ``/docs``   the schema
+=================================  ==================================================================
+
+Example:
+    >>> from eagle.settings import Settings
+    >>> from eagle.pipeline import Pipeline  # doctest: +SKIP
+    >>> settings = Settings(mllm={"enabled": False})  # doctest: +SKIP
+    >>> app = create_app(Pipeline(settings), settings)  # doctest: +SKIP
+    >>> # uvicorn.run(app, host="127.0.0.1", port=8080)  -- or `eagle serve`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, FastAPI, File, Form, Request, Security, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deploy.annotate import annotated_png_base64
+from deploy.archive import ArchiveLimits
+from deploy.audit import AuditLog, default_audit_path
+from deploy.auth import BearerAuth
+from deploy.errors import (
+    HTTP_STATUS_CODES,
+    BankBusy,
+    BankNotFound,
+    InvalidImage,
+    InvalidRequest,
+    JobNotFound,
+    NotReady,
+    QueueFull,
+    ServiceError,
+    UploadTooLarge,
+    domain_error,
+    error_body,
+)
+from deploy.jobs import JOB_ID_PATTERN, BankBuildJobs, JobStatus, jsonable
+from deploy.limits import FORM_LIMITS, check_image_pixels, mib_to_bytes, validate_bank_name
+from deploy.metrics import CONTENT_TYPE, ServiceMetrics
+from deploy.middleware import BodyLimit, RequestGate
+from deploy.worker import InferenceWorker
+from eagle.records import InspectionResult, InspectOptions
+
+logger = logging.getLogger(__name__)
+
+MAX_NAME_LENGTH = 255
+SMALL_BODY_BYTES = 64 * 1024
+"""Body cap of endpoints that take no upload."""
+
+
+class InspectResponse(BaseModel):
+    """``POST /v1/inspect``: the record, and the annotated PNG when asked for."""
+
+    request_id: str = Field(description="Also the audit log's run_id for this inspection.")
+    result: InspectionResult
+    annotated_png: str | None = Field(None, description="Base64 PNG: heatmap over the image, boxes in red.")
+
+
+class BankList(BaseModel):
+    """``GET /v1/banks``."""
+
+    banks: list[dict[str, Any]]
+
+
+class JobList(BaseModel):
+    """``GET /v1/jobs``."""
+
+    jobs: list[JobStatus]
+
+
+class Deleted(BaseModel):
+    """``DELETE /v1/banks/{name}``."""
+
+    deleted: str
+
+
+class Health(BaseModel):
+    """``GET /healthz``."""
+
+    status: Literal["alive"] = "alive"
+
+
+class Readiness(BaseModel):
+    """``GET /readyz`` (200): every check true."""
+
+    ready: bool
+    checks: dict[str, bool]
+
+
+class ErrorDetail(BaseModel):
+    """The ``error`` member of every error response."""
+
+    code: str
+    message: str
+    request_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error response: ``{"error": {"code": ..., "message": ...}}``."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (401, "Missing or wrong bearer token."),
+        (404, "Unknown bank or job."),
+        (409, "Bank exists, is being built, or is unusable with the current settings."),
+        (413, "Upload or archive too large."),
+        (422, "Invalid field, image, bank name or archive."),
+        (429, "Queue full; see Retry-After."),
+        (503, "Not ready or shutting down."),
+    )
+}
+
+
+@dataclass
+class Service:
+    """Everything the endpoints share; ``app.state.service``."""
+
+    pipeline: Any
+    settings: Any
+    worker: InferenceWorker
+    jobs: BankBuildJobs
+    audit: AuditLog
+    metrics: ServiceMetrics
+    owned: list[Any] = field(default_factory=list)
+    warm: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def upload_limit(self) -> int:
+        """Body cap of ``POST /v1/inspect`` in bytes."""
+        return mib_to_bytes(self.settings.service.max_upload_mb)
+
+    @property
+    def archive_limit(self) -> int:
+        """Body cap of ``POST /v1/banks`` in bytes."""
+        return mib_to_bytes(self.settings.service.max_archive_mb)
+
+
+def create_app(
+    pipeline: Any,
+    settings: Any,
+    *,
+    audit: AuditLog | None = None,
+    worker: InferenceWorker | None = None,
+    jobs: BankBuildJobs | None = None,
+    warm_up: bool = False,
+) -> FastAPI:
+    """Build the service's FastAPI application around a pipeline.
+
+    The worker and job threads start with the application (lifespan) and, on shutdown, finish every accepted
+    inspection and build (up to ``settings.service.shutdown_timeout_s``) before the audit log is closed.
+
+    Args:
+        pipeline: an ``eagle.pipeline.Pipeline`` (or any object with its contract).
+        settings: ``eagle.settings.Settings``.
+        audit: the audit log; default ``settings.service.audit_path`` or ``<data_dir>/audit.sqlite3``.
+        worker: the inference worker; default one with ``settings.service.queue_size`` waiting slots.
+        jobs: the bank-build job manager; default one staging in ``<data_dir>/jobs``.
+        warm_up: at start-up, load every saved bank and (when enabled) the MLLM in the background;
+            ``/readyz`` answers 503 until that is done. Without it the first request pays the loading.
+    """
+    svc_settings = settings.service
+    owned: list[Any] = []
+    if audit is None:
+        audit = AuditLog(default_audit_path(settings))
+        owned.append(audit)
+    if worker is None:
+        worker = InferenceWorker(svc_settings.queue_size, min_retry_after_s=svc_settings.retry_after_s)
+    if jobs is None:
+        limits = ArchiveLimits(
+            max_entries=svc_settings.max_archive_entries,
+            max_entry_bytes=mib_to_bytes(svc_settings.max_archive_unpacked_mb),
+            max_total_bytes=mib_to_bytes(svc_settings.max_archive_unpacked_mb),
+        )
+        jobs = BankBuildJobs(
+            pipeline,
+            Path(settings.data_dir) / "jobs",
+            limits=limits,
+            min_references=settings.expert.min_references,
+            max_pending=svc_settings.max_pending_builds,
+        )
+    metrics = ServiceMetrics(queue_state=lambda: (worker.depth, worker.capacity, worker.busy), job_states=jobs.states)
+    service = Service(pipeline, settings, worker, jobs, audit, metrics, owned)
+    auth = BearerAuth(svc_settings.token)
+    if not auth.enabled:
+        logger.warning("no service token set: the API is open to anyone who can reach %s", svc_settings.host)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        jobs.start()
+        if warm_up:
+            threading.Thread(target=_warm_up, args=(service,), name="eagle-warm-up", daemon=True).start()
+        else:
+            service.warm.set()
+        try:
+            yield
+        finally:
+            timeout = svc_settings.shutdown_timeout_s
+            drained = await run_in_threadpool(worker.shutdown, timeout)
+            built = await run_in_threadpool(jobs.shutdown, timeout)
+            if not (drained and built):
+                logger.error("shutdown timeout (%.0f s): some accepted work did not finish", timeout)
+            for resource in owned:
+                resource.close()
+
+    app = FastAPI(
+        title="EAGLE edge service",
+        version="1",
+        description="Tuning-free industrial visual inspection: PatchCore expert + DBT threshold (+ MLLM).",
+        lifespan=lifespan,
+        form_limits=FORM_LIMITS,
+    )
+    app.state.service = service
+    _install_error_handlers(app)
+    body_limits = {
+        ("POST", "/v1/inspect"): BodyLimit(service.upload_limit, "EAGLE_SERVICE__MAX_UPLOAD_MB"),
+        ("POST", "/v1/banks"): BodyLimit(service.archive_limit, "EAGLE_SERVICE__MAX_ARCHIVE_MB"),
+    }
+    app.add_middleware(
+        RequestGate,
+        auth=auth,
+        metrics=metrics,
+        body_limits=body_limits,
+        default_body_limit=BodyLimit(SMALL_BODY_BYTES, "no upload on this endpoint"),
+        admission={("POST", "/v1/inspect"): lambda: _admit_inspection(service)},
+    )
+    app.include_router(_health_router(service))
+    app.include_router(_v1_router(service))
+    return app
+
+
+# -- errors --------------------------------------------------------------------------------------------------------
+def _error_response(request: Request, err: ServiceError) -> JSONResponse:
+    service: Service = request.app.state.service
+    service.metrics.errors.inc(code=err.code)
+    request_id = getattr(request.state, "request_id", None)
+    return JSONResponse(error_body(err.code, str(err), request_id=request_id), err.status, headers=err.headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return _error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(request, InvalidRequest(_describe_validation(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 413:
+            err: ServiceError = UploadTooLarge(str(exc.detail))
+        else:
+            err = ServiceError(_http_message(request, exc), headers=dict(exc.headers or {}))
+            err.status = exc.status_code
+            err.code = HTTP_STATUS_CODES.get(exc.status_code, "http_error")
+        return _error_response(request, err)
+
+
+def _http_message(request: Request, exc: StarletteHTTPException) -> str:
+    if exc.status_code == 404:
+        return f"no such endpoint: {request.method} {request.url.path}"
+    if exc.status_code == 405:
+        return f"method {request.method} not allowed on {request.url.path}"
+    return " ".join(str(exc.detail).split()) or "bad request"
+
+
+def _describe_validation(errors: Any) -> str:
+    parts = []
+    for error in list(errors)[:5]:
+        loc = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path", "form"))
+        parts.append(f"{loc or 'request'}: {error.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+# -- routes ----------------------------------------------------------------------------------------------------------
+def _health_router(service: Service) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz", response_model=Health, summary="The process is alive")
+    async def healthz() -> Health:
+        return Health()
+
+    @router.get(
+        "/readyz",
+        response_model=Readiness,
+        summary="Banks and model loaded",
+        responses={503: {"model": ErrorResponse, "description": "Not ready."}},
+    )
+    async def readyz(request: Request) -> Any:
+        checks = dict(await run_in_threadpool(service.pipeline.ready))
+        checks["worker"] = service.worker.alive and service.worker.accepting
+        checks["warm_up"] = service.warm.is_set()
+        if not service.pipeline.mllm_enabled:
+            checks.pop("mllm", None)  # expert-only box: no model to wait for
+        failing = sorted(name for name, ok in checks.items() if not ok)
+        if failing:
+            err = NotReady("not ready: " + ", ".join(failing) + " not loaded")
+            service.metrics.errors.inc(code=err.code)
+            body = error_body(err.code, str(err), request_id=request.state.request_id)
+            return JSONResponse({**body, "checks": checks}, 503)
+        return Readiness(ready=True, checks=checks)
+
+    @router.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        summary="Prometheus metrics (text format 0.0.4)",
+        responses={401: ERROR_RESPONSES[401]},
+        dependencies=[Security(HTTPBearer(auto_error=False))],
+    )
+    async def metrics() -> PlainTextResponse:
+        text = await run_in_threadpool(service.metrics.render)
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)
+
+    return router
+
+
+def _v1_router(service: Service) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Security(HTTPBearer(auto_error=False))], responses=ERROR_RESPONSES)
+    pipeline = service.pipeline
+    settings = service.settings
+
+    @router.post(
+        "/inspect",
+        response_model=InspectResponse,
+        tags=["inspection"],
+        summary="Inspect one image against a bank",
+    )
+    async def inspect(
+        request: Request,
+        image: Annotated[UploadFile, File(description="The image (png, jpg, bmp, tif, webp).")],
+        bank: Annotated[str, Form(max_length=64, description="Bank name.")],
+        prompt_setting: Annotated[Literal["baseline", "visual", "textual", "full"] | None, Form()] = None,
+        caas: Annotated[Literal["auto", "off", "on"] | None, Form()] = None,
+        alpha: Annotated[float | None, Form(ge=0.0, le=100.0, allow_inf_nan=False)] = None,
+        explain: Annotated[bool | None, Form()] = None,
+        use_mllm: Annotated[bool, Form(description="False: expert only for this request.")] = True,
+        attention_map: Annotated[bool, Form()] = False,
+        annotated: Annotated[bool, Form(description="Return the annotated image as base64 PNG.")] = False,
+        image_name: Annotated[str | None, Form(max_length=MAX_NAME_LENGTH)] = None,
+    ) -> InspectResponse:
+        request_id: str = request.state.request_id
+        validate_bank_name(bank, pipeline.banks)
+        if not await run_in_threadpool(pipeline.banks.exists, bank):
+            raise BankNotFound(f"no bank named {bank!r}")
+        name = _clean_name(image_name or image.filename)
+        data = await image.read()
+        if not data:
+            raise InvalidImage(f"image {name!r} is empty (0 bytes)" if name else "the image is empty (0 bytes)")
+        check_image_pixels(data, max_pixels=settings.max_image_pixels, name=name)
+        try:
+            options = InspectOptions(
+                prompt_setting=prompt_setting,
+                caas=caas,
+                alpha=alpha,
+                explain=explain,
+                use_mllm=use_mllm,
+                attention_map=attention_map,
+            )
+        except ValidationError as err:
+            raise InvalidRequest(_describe_validation(err.errors())) from None
+        try:
+            future = service.worker.submit(_inspect_task, service, data, bank, options, name, request_id)
+        except QueueFull:
+            service.metrics.rejections.inc()
+            raise
+        try:
+            result = await asyncio.shield(asyncio.wrap_future(future))
+        except FileNotFoundError:
+            raise BankNotFound(f"no bank named {bank!r}") from None
+        except Exception as exc:
+            mapped = domain_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from None
+        png = await run_in_threadpool(annotated_png_base64, result) if annotated else None
+        return InspectResponse(request_id=request_id, result=result, annotated_png=png)
+
+    @router.get("/banks", response_model=BankList, tags=["banks"], summary="List the saved banks")
+    async def list_banks() -> BankList:
+        summaries = await run_in_threadpool(pipeline.banks.list)
+        return BankList(banks=[jsonable(s) for s in summaries])
+
+    @router.post(
+        "/banks",
+        response_model=JobStatus,
+        status_code=202,
+        tags=["banks"],
+        summary="Build a bank from a zip of normal images (background job)",
+    )
+    async def build_bank(
+        request: Request,
+        name: Annotated[str, Form(max_length=64, description="Name of the new bank.")],
+        archive: Annotated[UploadFile, File(description="Zip of normal (defect-free) images.")],
+        overwrite: Annotated[bool, Form(description="Rebuild an existing bank.")] = False,
+    ) -> JSONResponse:
+        validate_bank_name(name, pipeline.banks)
+        job_id, staged = service.jobs.staging_path()
+        try:
+            await run_in_threadpool(_copy_upload, archive, staged)
+        except BaseException:
+            service.jobs.discard(job_id)
+            raise
+        status = await run_in_threadpool(lambda: service.jobs.submit(job_id, name, overwrite=overwrite))
+        return JSONResponse(
+            status.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{status.id}"}
+        )
+
+    @router.get("/jobs", response_model=JobList, tags=["banks"], summary="List bank-build jobs")
+    async def list_jobs() -> JobList:
+        return JobList(jobs=service.jobs.list())
+
+    @router.get("/jobs/{job_id}", response_model=JobStatus, tags=["banks"], summary="Status of a bank-build job")
+    async def get_job(job_id: str) -> JobStatus:
+        status = service.jobs.get(job_id) if JOB_ID_PATTERN.fullmatch(job_id) else None
+        if status is None:
+            raise JobNotFound(f"no job with id {job_id[:64]!r}")
+        return status
+
+    @router.delete("/banks/{name}", response_model=Deleted, tags=["banks"], summary="Delete a bank")
+    async def delete_bank(name: str) -> Deleted:
+        validate_bank_name(name, pipeline.banks)
+        if service.jobs.active_for(name):
+            raise BankBusy(f"bank {name!r} is being built; delete it when the job has finished")
+        if not await run_in_threadpool(pipeline.banks.exists, name):
+            raise BankNotFound(f"no bank named {name!r}")
+        await run_in_threadpool(pipeline.banks.delete, name)
+        logger.info("bank %r deleted", name)
+        return Deleted(deleted=name)
+
+    return router
+
+
+def _admit_inspection(service: Service) -> ServiceError | None:
+    """Refuse an inspection before its upload is read when the queue is already full (counted as a rejection)."""
+    refusal = service.worker.refusal()
+    if refusal is not None:
+        service.metrics.rejections.inc()
+    return refusal
+
+
+def _warm_up(service: Service) -> None:
+    """Load every saved bank and the MLLM (when enabled) so that the first request does not pay for it."""
+    pipeline = service.pipeline
+    try:
+        for summary in pipeline.banks.list():
+            try:
+                pipeline.banks.load(summary.name)
+                logger.info("bank %r loaded", summary.name)
+            except Exception as exc:  # noqa: BLE001 - one unusable bank must not keep the others down
+                logger.error("bank %r cannot be loaded: %s", summary.name, " ".join(str(exc).split()))
+        if pipeline.mllm_enabled:
+            try:
+                pipeline.load_mllm()
+                logger.info("MLLM loaded")
+            except Exception as exc:  # noqa: BLE001 - readyz reports it; inspections may still run expert-only
+                logger.error("MLLM not loaded: %s", " ".join(str(exc).split()))
+    finally:
+        service.warm.set()
+
+
+def _inspect_task(service: Service, data: bytes, bank: str, options: Any, name: str | None, run_id: str) -> Any:
+    """Run on the inference worker: inspect, then audit and count.
+
+    Auditing here, not in the request handler, logs accepted work even if the client has gone away.
+    """
+    start = time.perf_counter()
+    result = service.pipeline.inspect(data, bank, options, image_name=name)
+    latency_ms = (time.perf_counter() - start) * 1000.0
+    service.audit.record(result, source="api", run_id=run_id, latency_ms=latency_ms)
+    service.metrics.observe_inspection(result.bank, result.verdict, result.timings_ms)
+    return result
+
+
+def _copy_upload(upload: UploadFile, dest: Path) -> None:
+    upload.file.seek(0)
+    with open(dest, "wb") as sink:
+        shutil.copyfileobj(upload.file, sink, length=1024 * 1024)
+
+
+def _clean_name(name: str | None) -> str | None:
+    """The base name of a client-supplied file name, printable, at most 255 characters; ``None`` if empty."""
+    if not name:
+        return None
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    cleaned = "".join(ch for ch in base if ch.isprintable()).strip()
+    return cleaned[-MAX_NAME_LENGTH:] or None

@@ -1,0 +1,410 @@
+"""The watched folder: inspect every image dropped into a folder, exactly once, surviving crashes.
+
+Layout (``IN`` is ``--in``, ``OUT`` is ``--out``)::
+
+    IN/part-0001.png            a new image (picked up once fully written, see below)
+    IN/processing/<run>__part-0001.png   claimed: being inspected (the journal)
+    IN/done/part-0001.png       inspected
+    IN/failed/part-0002.png     could not be inspected (unreadable, too large, ...)
+    OUT/part-0001.json          the result record (InspectionResult fields + run_id, input_name)
+    OUT/part-0001.annotated.png heatmap + red boxes
+    OUT/part-0002.error.json    why part-0002 failed
+
+**Fully written.** Only top-level files with an image extension are considered, and never names starting
+with ``.`` or ``~`` or ending in ``.tmp``, ``.part``, ``.partial``, ``.crdownload``, ``.filepart`` or ``.swp``.
+A file is taken when its size, modification time and inode were identical in ``stable_polls`` consecutive
+scans (``poll_s`` apart); a zero-byte file must stay so ten times longer. Writers that can should still use the
+lock-free convention: write ``name.png.part`` (or ``.name.png``) and rename it to ``name.png`` when complete —
+a rename is atomic, so the image appears whole.
+
+**Exactly once.** A file is claimed by an atomic rename into ``processing/`` under a fresh run id, then:
+outputs are written atomically (temporary file + rename), the audit row is inserted keyed by
+``(image sha256, image name, run id)`` (a replay is ignored), and finally the input is renamed into ``done/``
+(or ``failed/``). After a crash or kill anywhere in between, the next start re-processes whatever is in
+``processing/`` with the SAME run id: outputs are rewritten identically, the audit row is not duplicated, and
+the move completes. An input that crashed the process ``max_attempts`` times goes to ``failed/`` with code
+``crashed``. Inputs are never deleted. A lock file (``IN/.eagle-watch.lock``, ``flock``) keeps a second
+watcher off the same folder.
+
+Example:
+    >>> # watcher = FolderWatcher(pipeline, Path("in"), Path("out"), "screws", audit=AuditLog(Path("a.db")))
+    >>> # watcher.run(stop_event)       # until stop_event is set (SIGTERM in `eagle watch`)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from deploy.annotate import annotated_image, encode_png
+from deploy.audit import AuditLog, utc_now
+from deploy.errors import BankNotFound, ServiceError, domain_error
+from deploy.limits import check_image_pixels
+from eagle.images import IMAGE_EXTENSIONS
+
+logger = logging.getLogger(__name__)
+
+PROCESSING, DONE, FAILED = "processing", "done", "failed"
+LOCK_NAME = ".eagle-watch.lock"
+PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", ".swp")
+_CLAIMED = re.compile(r"^(?P<run>[0-9a-f]{32})__(?P<name>.+)$")
+
+
+class WatcherBusyError(RuntimeError):
+    """Another watcher holds the input folder's lock."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one input."""
+
+    name: str
+    run_id: str
+    status: Literal["done", "failed"]
+    destination: Path
+    record: Path
+    audited: bool
+    error_code: str | None = None
+
+
+@dataclass
+class _Seen:
+    signature: tuple[int, int, int]
+    stable: int
+
+
+def is_candidate(path: Path) -> bool:
+    """Whether a file name is an image the watcher should consider (not hidden, partial or foreign)."""
+    name = path.name
+    lowered = name.lower()
+    if name.startswith((".", "~")) or lowered.endswith(PARTIAL_SUFFIXES):
+        return False
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+class FolderWatcher:
+    """Inspect images appearing in ``in_dir`` against one bank; see the module docstring.
+
+    Args:
+        pipeline: an ``eagle.pipeline.Pipeline``.
+        in_dir: the watched folder (``processing/``, ``done/``, ``failed/`` are created inside it).
+        out_dir: where records and annotated images go.
+        bank: the bank to inspect against.
+        audit: the audit log (rows with source ``watch``).
+        options: ``eagle.records.InspectOptions`` for every image (``None``: settings' defaults).
+        max_pixels: larger images fail with ``image_too_large`` (read from the header).
+        poll_s: seconds between scans.
+        stable_polls: identical consecutive scans needed before a file is taken.
+        max_attempts: starts after which an input that keeps crashing the process is failed.
+    """
+
+    def __init__(
+        self,
+        pipeline: Any,
+        in_dir: Path,
+        out_dir: Path,
+        bank: str,
+        *,
+        audit: AuditLog,
+        options: Any = None,
+        max_pixels: int = 64_000_000,
+        poll_s: float = 1.0,
+        stable_polls: int = 2,
+        max_attempts: int = 3,
+    ) -> None:
+        self.pipeline = pipeline
+        self.in_dir = Path(in_dir)
+        self.out_dir = Path(out_dir)
+        self.bank = bank
+        self.audit = audit
+        self.options = options
+        self.max_pixels = max_pixels
+        self.poll_s = poll_s
+        self.stable_polls = max(1, stable_polls)
+        self.max_attempts = max(1, max_attempts)
+        self.processing_dir = self.in_dir / PROCESSING
+        self.done_dir = self.in_dir / DONE
+        self.failed_dir = self.in_dir / FAILED
+        self._seen: dict[str, _Seen] = {}
+        self._skipped: set[str] = set()
+        self._lock_file: Any = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Create the folders and take the input folder's lock.
+
+        Raises:
+            WatcherBusyError: another watcher runs on ``in_dir``.
+            NotADirectoryError: ``in_dir`` does not exist.
+        """
+        if not self.in_dir.is_dir():
+            raise NotADirectoryError(f"the watched folder {self.in_dir} does not exist")
+        if self.out_dir.resolve() == self.in_dir.resolve():
+            raise ValueError("--out must differ from --in (annotated PNGs would be inspected as new images)")
+        for folder in (self.processing_dir, self.done_dir, self.failed_dir, self.out_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        lock = open(self.in_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held for the watcher's life
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise WatcherBusyError(f"another watcher (pid {holder}) is processing {self.in_dir}") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._lock_file = lock
+
+    def close(self) -> None:
+        """Release the lock."""
+        if self._lock_file is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    def __enter__(self) -> FolderWatcher:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(
+        self,
+        stop: threading.Event,
+        *,
+        once: bool = False,
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> list[Outcome]:
+        """Recover the journal, then scan and process until ``stop`` is set.
+
+        Args:
+            stop: set it (e.g. from a SIGTERM handler) to finish the current image and return.
+            once: return as soon as the folder holds no pending image (batch mode).
+            on_outcome: called after each input is finished.
+
+        Returns:
+            The outcomes of this run, in processing order.
+        """
+        outcomes: list[Outcome] = []
+
+        def finish(outcome: Outcome) -> None:
+            outcomes.append(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
+
+        for claimed in self.journal():
+            if stop.is_set():
+                return outcomes
+            finish(self.process_claimed(claimed))
+        bank_missing = False
+        while not stop.is_set():
+            if not self.pipeline.banks.exists(self.bank):
+                if once:
+                    raise BankNotFound(f"no bank named {self.bank!r}")
+                if not bank_missing:
+                    logger.error("bank %r does not exist; waiting for it (images stay where they are)", self.bank)
+                bank_missing = True
+                stop.wait(self.poll_s)
+                continue
+            bank_missing = False
+            ready, waiting = self.scan()
+            for path in ready:
+                if stop.is_set():
+                    break
+                claimed = self.claim(path)
+                if claimed is not None:
+                    finish(self.process_claimed(claimed))
+            if once and not ready and not waiting:
+                break
+            if not ready:
+                stop.wait(self.poll_s)
+        return outcomes
+
+    # -- steps -----------------------------------------------------------------------------------------------
+    def journal(self) -> list[Path]:
+        """Inputs left in ``processing/`` by an earlier run (to be re-processed with their run ids)."""
+        return sorted(p for p in self.processing_dir.iterdir() if p.is_file() and _CLAIMED.match(p.name) is not None)
+
+    def scan(self) -> tuple[list[Path], list[Path]]:
+        """One poll: ``(ready, waiting)`` — stable candidates to take now, and candidates still changing."""
+        ready: list[Path] = []
+        waiting: list[Path] = []
+        present: set[str] = set()
+        listed: set[str] = set()
+        for path in sorted(self.in_dir.iterdir()):
+            listed.add(path.name)
+            if not path.is_file() or not is_candidate(path):
+                if path.is_file() and path.name != LOCK_NAME and path.name not in self._skipped:
+                    self._skipped.add(path.name)
+                    logger.info("ignoring %s (not an image, hidden, or still being written)", path.name)
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            present.add(path.name)
+            signature = (st.st_size, st.st_mtime_ns, st.st_ino)
+            seen = self._seen.get(path.name)
+            if seen is None or seen.signature != signature:
+                self._seen[path.name] = seen = _Seen(signature, 1)
+            else:
+                seen.stable += 1
+            needed = self.stable_polls * (10 if st.st_size == 0 else 1)
+            (ready if seen.stable >= needed else waiting).append(path)
+        for name in set(self._seen) - present:
+            del self._seen[name]
+        self._skipped &= listed  # forget files that are gone (a long-running watcher must not grow)
+        return ready, waiting
+
+    def claim(self, path: Path) -> Path | None:
+        """Atomically move ``path`` into ``processing/`` under a new run id; ``None`` if it vanished."""
+        run_id = uuid.uuid4().hex
+        target = self.processing_dir / f"{run_id}__{path.name}"
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return None
+        finally:
+            self._seen.pop(path.name, None)
+        return target
+
+    def process_claimed(self, claimed: Path) -> Outcome:
+        """Inspect one claimed input and finish it (idempotent: safe to repeat after a crash)."""
+        match = _CLAIMED.match(claimed.name)
+        if match is None:
+            raise ValueError(f"{claimed} is not a claimed input")
+        run_id, name = match.group("run"), match.group("name")
+        attempts = self._count_attempt(run_id)
+        data = claimed.read_bytes()
+        sha256 = hashlib.sha256(data).hexdigest()
+        if attempts > self.max_attempts:
+            message = f"the process stopped {attempts - 1} times while inspecting this input"
+            return self._fail(claimed, run_id, name, sha256, "crashed", message, None)
+        start = time.perf_counter()
+        try:
+            check_image_pixels(data, max_pixels=self.max_pixels, name=name)
+            result = self.pipeline.inspect(data, self.bank, self.options, image_name=name)
+            picture = encode_png(annotated_image(result))
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded and the input kept in failed/
+            mapped = domain_error(exc)
+            if mapped is None:
+                logger.exception("unexpected error inspecting %s", name)
+                mapped = ServiceError(f"unexpected error: {type(exc).__name__}: {' '.join(str(exc).split())}")
+            latency_ms = (time.perf_counter() - start) * 1000.0
+            return self._fail(claimed, run_id, name, sha256, mapped.code, str(mapped), latency_ms)
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        stem = self._output_stem(name, run_id)
+        record = {**result.model_dump(mode="json"), "run_id": run_id, "input_name": name}
+        _write_atomic(self.out_dir / f"{stem}.annotated.png", picture)
+        _write_atomic(self.out_dir / f"{stem}.json", json.dumps(record, indent=2).encode("utf-8"))
+        audited = self.audit.record(result, source="watch", run_id=run_id, latency_ms=latency_ms)
+        destination = self._move(claimed, self.done_dir, name, run_id)
+        logger.info("%s: %s (score %.4g, tau %.4g) -> %s", name, result.verdict, result.score, result.tau, destination)
+        return Outcome(name, run_id, "done", destination, self.out_dir / f"{stem}.json", audited)
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def _fail(
+        self,
+        claimed: Path,
+        run_id: str,
+        name: str,
+        sha256: str,
+        code: str,
+        message: str,
+        latency_ms: float | None,
+    ) -> Outcome:
+        stem = self._output_stem(name, run_id)
+        record = {
+            "run_id": run_id,
+            "input_name": name,
+            "image_sha256": sha256,
+            "bank": self.bank,
+            "time": utc_now(),
+            "error": {"code": code, "message": message},
+        }
+        path = self.out_dir / f"{stem}.error.json"
+        _write_atomic(path, json.dumps(record, indent=2).encode("utf-8"))
+        audited = self.audit.record_failure(
+            run_id=run_id,
+            source="watch",
+            image_name=name,
+            image_sha256=sha256,
+            bank=self.bank,
+            error_code=code,
+            error_message=message,
+            latency_ms=latency_ms,
+        )
+        destination = self._move(claimed, self.failed_dir, name, run_id)
+        logger.warning("%s: failed (%s: %s) -> %s", name, code, message, destination)
+        return Outcome(name, run_id, "failed", destination, path, audited, code)
+
+    def _output_stem(self, name: str, run_id: str) -> str:
+        """``name``'s stem, or ``stem.<run8>`` when an output of that stem belongs to another run."""
+        stem = Path(name).stem
+        for suffix in (".json", ".error.json"):
+            existing = self.out_dir / f"{stem}{suffix}"
+            if existing.exists() and _record_run_id(existing) != run_id:
+                return f"{stem}.{run_id[:8]}"
+        return stem
+
+    def _move(self, claimed: Path, folder: Path, name: str, run_id: str) -> Path:
+        destination = folder / name
+        if destination.exists():
+            destination = folder / f"{Path(name).stem}.{run_id[:8]}{Path(name).suffix}"
+        os.rename(claimed, destination)
+        _fsync_dir(folder)
+        with contextlib.suppress(FileNotFoundError):
+            (self.processing_dir / f".{run_id}.attempts").unlink()
+        return destination
+
+    def _count_attempt(self, run_id: str) -> int:
+        """Record one more start of ``run_id`` (a small sidecar in ``processing/``); returns the count."""
+        path = self.processing_dir / f".{run_id}.attempts"
+        try:
+            count = int(path.read_text(encoding="ascii").strip() or 0) + 1
+        except (FileNotFoundError, ValueError):
+            count = 1
+        _write_atomic(path, str(count).encode("ascii"))
+        return count
+
+
+def _record_run_id(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

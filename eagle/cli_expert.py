@@ -1,0 +1,272 @@
+"""``eagle build-bank`` and ``eagle score``: the PatchCore expert from the command line.
+
+``build-bank`` reads every image under ``--normals`` (recursively), builds a bank (embed → coreset →
+DBT → save, a progress bar per stage) and prints a summary. Unreadable reference files are listed one
+line each and, by default, NOTHING is built (exit 1): a bank must never hold fewer images than the user
+thinks. ``--skip-unreadable`` builds from the readable ones instead, with a warning per skipped file and
+the count used in the summary.
+
+``score`` scores each image against a bank: score, τ, s_max, decision, low-confidence flag, boxes in
+original pixel coordinates and the template (most similar reference). A bad file gets one line on
+stderr, the others are still scored, and the exit code is 1. A missing or invalid bank: one line, exit 2.
+
+Example:
+    $ eagle build-bank --normals data/widget/train/good --name widget
+    $ eagle score --bank ~/.local/share/eagle/banks/widget data/widget/test/*/*.png --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from eagle.cli import CommandError
+from eagle.settings import Settings
+
+log = logging.getLogger("eagle.cli")
+
+_BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``build-bank`` and ``score`` to the ``eagle`` parser."""
+    build = subparsers.add_parser(
+        "build-bank",
+        help="Build an expert bank from a folder of normal (defect-free) reference images.",
+        description="Build an expert bank (memory bank, DBT threshold, ONNX backbone, reference copies) from "
+        "normal images. Unreadable files abort the build unless --skip-unreadable is given.",
+    )
+    build.add_argument("--normals", required=True, type=Path, help="Folder of normal images (searched recursively).")
+    build.add_argument("--name", required=True, help="Bank name: letters, digits, '.', '_' or '-' (max 64).")
+    build.add_argument("--out", type=Path, default=None, help="Bank directory (default: <data_dir>/banks/NAME).")
+    build.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="Build from the readable images when some files cannot be read (each skipped file is listed).",
+    )
+    build.add_argument("--json", action="store_true", help="Print the summary as one JSON object.")
+    build.set_defaults(func=run_build_bank)
+
+    score = subparsers.add_parser(
+        "score",
+        help="Score images against a bank (expert only).",
+        description="Score images with the PatchCore expert: score, tau, s_max, decision, low-confidence flag, "
+        "boxes (original pixel coordinates) and the template reference.",
+    )
+    score.add_argument("--bank", required=True, type=Path, help="Bank directory (as written by build-bank).")
+    score.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="Image files to score.")
+    score.add_argument("--json", action="store_true", help="One JSON object per line instead of a table.")
+    score.set_defaults(func=run_score)
+
+
+# --------------------------------------------------------------------------------------------- build-bank
+def _read_references(directory: Path, settings: Settings, *, skip_unreadable: bool):
+    from eagle.images import ImageError, list_images, load_image
+
+    if not directory.is_dir():
+        raise CommandError(f"--normals {str(directory)!r} is not a directory")
+    paths = list_images(directory)
+    images, names, failures = [], [], []
+    for path in paths:
+        name = path.relative_to(directory).as_posix()
+        try:
+            images.append(load_image(path, max_pixels=settings.max_image_pixels, name=name))
+            names.append(name)
+        except ImageError as err:
+            failures.append(str(err))
+    for message in failures:
+        print(f"eagle build-bank: {'skipped' if skip_unreadable else 'unreadable'}: {message}", file=sys.stderr)
+    if failures and not skip_unreadable:
+        raise CommandError(
+            f"{len(failures)} of {len(paths)} reference files could not be read; nothing was built "
+            "(fix or remove them, or pass --skip-unreadable to build from the other images)",
+            exit_code=1,
+        )
+    return images, names, len(paths)
+
+
+class _StageTimer:
+    """A progress callback that records when each stage started and finished."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        now = time.perf_counter()
+        self.started.setdefault(stage, now)
+        if fraction >= 1.0:
+            self.seconds[stage] = now - self.started[stage]
+
+
+def run_build_bank(args: argparse.Namespace, settings: Settings) -> int:
+    """Handler of ``eagle build-bank``."""
+    from expert.bank import BankError
+    from expert.model import ReferenceCountError, build_bank
+    from expert.weights import BackboneWeightsError, load_backbone
+
+    if not _BANK_NAME.match(args.name):
+        raise CommandError(f"bank name {args.name!r} is not allowed: use letters, digits, '.', '_' or '-' (max 64)")
+    out_dir = (args.out or settings.banks_dir / args.name).expanduser()
+    images, names, n_files = _read_references(args.normals, settings, skip_unreadable=args.skip_unreadable)
+    try:
+        backbone, weights_info = load_backbone(settings.expert)
+    except BackboneWeightsError as err:
+        raise CommandError(str(err)) from None
+    timer = _StageTimer()
+    try:
+        bank = build_bank(
+            images,
+            names,
+            settings=settings.expert,
+            backbone=backbone,
+            weights_info=weights_info,
+            out_dir=out_dir,
+            name=args.name,
+            progress=timer,
+        )
+    except (ReferenceCountError, BankError) as err:
+        raise CommandError(str(err)) from None
+    summary = _bank_summary(bank, n_files=n_files, stage_seconds=timer.seconds)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _bank_summary(bank, *, n_files: int, stage_seconds: dict[str, float]) -> dict[str, Any]:
+    meta = bank.meta
+    return {
+        "name": meta.name,
+        "path": str(bank.directory),
+        "bank_id": meta.bank_id,
+        "references": meta.counts.references,
+        "files": n_files,
+        "skipped_files": n_files - meta.counts.references,
+        "used_for_dbt": meta.counts.used_for_dbt,
+        "patches": meta.counts.patches,
+        "coreset_size": meta.counts.coreset,
+        "threshold_method": meta.threshold.method,
+        "tau": meta.threshold.tau,
+        "s_max": meta.threshold.s_max,
+        "distance": meta.distance,
+        "weights": meta.backbone.weights_source,
+        "warnings": list(getattr(meta, "warnings", [])),
+        "seconds": {stage: round(value, 3) for stage, value in stage_seconds.items()},
+    }
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    skipped = f" ({summary['skipped_files']} unreadable files skipped)" if summary["skipped_files"] else ""
+    share = 100.0 * summary["coreset_size"] / max(1, summary["patches"])
+    rows = [
+        ("bank", summary["name"]),
+        ("path", summary["path"]),
+        ("references", f"{summary['references']} images used of {summary['files']} files{skipped}"),
+        ("patches", f"{summary['patches']}"),
+        ("coreset", f"{summary['coreset_size']} patches ({share:.1f} %)"),
+        ("threshold", f"{summary['threshold_method']} ({summary['distance']} distance)"),
+        ("dbt images", f"{summary['used_for_dbt']} of {summary['references']}"),
+        ("tau", f"{summary['tau']:.6g}"),
+        ("s_max", f"{summary['s_max']:.6g}"),
+        ("weights", summary["weights"]),
+        ("time", ", ".join(f"{stage} {sec:.1f} s" for stage, sec in summary["seconds"].items())),
+    ]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}")
+
+
+# --------------------------------------------------------------------------------------------- score
+def _result_record(path: Path, image, result) -> dict[str, Any]:
+    return {
+        "image": str(path),
+        "width": int(image.shape[1]),
+        "height": int(image.shape[0]),
+        "score": float(result.score),
+        "tau": float(result.tau),
+        "s_max": float(result.s_max),
+        "decision": "anomalous" if result.anomalous else "normal",
+        "low_confidence": bool(result.low_confidence),
+        "boxes": [
+            {"x0": int(b.x0), "y0": int(b.y0), "x1": int(b.x1), "y1": int(b.y1), "peak": float(b.peak)}
+            for b in result.boxes
+        ],
+        "inspected_region": list(result.geometry.inspected_region()),
+        "template_index": int(result.template_index),
+        "template": result.template_name,
+        "timings_ms": {stage: round(ms, 3) for stage, ms in result.timings_ms.items()},
+    }
+
+
+def _format_number(value: float) -> str:
+    return f"{value:.4g}" if math.isfinite(value) else str(value)
+
+
+def _print_table(records: list[dict[str, Any]]) -> None:
+    header = ("image", "score", "tau", "s_max", "decision", "unsure", "template", "boxes (x0,y0,x1,y1)")
+    rows = [
+        (
+            r["image"],
+            _format_number(r["score"]),
+            _format_number(r["tau"]),
+            _format_number(r["s_max"]),
+            r["decision"],
+            "yes" if r["low_confidence"] else "no",
+            r["template"] or "-",
+            " ".join(f"({b['x0']},{b['y0']},{b['x1']},{b['y1']})" for b in r["boxes"]) or "-",
+        )
+        for r in records
+    ]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(f"{str(cell):<{widths[i]}}" for i, cell in enumerate(row)).rstrip())
+
+
+def run_score(args: argparse.Namespace, settings: Settings) -> int:
+    """Handler of ``eagle score``."""
+    from eagle.images import ImageError, load_image
+    from expert.bank import BankError
+    from expert.model import load_expert
+    from expert.weights import BackboneWeightsError
+
+    if not args.bank.is_dir():
+        raise CommandError(f"bank {str(args.bank)!r} not found (not a directory); build one with eagle build-bank")
+    try:
+        scorer = load_expert(args.bank, settings.expert)
+    except (BankError, BackboneWeightsError) as err:
+        raise CommandError(str(err)) from None
+    failed = 0
+    records: list[dict[str, Any]] = []
+    for path in args.images:
+        try:
+            image = load_image(path, max_pixels=settings.max_image_pixels, name=str(path))
+            record = _result_record(path, image, scorer.score(image))
+        except ImageError as err:
+            failed += 1
+            print(f"eagle score: error: {err}", file=sys.stderr)
+            continue
+        except Exception as err:  # noqa: BLE001 - one bad file must not stop the others
+            failed += 1
+            log.debug("scoring %s failed", path, exc_info=True)
+            print(f"eagle score: error: {path}: {type(err).__name__}: {err}", file=sys.stderr)
+            continue
+        if args.json:
+            print(json.dumps(record), flush=True)
+        else:
+            records.append(record)
+    if not args.json and records:
+        _print_table(records)
+    if failed:
+        print(f"eagle score: {failed} of {len(args.images)} images failed", file=sys.stderr)
+    return 1 if failed else 0

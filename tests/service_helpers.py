@@ -1,0 +1,323 @@
+"""Helpers for the service tests: a real uvicorn on 127.0.0.1, a contract-faithful fake pipeline, images, zips.
+
+The fake pipeline implements exactly the part of ``eagle.pipeline.Pipeline`` the service uses (``banks``,
+``inspect``, ``build_bank``, ``ready``, ``mllm_enabled``, ``load_mllm``), decodes with the real
+``eagle.images.load_image`` and returns real ``InspectionResult`` records with pictures. A ``gate`` (a
+``threading.Event``) makes inspections block until released: the deterministic "slow stage" of the 429 and
+graceful-shutdown tests (no timing assumptions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import socket
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import uvicorn
+from PIL import Image
+
+from eagle.records import BoxRecord, InspectionImages, InspectionResult, InspectOptions
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+TOKEN = "test-token-0123456789abcdef"
+
+
+def png_bytes(width: int = 32, height: int = 24, seed: int = 0) -> bytes:
+    """A small random RGB PNG."""
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    """A zip archive holding ``files`` (name → content)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+@dataclass
+class FakeSummary:
+    name: str
+    bank_id: str
+    n_references: int
+
+
+class FakeBankStore:
+    """The ``eagle.banks.BankStore`` calls used by the service, over a dict."""
+
+    def __init__(self) -> None:
+        self.banks: dict[str, FakeSummary] = {}
+        self.loaded: list[str] = []
+
+    def path(self, name: str) -> Path:
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"invalid bank name {name!r}")
+        return Path("/nonexistent") / name
+
+    def exists(self, name: str) -> bool:
+        return name in self.banks
+
+    def list(self) -> list[FakeSummary]:
+        return sorted(self.banks.values(), key=lambda s: s.name)
+
+    def load(self, name: str) -> FakeSummary:
+        if name not in self.banks:
+            raise FileNotFoundError(name)
+        self.loaded.append(name)
+        return self.banks[name]
+
+    def delete(self, name: str) -> None:
+        del self.banks[name]
+
+
+class FakePipeline:
+    """Expert-only fake: score = mean intensity / 255, τ = 0.5; decoding by the real ``load_image``."""
+
+    def __init__(self, *, banks: tuple[str, ...] = ("widget",), max_pixels: int = 64_000_000) -> None:
+        self.banks = FakeBankStore()
+        for name in banks:
+            self.banks.banks[name] = FakeSummary(name, hashlib.sha256(name.encode()).hexdigest()[:16], 3)
+        self.max_pixels = max_pixels
+        self.gate: threading.Event | None = None
+        self.entered = threading.Semaphore(0)
+        self.calls = 0
+        self.fail_with: BaseException | None = None
+        self.built: list[tuple[str, list[str]]] = []
+
+    mllm_enabled = False
+
+    def mllm_loaded(self) -> bool:
+        return False
+
+    def load_mllm(self) -> None:
+        raise RuntimeError("disabled")
+
+    def ready(self) -> dict[str, bool]:
+        return {"banks": bool(self.banks.banks), "mllm": True}
+
+    def inspect(
+        self, image: bytes, bank: str, options: InspectOptions | None = None, *, image_name: str | None = None
+    ) -> InspectionResult:
+        from eagle.images import load_image
+
+        self.calls += 1
+        self.entered.release()
+        if self.gate is not None:
+            self.gate.wait(30)
+        if self.fail_with is not None:
+            raise self.fail_with
+        if bank not in self.banks.banks:
+            raise FileNotFoundError(bank)
+        array = load_image(image, max_pixels=self.max_pixels, name=image_name)
+        h, w = array.shape[:2]
+        score = float(array.mean() / 255.0)
+        anomalous = score >= 0.5
+        boxes = [BoxRecord(x0=1, y0=1, x1=max(2, w // 2), y1=max(2, h // 2), peak=score)] if anomalous else []
+        overlay = (array.astype(np.float32) * 0.5 + 60).clip(0, 255).astype(np.uint8)
+        return InspectionResult(
+            image_name=image_name,
+            image_sha256=hashlib.sha256(image).hexdigest(),
+            image_size=(w, h),
+            bank=bank,
+            bank_id=self.banks.banks[bank].bank_id,
+            score=score,
+            tau=0.5,
+            s_max=0.7,
+            expert_decision="anomalous" if anomalous else "normal",
+            low_confidence=0.5 <= score <= 0.7,
+            boxes=boxes,
+            inspected_region=(0, 0, w, h),
+            mode="expert-only",
+            verdict="defect" if anomalous else "no_defect",
+            timings_ms={"decode": 1.0, "embed": 2.0, "total": 3.5},
+            images=InspectionImages(heatmap_overlay=overlay, boxed=None, template=None),
+        )
+
+    def build_bank(
+        self, images: list[Path], name: str, *, names: list[str] | None = None, progress: Any = None
+    ) -> FakeSummary:
+        if progress:
+            progress("embed", 0.5)
+            progress("save", 1.0)
+        for path in images:
+            Image.open(path).verify()
+        self.built.append((name, list(names or [p.name for p in images])))
+        summary = FakeSummary(name, hashlib.sha256(name.encode()).hexdigest()[:16], len(images))
+        self.banks.banks[name] = summary
+        return summary
+
+
+class LiveServer:
+    """A real uvicorn serving ``app`` on 127.0.0.1 (a pre-bound free port) in a background thread."""
+
+    def __init__(self, app: Any, *, graceful_timeout: int = 30) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app, log_level="warning", lifespan="on", timeout_graceful_shutdown=graceful_timeout, limit_concurrency=256
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+        self.sock.close()
+
+    def client(self, token: str | None = TOKEN, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kwargs)
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict:
+    """The response is a JSON error with this status and code, and no traceback."""
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) >= {"error"} and body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert "Traceback" not in response.text and 'File "' not in response.text
+    return body
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Parse Prometheus text exposition strictly: ``{(name, sorted labels): value}``; asserts HELP/TYPE order."""
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    typed: set[str] = set()
+    line_re = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$")
+    label_re = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            continue
+        if line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+            continue
+        match = line_re.match(line)
+        assert match, f"malformed sample line: {line!r}"
+        name, _, label_text, value = match.groups()
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert name in typed or base in typed, f"sample before its TYPE: {line!r}"
+        labels = tuple(sorted(label_re.findall(label_text or "")))
+        samples[(name, labels)] = float(value.replace("+Inf", "inf"))
+    return samples
+
+
+# -- the real pipeline (random-weight expert, tiny input size) ---------------------------------------------------------
+REAL_EXPERT = {
+    "weights": "random",
+    "resize": 32,
+    "crop": 32,
+    "min_unsampled_patches": 4,
+    "min_references": 2,
+    "recommended_references": 2,
+}
+"""A random-weight expert at 32×32 input (4×4 patches): the whole real code path, fast enough for tests."""
+
+
+def real_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment for an ``eagle`` subprocess using the same settings as :func:`real_settings`."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EAGLE_")}
+    env.update({f"EAGLE_EXPERT__{k.upper()}": str(v) for k, v in REAL_EXPERT.items()})
+    env.update({"EAGLE_DATA_DIR": str(data_dir), "EAGLE_MLLM__ENABLED": "false", "OMP_NUM_THREADS": "1"})
+    env.update(extra)
+    return env
+
+
+def real_settings(data_dir: Path, *, mllm: dict | None = None, **service: Any):
+    from eagle.settings import Settings
+
+    return Settings(
+        data_dir=data_dir,
+        expert=REAL_EXPERT,
+        mllm=mllm or {"enabled": False},
+        service={"token": TOKEN, **service},
+    )
+
+
+@dataclass
+class RealBank:
+    """A bank built ONCE per test process through ``POST /v1/banks`` with the real pipeline."""
+
+    data_dir: Path
+    bank: str
+    job: dict
+    good: list[Path]
+    defective: list[Path]
+
+
+_REAL_BANK: RealBank | None = None
+_REAL_BANK_LOCK = threading.Lock()
+
+
+def real_bank() -> RealBank:
+    """Build (first call) or return the shared real bank: synthetic references zipped and uploaded to a live
+    service backed by a real expert-only :class:`eagle.pipeline.Pipeline` (ONNX export included)."""
+    global _REAL_BANK
+    with _REAL_BANK_LOCK:
+        if _REAL_BANK is None:
+            _REAL_BANK = _build_real_bank()
+        return _REAL_BANK
+
+
+def _build_real_bank() -> RealBank:
+    import atexit
+    import shutil
+    import tempfile
+
+    from deploy.api import create_app
+    from eagle.pipeline import Pipeline
+    from tests.synthetic import make_mvtec_like
+
+    root = Path(tempfile.mkdtemp(prefix="eagle-service-test-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    synthetic = make_mvtec_like(root / "mvtec", n_train=6, n_test_good=3, n_test_bad_per_type=2)
+    train = sorted((synthetic / "widget" / "train" / "good").glob("*.png"))
+    settings = real_settings(root / "data")
+    app = create_app(Pipeline(settings), settings)
+    server = LiveServer(app).start()
+    try:
+        with server.client() as client:
+            archive = zip_bytes({f"good/{p.name}": p.read_bytes() for p in train})
+            response = client.post("/v1/banks", data={"name": "widget"}, files={"archive": ("good.zip", archive)})
+            assert response.status_code == 202, response.text
+            job_id = response.json()["id"]
+            deadline = time.monotonic() + 600
+            while True:
+                job = client.get(f"/v1/jobs/{job_id}").json()
+                if job["state"] in ("succeeded", "failed") or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+    finally:
+        server.stop()
+    assert job["state"] == "succeeded", job
+    test = synthetic / "widget" / "test"
+    good = sorted((test / "good").glob("*.png"))
+    defective = sorted(p for d in sorted(test.iterdir()) if d.name != "good" for p in sorted(d.glob("*.png")))
+    return RealBank(root / "data", "widget", job, good, defective)
