@@ -73,6 +73,12 @@ def bank_facts_markdown(pipeline: Pipeline, name: str) -> str:
     )
 
 
+def _dbt_figure(pipeline: Pipeline, name: str):
+    bank = pipeline.banks.load(name).bank
+    threshold = bank.meta.threshold
+    return dbt_histogram(bank.train_scores, threshold.tau, threshold.s_max, method=threshold.method)
+
+
 @user_facing
 def build_bank(pipeline: Pipeline, uploads: list[str] | None, name: str, progress=gr.Progress()):
     """Build a bank from uploaded files/folder/zip, reporting each stage; returns (facts, DBT figure, banks)."""
@@ -85,9 +91,11 @@ def build_bank(pipeline: Pipeline, uploads: list[str] | None, name: str, progres
             raise gr.Error("Upload normal reference images (files, a folder or a zip) first.", print_exception=False)
         progress(0.0, desc=f"reading {len(files)} images")
         pipeline.build_bank(files, name, progress=lambda stage, fraction: progress(fraction, desc=stage))
-    bank = pipeline.banks.load(name).bank
-    figure = dbt_histogram(bank.train_scores, bank.meta.tau, bank.meta.s_max, method=bank.meta.threshold_method)
-    return bank_facts_markdown(pipeline, name), figure, gr.update(choices=bank_names(pipeline), value=name)
+    return (
+        bank_facts_markdown(pipeline, name),
+        _dbt_figure(pipeline, name),
+        gr.update(choices=bank_names(pipeline), value=name),
+    )
 
 
 @user_facing
@@ -95,10 +103,7 @@ def show_bank(pipeline: Pipeline, name: str | None):
     """Facts and the DBT histogram of one bank."""
     if not name:
         return "No bank selected.", None
-    bank = pipeline.banks.load(name).bank
-    return bank_facts_markdown(pipeline, name), dbt_histogram(
-        bank.train_scores, bank.meta.tau, bank.meta.s_max, method=bank.meta.threshold_method
-    )
+    return bank_facts_markdown(pipeline, name), _dbt_figure(pipeline, name)
 
 
 @user_facing

@@ -25,7 +25,8 @@ def dbt_histogram(train_scores: np.ndarray, tau: float, s_max: float, *, method:
     ax.hist(scores, bins=bins, color="#4c9a2a", alpha=0.75, label=f"training scores (n={scores.size})")
     ax.axvline(tau, color="#d62728", linewidth=2, label=f"τ = {tau:.4g}")
     ax.axvline(s_max, color="#ff7f0e", linewidth=2, linestyle="--", label=f"s_max = {s_max:.4g}")
-    ax.axvspan(min(tau, s_max), max(tau, s_max), color="#ff7f0e", alpha=0.12)
+    if tau <= s_max:  # the low-confidence band where CAAS turns on (empty when tau > s_max)
+        ax.axvspan(tau, s_max, color="#ff7f0e", alpha=0.12, label="expert unsure (CAAS)")
     ax.set_xlabel("anomaly score")
     ax.set_ylabel("reference images")
     ax.set_title(f"DBT threshold ({method})" if method else "DBT threshold")
@@ -34,17 +35,32 @@ def dbt_histogram(train_scores: np.ndarray, tau: float, s_max: float, *, method:
 
 
 def score_gauge(score: float, tau: float, s_max: float) -> Figure:
-    """A one-line gauge: the image's score against τ and s_max (the uncertain band shaded)."""
+    """A one-line gauge: the image's score against τ and s_max (green normal, orange unsure, red anomalous).
+
+    The axis is logarithmic when the score is far from τ, so τ and s_max stay readable next to a large score.
+
+    Example:
+        >>> score_gauge(3.7, 0.03, 0.028).axes[0].get_xscale()
+        'log'
+    """
     fig = Figure(figsize=(6, 1.3), layout="constrained")
     ax = fig.add_subplot()
-    hi = max(score, s_max, tau) * 1.25 or 1.0
-    ax.axvspan(0, tau, color="#4c9a2a", alpha=0.25)
-    lo_band, hi_band = min(tau, s_max), max(tau, s_max)
-    ax.axvspan(lo_band, hi_band, color="#ff7f0e", alpha=0.3)
-    ax.axvspan(hi_band, hi, color="#d62728", alpha=0.2)
-    ax.axvline(score, color="black", linewidth=3)
-    ax.text(score, 0.5, f" score {score:.4g}", va="center", fontsize=9)
-    ax.set_xlim(0, hi)
+    positive = [v for v in (score, tau, s_max) if v > 0]
+    lo_value, hi_value = (min(positive), max(positive)) if positive else (1.0, 1.0)
+    logarithmic = hi_value / lo_value > 20
+    lo = lo_value / 2 if logarithmic else 0.0
+    hi = hi_value * (2 if logarithmic else 1.25) or 1.0
+    ax.axvspan(lo, tau, color="#4c9a2a", alpha=0.25)
+    if tau <= s_max:
+        ax.axvspan(tau, s_max, color="#ff7f0e", alpha=0.3)
+    ax.axvspan(max(tau, s_max), hi, color="#d62728", alpha=0.2)
+    ax.axvline(max(score, lo), color="black", linewidth=3)
+    ax.text(max(score, lo), 0.5, f" score {score:.4g}", va="center", fontsize=9)
+    if logarithmic:
+        ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
     ax.set_yticks([])
-    ax.set_xticks([tau, s_max], [f"τ {tau:.3g}", f"s_max {s_max:.3g}"], fontsize=8)
+    ax.set_xticks([tau], [f"τ {tau:.3g}"], fontsize=8)
+    ax.set_xticks([], minor=True)
+    ax.set_title(f"τ {tau:.4g}   s_max {s_max:.4g}", fontsize=8, loc="left")
     return fig
