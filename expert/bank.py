@@ -1,0 +1,693 @@
+"""Bank directories: the expert's saved memory bank, threshold, backbone and reference images.
+
+A bank is a directory (format described for users in ``docs/bank-format.md``)::
+
+    <bank>/
+      bank.safetensors   memory_bank [M, D] f32, train_scores [U] f32, coreset_image_ids [M] i64,
+                         global_descriptors [N, Dg] f32
+      meta.json          BankMeta: versions, settings it was built with, tau, counts, references
+      backbone.onnx      the exported feature extractor (optional: see BackboneMeta.onnx_sha256)
+      references/        downscaled PNG copies of the N reference images (0000.png, 0001.png, ...)
+
+This module is the one place that reads and writes them. Tensors use safetensors only (no pickle).
+:func:`save_bank` writes into a temporary sibling directory and renames it into place, so a failed
+write never leaves a half-written bank and never damages the bank it was replacing. :func:`load_bank`
+checks the files, the format version, tensor names/shapes/dtypes against meta.json, every checksum,
+and (given the running settings) that the settings that change features or scores match the bank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+if TYPE_CHECKING:
+    from eagle.settings import ExpertSettings
+    from expert.dbt import Threshold
+
+BANK_FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+TENSORS_FILE = "bank.safetensors"
+META_FILE = "meta.json"
+ONNX_FILE = "backbone.onnx"
+REFERENCES_DIR = "references"
+TENSOR_DTYPES = {
+    "memory_bank": np.float32,
+    "train_scores": np.float32,
+    "coreset_image_ids": np.int64,
+    "global_descriptors": np.float32,
+}
+_CHUNK = 1 << 20
+
+log = logging.getLogger(__name__)
+
+
+class BankError(ValueError):
+    """A bank cannot be written or read, or does not fit the running settings (one-line message)."""
+
+
+# ----------------------------------------------------------------------------------------------- meta
+
+
+class _Meta(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class BackboneMeta(_Meta):
+    """The feature extractor a bank was built with."""
+
+    id: str = Field(description="timm model name, e.g. wide_resnet50_2.tv_in1k")
+    weights: Literal["hub", "file", "random"]
+    weights_source: str = Field(description="hub:<name>, file:<path> or random:seed=<n>")
+    weights_checksum: str = Field(description="sha256:<hex> over the state dict")
+    onnx_sha256: str | None = Field(None, description="sha256 of backbone.onnx; None: the bank has no ONNX file")
+
+
+class PreprocessingMeta(_Meta):
+    """How images were prepared for the backbone (resize shorter side, crop, ImageNet normalisation)."""
+
+    resize: int
+    crop: int
+    center_crop: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class DimsMeta(_Meta):
+    """Patch grid of one image, patch feature size and global descriptor size."""
+
+    grid_h: int = Field(ge=1)
+    grid_w: int = Field(ge=1)
+    feature_dim: int = Field(ge=1)
+    descriptor_dim: int = Field(ge=1)
+
+    @property
+    def patches_per_image(self) -> int:
+        """grid_h x grid_w."""
+        return self.grid_h * self.grid_w
+
+
+class CoresetMeta(_Meta):
+    """Coreset settings the memory bank was selected with (informational: they only matter at build time)."""
+
+    ratio: float
+    projection_dim: int
+    num_starts: int
+    start_method: Literal["center_farthest", "random"]
+    seed: int
+
+
+class ThresholdMeta(_Meta):
+    """The DBT threshold: method, its parameters, τ, s_max, fitted statistics and the DBT skip rule."""
+
+    method: Literal["k_sigma", "quantile", "mad", "evt"]
+    params: dict[str, float]
+    tau: float
+    s_max: float
+    stats: dict[str, float] = Field(default_factory=dict)
+    min_unsampled_patches: int = Field(ge=1)
+
+
+class CountsMeta(_Meta):
+    """References, how many were used/skipped by DBT, patches embedded, memory-bank rows."""
+
+    references: int = Field(ge=1)
+    used_for_dbt: int = Field(ge=1)
+    skipped: int = Field(ge=0)
+    patches: int = Field(ge=1)
+    coreset: int = Field(ge=1)
+
+
+class ReferenceMeta(_Meta):
+    """One reference image: original name, stored copy, checksum and DBT status."""
+
+    name: str = Field(description="original file name of the reference image")
+    file: str = Field(description="path of the downscaled copy, relative to the bank directory")
+    sha256: str = Field("", description="sha256 of that file (filled in by save_bank)")
+    used_for_dbt: bool = True
+    skip_reason: str | None = None
+
+
+class BankMeta(_Meta):
+    """Everything ``meta.json`` holds. ``bank_id`` and checksums are filled in by :func:`save_bank`."""
+
+    format_version: int = BANK_FORMAT_VERSION
+    name: str
+    bank_id: str = Field("", description="first 16 hex digits of a sha256 over tensors and meta")
+    created_utc: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    backbone: BackboneMeta
+    preprocessing: PreprocessingMeta
+    dims: DimsMeta
+    coreset: CoresetMeta
+    distance: Literal["sqeuclidean", "euclidean"]
+    threshold: ThresholdMeta
+    counts: CountsMeta
+    references: list[ReferenceMeta]
+    warnings: list[str] = Field(default_factory=list, description="build warnings, e.g. few reference images")
+    versions: dict[str, str] = Field(default_factory=dict)
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries a bank depends on (``"not installed"`` when absent)."""
+    candidates = {
+        "eagle": ["eagle-inspect"],
+        "numpy": ["numpy"],
+        "torch": ["torch"],
+        "timm": ["timm"],
+        "faiss": ["faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss"],
+        "onnxruntime": ["onnxruntime", "onnxruntime-gpu"],
+        "safetensors": ["safetensors"],
+    }
+    found = {}
+    for key, names in candidates.items():
+        found[key] = "not installed"
+        for name in names:
+            try:
+                found[key] = metadata.version(name)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return found
+
+
+def make_meta(
+    *,
+    name: str,
+    settings: ExpertSettings,
+    weights_info: Any,
+    threshold: Threshold,
+    reference_names: Sequence[str],
+    used_for_dbt: np.ndarray,
+    skip_reasons: dict[int, str],
+    grid: tuple[int, int],
+    feature_dim: int,
+    descriptor_dim: int,
+    coreset_size: int,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+) -> BankMeta:
+    """Assemble a :class:`BankMeta` from the build's settings and results (one place for the mapping).
+
+    Args:
+        name: the bank's name.
+        settings: the ``ExpertSettings`` the bank is built with.
+        weights_info: an ``expert.weights.WeightsInfo`` (``source``, ``checksum``).
+        threshold: the DBT :class:`~expert.dbt.Threshold`.
+        reference_names: original file names of the N reference images, in bank order.
+        used_for_dbt: [N] bool mask from :func:`expert.dbt.leave_own_out_scores`.
+        skip_reasons: {image index: reason} from :func:`expert.dbt.skip_reasons`.
+        grid: patch grid (rows, cols) of one image, e.g. (28, 28).
+        feature_dim: patch feature size (1024).
+        descriptor_dim: global descriptor size.
+        coreset_size: memory-bank rows.
+        mean: normalisation mean (ImageNet).
+        std: normalisation std (ImageNet).
+    """
+    used = np.asarray(used_for_dbt, dtype=bool)
+    n = len(reference_names)
+    if len(used) != n:
+        raise BankError(f"used_for_dbt has {len(used)} entries for {n} reference images")
+    references = [
+        ReferenceMeta(
+            name=str(reference_names[i]),
+            file=f"{REFERENCES_DIR}/{i:04d}.png",
+            used_for_dbt=bool(used[i]),
+            skip_reason=None if used[i] else skip_reasons.get(i, "skipped"),
+        )
+        for i in range(n)
+    ]
+    return BankMeta(
+        name=name,
+        backbone=BackboneMeta(
+            id=settings.backbone,
+            weights=settings.weights,
+            weights_source=weights_info.source,
+            weights_checksum=weights_info.checksum,
+        ),
+        preprocessing=PreprocessingMeta(
+            resize=settings.resize,
+            crop=settings.crop,
+            center_crop=settings.center_crop,
+            mean=tuple(float(v) for v in mean),
+            std=tuple(float(v) for v in std),
+        ),
+        dims=DimsMeta(grid_h=grid[0], grid_w=grid[1], feature_dim=feature_dim, descriptor_dim=descriptor_dim),
+        coreset=CoresetMeta(
+            ratio=settings.coreset_ratio,
+            projection_dim=settings.coreset_projection_dim,
+            num_starts=settings.coreset_starts,
+            start_method=settings.coreset_start_method,
+            seed=settings.seed,
+        ),
+        distance=settings.distance,
+        threshold=ThresholdMeta(
+            method=threshold.method,
+            params=dict(threshold.params),
+            tau=threshold.tau,
+            s_max=threshold.s_max,
+            stats=dict(threshold.stats),
+            min_unsampled_patches=settings.min_unsampled_patches,
+        ),
+        counts=CountsMeta(
+            references=n,
+            used_for_dbt=int(used.sum()),
+            skipped=int(n - used.sum()),
+            patches=n * grid[0] * grid[1],
+            coreset=coreset_size,
+        ),
+        references=references,
+        versions=library_versions(),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- bank
+
+
+@dataclass
+class Bank:
+    """A loaded (or about to be saved) bank.
+
+    Attributes:
+        memory_bank: [M, D] float32 coreset patch features.
+        train_scores: [U] float32 DBT training scores of the U used references, in reference order
+            (``meta.references[i].used_for_dbt``); skipped references have no score.
+        coreset_image_ids: [M] int64 index of the reference image each memory-bank row came from.
+        global_descriptors: [N, Dg] float32 L2-normalised retrieval descriptors, one per reference.
+        meta: the :class:`BankMeta`.
+        directory: where the bank lives (None until saved).
+        notes: non-fatal differences between the bank and the running settings found by :func:`load_bank`.
+    """
+
+    memory_bank: np.ndarray
+    train_scores: np.ndarray
+    coreset_image_ids: np.ndarray
+    global_descriptors: np.ndarray
+    meta: BankMeta
+    directory: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The four tensors by their file names, as contiguous arrays of their file dtypes."""
+        return {name: np.ascontiguousarray(getattr(self, name), dtype=dtype) for name, dtype in TENSOR_DTYPES.items()}
+
+    def _require_directory(self) -> Path:
+        if self.directory is None:
+            raise BankError(f"bank {self.meta.name!r} has not been saved to a directory yet")
+        return self.directory
+
+    def reference_path(self, index: int) -> Path:
+        """Path of reference image ``index``'s downscaled PNG copy."""
+        if not 0 <= index < len(self.meta.references):
+            raise BankError(f"reference index {index} out of range [0, {len(self.meta.references)})")
+        return self._require_directory() / self.meta.references[index].file
+
+    def load_reference(self, index: int) -> np.ndarray:
+        """Reference image ``index`` (downscaled copy) as an RGB uint8 array."""
+        path = self.reference_path(index)
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB"))
+        except OSError as err:
+            raise BankError(f"{path}: cannot read reference image ({err})") from None
+
+    @property
+    def onnx_path(self) -> Path:
+        """Path of the bank's ``backbone.onnx`` (check :attr:`has_onnx` first)."""
+        return self._require_directory() / ONNX_FILE
+
+    @property
+    def has_onnx(self) -> bool:
+        """Whether the bank carries an exported backbone."""
+        return self.meta.backbone.onnx_sha256 is not None
+
+    @property
+    def tau(self) -> float:
+        """The bank's decision threshold τ."""
+        return self.meta.threshold.tau
+
+    @property
+    def s_max(self) -> float:
+        """The largest DBT training score."""
+        return self.meta.threshold.s_max
+
+
+# ----------------------------------------------------------------------------------------------- save
+
+
+def save_bank(
+    bank: Bank,
+    directory: str | Path,
+    *,
+    onnx_source: str | Path | None = None,
+    reference_images: Sequence[np.ndarray] | None = None,
+    thumbnail: int = 512,
+) -> Path:
+    """Write ``bank`` to ``directory`` atomically and return the directory.
+
+    The bank is written into a temporary directory next to ``directory`` and renamed into place; an
+    existing bank there is renamed away first and deleted only after the new one is in place (a failure
+    at any point leaves the old bank as it was). A non-empty directory that is not a bank is refused.
+
+    Args:
+        bank: the tensors and meta (``meta.bank_id``, checksums and ``onnx_sha256`` are (re)computed).
+        directory: target bank directory.
+        onnx_source: ``backbone.onnx`` to copy in; None copies the bank's own when it was loaded from a
+            directory with one, else the bank has no ONNX file.
+        reference_images: the N reference images (RGB uint8), stored as PNG downscaled to ``thumbnail``
+            pixels on the longest side; None copies the bank's own reference files.
+        thumbnail: longest side of the stored reference copies (never upscaled).
+
+    Returns:
+        The bank directory; ``bank.directory`` and ``bank.meta`` are updated to the saved state.
+
+    Raises:
+        BankError: inconsistent bank, missing references or ONNX source, or an unwritable target.
+    """
+    target = Path(directory).expanduser().absolute()
+    meta = bank.meta.model_copy(deep=True)
+    tensors = bank.tensors()
+    _check_consistency(tensors, meta, where="bank to save")
+    _check_target(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _write_references(staging, bank, meta, reference_images, thumbnail)
+        meta.backbone.onnx_sha256 = _write_onnx(staging, bank, onnx_source)
+        meta.format_version = BANK_FORMAT_VERSION
+        meta.bank_id = compute_bank_id(tensors, meta)
+        save_file(tensors, str(staging / TENSORS_FILE), metadata={"eagle_bank_format": str(BANK_FORMAT_VERSION)})
+        _write_meta(staging / META_FILE, meta)
+        _fsync_tree(staging)
+        _swap_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    bank.meta = meta
+    bank.directory = target
+    return target
+
+
+def _check_target(target: Path) -> None:
+    if target.exists() and not target.is_dir():
+        raise BankError(f"{target}: exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not (target / META_FILE).is_file():
+        raise BankError(f"{target}: refusing to overwrite a non-empty directory that is not an EAGLE bank")
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``; an existing target is moved aside first and removed afterwards."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_references(
+    staging: Path, bank: Bank, meta: BankMeta, images: Sequence[np.ndarray] | None, thumbnail: int
+) -> None:
+    (staging / REFERENCES_DIR).mkdir()
+    n = len(meta.references)
+    if images is not None and len(images) != n:
+        raise BankError(f"{len(images)} reference images given for {n} references in meta")
+    if images is None and bank.directory is None:
+        raise BankError("reference_images are required when the bank was not loaded from a directory")
+    for i, ref in enumerate(meta.references):
+        ref.file = f"{REFERENCES_DIR}/{i:04d}.png"
+        out = staging / ref.file
+        if images is not None:
+            _write_thumbnail(images[i], out, thumbnail, ref.name)
+        else:
+            source = bank.reference_path(i)
+            if not source.is_file():
+                raise BankError(f"{source}: reference image file missing, cannot copy the bank")
+            shutil.copyfile(source, out)
+        ref.sha256 = file_sha256(out)
+
+
+def _write_thumbnail(image: np.ndarray, path: Path, longest: int, name: str) -> None:
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise BankError(f"reference {name!r}: expected an RGB uint8 array H x W x 3, got {array.dtype} {array.shape}")
+    picture = Image.fromarray(array, mode="RGB")
+    if max(picture.size) > longest:
+        scale = longest / max(picture.size)
+        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        picture = picture.resize(size, Image.Resampling.LANCZOS)
+    picture.save(path, format="PNG")
+
+
+def _write_onnx(staging: Path, bank: Bank, onnx_source: str | Path | None) -> str | None:
+    if onnx_source is None:
+        if bank.directory is None or not bank.has_onnx:
+            return None
+        onnx_source = bank.onnx_path
+    source = Path(onnx_source)
+    if not source.is_file():
+        raise BankError(f"{source}: ONNX backbone file not found")
+    shutil.copyfile(source, staging / ONNX_FILE)
+    return file_sha256(staging / ONNX_FILE)
+
+
+def _write_meta(path: Path, meta: BankMeta) -> None:
+    path.write_text(meta.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in [*root.rglob("*"), root]:
+        flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+        fd = os.open(path, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def compute_bank_id(tensors: dict[str, np.ndarray], meta: BankMeta) -> str:
+    """16 hex digits of a sha256 over the tensors (name, dtype, shape, bytes) and meta.
+
+    meta's ``bank_id`` and ``created_utc`` are left out, so the same contents give the same id; meta
+    holds the ONNX and reference-file checksums, so the id covers every file of the bank.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(memoryview(array).cast("B"))
+    described = meta.model_dump(mode="json", exclude={"bank_id", "created_utc"})
+    digest.update(json.dumps(described, sort_keys=True, separators=(",", ":")).encode())
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------- load
+
+
+def load_bank(directory: str | Path, settings: ExpertSettings | None = None) -> Bank:
+    """Read and validate a bank directory.
+
+    Checks, each failing with a one-line :class:`BankError`: the directory and every file exist;
+    meta.json is valid and its format version supported; the tensors have the names, dtypes and shapes
+    meta.json implies and are finite; the ONNX and reference checksums and the bank_id match the files.
+    With ``settings``, the settings that change features or scores must equal the bank's (see
+    :func:`settings_mismatches`); differences in the threshold settings are not fatal (the bank's own τ is
+    used) and are reported in ``bank.notes`` and the log.
+    """
+    root = Path(directory).expanduser().absolute()
+    if not root.is_dir():
+        raise BankError(f"{root}: bank directory not found")
+    meta = read_meta(root)
+    tensors = _read_tensors(root)
+    _check_consistency(tensors, meta, where=str(root / TENSORS_FILE))
+    _check_files(root, meta)
+    actual_id = compute_bank_id(tensors, meta)
+    if actual_id != meta.bank_id:
+        raise BankError(
+            f"{root}: bank_id mismatch (meta.json {meta.bank_id!r}, contents {actual_id!r}): "
+            "the bank was modified or corrupted after it was written; rebuild it"
+        )
+    bank = Bank(directory=root, meta=meta, **tensors)
+    if settings is not None:
+        fatal = settings_mismatches(meta, settings)
+        if fatal:
+            raise BankError(f"{root}: {fatal[0]}" + (f" (and {len(fatal) - 1} more)" if len(fatal) > 1 else ""))
+        bank.notes = threshold_differences(meta, settings)
+        for note in bank.notes:
+            log.warning("bank %s: %s", meta.name, note)
+    return bank
+
+
+def read_meta(root: Path) -> BankMeta:
+    """Parse and validate ``meta.json`` (format version first, so a newer bank gets a version error)."""
+    path = root / META_FILE
+    if not path.is_file():
+        raise BankError(f"{path}: file missing (not an EAGLE bank directory?)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BankError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise BankError(f"{path}: expected a JSON object")
+    version = raw.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        supported = ", ".join(str(v) for v in sorted(SUPPORTED_FORMAT_VERSIONS))
+        hint = "upgrade EAGLE" if isinstance(version, int) and version > BANK_FORMAT_VERSION else "rebuild the bank"
+        raise BankError(f"{path}: format_version {version!r} is not supported (supported: {supported}); {hint}")
+    try:
+        return BankMeta.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BankError(f"{path}: invalid field {where!r}: {first['msg']}") from None
+
+
+def _read_tensors(root: Path) -> dict[str, np.ndarray]:
+    path = root / TENSORS_FILE
+    if not path.is_file():
+        raise BankError(f"{path}: file missing")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BankError(f"{path}: unreadable safetensors file ({err})") from None
+    names = set(tensors)
+    if names != set(TENSOR_DTYPES):
+        missing, extra = sorted(set(TENSOR_DTYPES) - names), sorted(names - set(TENSOR_DTYPES))
+        raise BankError(f"{path}: tensors missing {missing} / unexpected {extra}")
+    return tensors
+
+
+def _check_consistency(tensors: dict[str, np.ndarray], meta: BankMeta, *, where: str) -> None:
+    """Tensor dtypes and shapes against meta; finite values; image ids in range."""
+    counts, dims = meta.counts, meta.dims
+    expected = {
+        "memory_bank": (counts.coreset, dims.feature_dim),
+        "train_scores": (counts.used_for_dbt,),
+        "coreset_image_ids": (counts.coreset,),
+        "global_descriptors": (counts.references, dims.descriptor_dim),
+    }
+    for name, shape in expected.items():
+        array = tensors[name]
+        if array.dtype != TENSOR_DTYPES[name]:
+            raise BankError(f"{where}: {name} dtype {array.dtype}, expected {np.dtype(TENSOR_DTYPES[name])}")
+        if array.shape != shape:
+            raise BankError(f"{where}: {name} shape {array.shape}, meta.json implies {shape}")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise BankError(f"{where}: {name} contains NaN or infinite values")
+    ids = tensors["coreset_image_ids"]
+    if ids.size and (ids.min() < 0 or ids.max() >= counts.references):
+        raise BankError(f"{where}: coreset_image_ids outside [0, {counts.references})")
+    if len(meta.references) != counts.references:
+        raise BankError(f"{where}: {len(meta.references)} references listed, counts.references={counts.references}")
+    used = sum(ref.used_for_dbt for ref in meta.references)
+    if used != counts.used_for_dbt or counts.references - used != counts.skipped:
+        raise BankError(
+            f"{where}: references marked used_for_dbt ({used}) disagree with counts "
+            f"(used_for_dbt={counts.used_for_dbt}, skipped={counts.skipped})"
+        )
+    if counts.patches != counts.references * dims.patches_per_image:
+        raise BankError(f"{where}: counts.patches={counts.patches} != references x grid ({dims.patches_per_image})")
+
+
+def _check_files(root: Path, meta: BankMeta) -> None:
+    if meta.backbone.onnx_sha256 is not None:
+        onnx = root / ONNX_FILE
+        if not onnx.is_file():
+            raise BankError(f"{onnx}: file missing")
+        if file_sha256(onnx) != meta.backbone.onnx_sha256:
+            raise BankError(f"{onnx}: checksum differs from meta.json (corrupted or replaced); rebuild the bank")
+    for ref in meta.references:
+        path = root / ref.file
+        if not path.resolve().is_relative_to(root.resolve()):
+            raise BankError(f"{root / META_FILE}: reference path {ref.file!r} points outside the bank")
+        if not path.is_file():
+            raise BankError(f"{path}: reference image missing")
+        if file_sha256(path) != ref.sha256:
+            raise BankError(f"{path}: checksum differs from meta.json (corrupted or replaced)")
+
+
+# ------------------------------------------------------------------------------------------- settings
+
+_FATAL_SETTINGS: dict[str, Any] = {
+    "backbone": lambda m: m.backbone.id,
+    "resize": lambda m: m.preprocessing.resize,
+    "crop": lambda m: m.preprocessing.crop,
+    "center_crop": lambda m: m.preprocessing.center_crop,
+    "distance": lambda m: m.distance,
+}
+_THRESHOLD_SETTINGS = {"k_sigma": "kappa", "quantile": "quantile", "mad": "mad_k", "evt": "evt_quantile"}
+
+
+def settings_mismatches(meta: BankMeta, settings: ExpertSettings) -> list[str]:
+    """Settings that would make the bank's features or scores wrong: backbone, resize, crop, center_crop, distance.
+
+    Each entry reads ``"setting crop: bank 224, running 256 (EAGLE_EXPERT__CROP)"``. Coreset settings only
+    matter while building and are not compared; the backbone's weights are checked by
+    :func:`check_weights` where the torch backbone is rebuilt (the ONNX file carries its own).
+    """
+    problems = []
+    for key, read in _FATAL_SETTINGS.items():
+        bank_value, running = read(meta), getattr(settings, key)
+        if bank_value != running:
+            problems.append(f"setting {key}: bank {bank_value!r}, running {running!r} (EAGLE_EXPERT__{key.upper()})")
+    return problems
+
+
+def threshold_differences(meta: BankMeta, settings: ExpertSettings) -> list[str]:
+    """Non-fatal notes where the running threshold settings differ from the bank's (the bank's τ is used)."""
+    notes = []
+    method = meta.threshold.method
+    if settings.threshold_method != method:
+        notes.append(
+            f"threshold_method: bank {method!r}, running {settings.threshold_method!r}; "
+            f"using the bank's tau={meta.threshold.tau:.6g} (rebuild the bank to change it)"
+        )
+        return notes
+    key = _THRESHOLD_SETTINGS[method]
+    bank_value, running = meta.threshold.params.get(key), float(getattr(settings, key))
+    if bank_value != running:
+        notes.append(
+            f"{key}: bank {bank_value!r}, running {running!r}; using the bank's tau={meta.threshold.tau:.6g} "
+            "(rebuild the bank to change it)"
+        )
+    return notes
+
+
+def check_weights(meta: BankMeta, weights_info: Any) -> None:
+    """Raise :class:`BankError` when a rebuilt backbone's weights differ from the bank's (torch runtime)."""
+    if weights_info.checksum != meta.backbone.weights_checksum:
+        raise BankError(
+            f"backbone weights: bank {meta.backbone.weights_checksum[:19]}... ({meta.backbone.weights_source}), "
+            f"running {weights_info.checksum[:19]}... ({weights_info.source}); use the bank's ONNX runtime or the "
+            "same weights"
+        )

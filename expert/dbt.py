@@ -1,0 +1,401 @@
+"""Distribution-Based Thresholding (DBT): leave-own-out training scores and the threshold τ.
+
+Training scores (paper §3.2.2, DESIGN.md "DBT"): for every training image i, its UNSAMPLED patches
+(those the coreset did not keep) are scored against the coreset minus the entries that came from
+image i, and the image's score is the largest of those patch scores. An image is skipped (it gets no
+score, never NaN) when it has fewer than ``min_unsampled`` unsampled patches, or when every coreset
+entry came from it (nothing is left to compare against).
+
+Thresholds (:func:`compute_threshold`), on the scores S of the used images, s_max = max(S):
+
+* ``k_sigma``: τ = mean(S) + kappa · std(S), population std (ddof = 0). Parameter ``kappa`` (3).
+* ``quantile``: τ = ``np.quantile(S, quantile)`` with numpy's default linear interpolation. Parameter
+  ``quantile`` (0.99).
+* ``mad``: τ = median(S) + mad_k · MAD, MAD = median(|S - median(S)|), unscaled (no 1.4826 factor).
+  Parameter ``mad_k`` (3).
+* ``evt``: a generalised extreme-value distribution is fitted by maximum likelihood to the training maxima
+  (:func:`fit_gev`) and τ is its ``evt_quantile`` quantile. scipy's shape is c = -ξ, where ξ is the
+  extreme-value index of the paper's Eq. 11 (ξ > 0 heavy Fréchet tail, ξ < 0 bounded Weibull tail);
+  :class:`Threshold` reports ξ. Parameter ``evt_quantile`` (0.99). Needs at least :data:`EVT_MIN_SCORES`
+  scores (a 3-parameter fit on fewer is noise) and a plausible fit (|ξ| <= 1); otherwise it raises
+  :class:`DBTError` suggesting ``k_sigma``. No silent fallback.
+
+Degenerate cases, the same for every method: no score → :class:`DBTError`; one score → τ = s_max = that
+score; all scores identical (σ = 0) → τ = mean. τ is always finite, or :class:`DBTError` is raised.
+
+Example:
+    >>> compute_threshold([1.0, 2.0, 3.0], "k_sigma", kappa=1.0).tau  # doctest: +ELLIPSIS
+    2.816...
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import optimize, stats
+from tqdm.auto import tqdm
+
+from expert.coreset import random_projection
+from expert.search import GPU_MAX_K, Distance, PatchIndex, check_distance, to_distance
+
+THRESHOLD_METHODS: dict[str, dict[str, float]] = {
+    "k_sigma": {"kappa": 3.0},
+    "quantile": {"quantile": 0.99},
+    "mad": {"mad_k": 3.0},
+    "evt": {"evt_quantile": 0.99},
+}
+"""Every τ method and its parameters with their defaults (names match ``ExpertSettings`` fields)."""
+
+EVT_MIN_SCORES = 10
+"""Fewest training scores the ``evt`` method fits a GEV to."""
+
+SKIP_TOO_FEW_UNSAMPLED = "too_few_unsampled"
+SKIP_NO_OTHER_CORESET = "no_other_coreset"
+
+
+class DBTError(ValueError):
+    """DBT cannot produce a threshold (no usable scores, bad method or parameters, failed fit)."""
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A DBT threshold.
+
+    Attributes:
+        tau: decision threshold (anomalous iff s_img >= tau).
+        s_max: largest training score (upper end of the low-confidence region [tau, s_max]).
+        method: the τ method name.
+        params: the method's parameters as used (defaults filled in).
+        n_scores: number of training scores it was derived from.
+        stats: fitted statistics (k_sigma: mean, std; quantile: -; mad: median, mad; evt: xi, loc, scale).
+    """
+
+    tau: float
+    s_max: float
+    method: str
+    params: dict[str, float]
+    n_scores: int
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------- scores
+
+
+def skip_reasons(
+    num_images: int, patches_per_image: int, coreset_idx: np.ndarray, *, min_unsampled: int
+) -> dict[int, str]:
+    """Which images DBT skips and why: {image index: ``"too_few_unsampled"`` | ``"no_other_coreset"``}.
+
+    ``coreset_idx`` indexes the flattened [num_images * patches_per_image] patches; patch row r belongs
+    to image ``r // patches_per_image``.
+    """
+    own = np.bincount(np.asarray(coreset_idx) // patches_per_image, minlength=num_images)
+    total = int(own.sum())
+    reasons: dict[int, str] = {}
+    for i in range(num_images):
+        if patches_per_image - own[i] < min_unsampled:
+            reasons[i] = SKIP_TOO_FEW_UNSAMPLED
+        elif total - own[i] == 0:
+            reasons[i] = SKIP_NO_OTHER_CORESET
+    return reasons
+
+
+def leave_own_out_scores(
+    features: np.ndarray,
+    coreset_idx: np.ndarray,
+    *,
+    distance: Distance = "sqeuclidean",
+    min_unsampled: int = 16,
+    progress: bool = False,
+    use_gpu: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-own-out DBT training scores (exact).
+
+    Per image i, only the LARGEST leave-own-out nearest-neighbour distance of its unsampled patches is
+    needed, so most patches need no full search:
+
+    1. upper bounds: for every patch, the coreset entry of another image nearest to it in a 128-d random
+       projection (one small matrix product) is a real member of the reduced bank, so the exact distance
+       to it, u(x), bounds the patch's leave-own-out distance from above;
+    2. exact search (faiss, k = own_i + 1 over the whole coreset: at most own_i neighbours can be image
+       i's own, so the first other one is the leave-own-out neighbour) for the patches in decreasing order
+       of u, in doubling batches, until the best exact score exceeds every remaining bound. The maximum
+       is therefore exact (up to faiss's float32 rounding).
+
+    Args:
+        features: [N, P, D] patch features of the N training images.
+        coreset_idx: [M] unique indices into the flattened [N * P] patches (the coreset).
+        distance: ``"sqeuclidean"`` or ``"euclidean"`` (as :class:`expert.search.PatchIndex`).
+        min_unsampled: images with fewer unsampled patches are skipped.
+        progress: tqdm bar over the images.
+        use_gpu: passed to :class:`~expert.search.PatchIndex`.
+
+    Returns:
+        (scores [n_used] float32 of the used images in image order, NaN-free; used [N] bool).
+
+    Raises:
+        DBTError: bad shapes or indices, or no image usable (the message counts the reasons).
+    """
+    check_distance(distance)
+    features, coreset_idx = _check_scoring_inputs(features, coreset_idx, min_unsampled)
+    n_images, n_patches, dim = features.shape
+    reasons = skip_reasons(n_images, n_patches, coreset_idx, min_unsampled=min_unsampled)
+    used = np.ones(n_images, dtype=bool)
+    used[list(reasons)] = False
+    if not used.any():
+        raise DBTError(_no_scores_message(n_images, n_patches, len(coreset_idx), min_unsampled, reasons))
+    scorer = _LeaveOwnOutScorer(features, coreset_idx, distance, use_gpu)
+    scores = [scorer.image_score(i) for i in tqdm(np.flatnonzero(used), desc="DBT", unit="image", disable=not progress)]
+    return np.asarray(scores, dtype=np.float32), used
+
+
+_BOUND_DIM = 128  # random projection in which each patch's candidate neighbour is found
+_BOUND_SLACK = 1e-3  # relative slack: faiss's expanded-form distances carry rounding noise well below this
+_FIRST_BATCH = 128  # patches searched exactly in the first round (the batch doubles each further round)
+
+
+class _LeaveOwnOutScorer:
+    """Exact leave-own-out image scores with upper-bound pruning (see :func:`leave_own_out_scores`)."""
+
+    def __init__(self, features: np.ndarray, coreset_idx: np.ndarray, distance: Distance, use_gpu: bool | None):
+        n_images, n_patches, dim = features.shape
+        self.features = features
+        self.distance = distance
+        self.use_gpu = use_gpu
+        self.bank = np.ascontiguousarray(features.reshape(n_images * n_patches, dim)[coreset_idx], dtype=np.float32)
+        self.owner = coreset_idx // n_patches
+        self.own_counts = np.bincount(self.owner, minlength=n_images)
+        sampled = np.zeros(n_images * n_patches, dtype=bool)
+        sampled[coreset_idx] = True
+        self.sampled = sampled.reshape(n_images, n_patches)
+        self.index = PatchIndex(self.bank, distance="sqeuclidean", use_gpu=use_gpu)
+        self.projection = random_projection(dim, _BOUND_DIM, seed=0) if dim > _BOUND_DIM else None
+        self.coarse_bank = self._project(self.bank)
+        self.coarse_sq = np.einsum("md,md->m", self.coarse_bank, self.coarse_bank)
+
+    def _project(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.float32)
+        return np.ascontiguousarray(rows @ self.projection if self.projection is not None else rows)
+
+    def image_score(self, i: int) -> float:
+        """Image i's score: max over its unsampled patches of the leave-own-out nearest-neighbour distance."""
+        queries = np.ascontiguousarray(self.features[i][~self.sampled[i]], dtype=np.float32)
+        own = int(self.own_counts[i])
+        bounds = self._upper_bounds(queries, i)
+        order = np.argsort(-bounds, kind="stable")
+        best, start, batch = -np.inf, 0, _FIRST_BATCH
+        while start < len(order) and bounds[order[start]] * (1 + _BOUND_SLACK) >= best:
+            rows = np.sort(order[start : start + batch])
+            best = max(best, float(self._exact(queries[rows], i, own).max()))
+            start += len(rows)
+            batch *= 2
+        return float(to_distance(np.array([best]), self.distance)[0])
+
+    def _upper_bounds(self, queries: np.ndarray, i: int) -> np.ndarray:
+        """Exact squared distance to the other-image entry nearest in the projection (>= the true distance)."""
+        coarse = self._project(queries) @ self.coarse_bank.T
+        coarse *= -2.0
+        coarse += self.coarse_sq
+        coarse[:, self.owner == i] = np.inf
+        candidate = np.argmin(coarse, axis=1)
+        diff = queries - self.bank[candidate]
+        return np.einsum("qd,qd->q", diff, diff)
+
+    def _exact(self, queries: np.ndarray, i: int, own: int) -> np.ndarray:
+        """Squared leave-own-out nearest-neighbour distance of each query (faiss, k = own + 1)."""
+        k = own + 1
+        if self.index.on_gpu and k > GPU_MAX_K:
+            reduced = PatchIndex(self.bank[self.owner != i], distance="sqeuclidean", use_gpu=self.use_gpu)
+            return reduced.search(queries)
+        dist, ids = self.index.search_knn(queries, k)
+        first_other = np.argmax(self.owner[ids] != i, axis=1)
+        return dist[np.arange(len(queries)), first_other]
+
+
+def _check_scoring_inputs(
+    features: np.ndarray, coreset_idx: np.ndarray, min_unsampled: int
+) -> tuple[np.ndarray, np.ndarray]:
+    features = np.asarray(features)
+    if features.ndim != 3 or 0 in features.shape:
+        raise DBTError(f"features must be a non-empty [N, P, D] array, got shape {features.shape}")
+    coreset_idx = np.asarray(coreset_idx)
+    if coreset_idx.ndim != 1 or len(coreset_idx) == 0 or not np.issubdtype(coreset_idx.dtype, np.integer):
+        raise DBTError(
+            f"coreset_idx must be a non-empty 1-D integer array, got {coreset_idx.dtype} {coreset_idx.shape}"
+        )
+    total = features.shape[0] * features.shape[1]
+    if coreset_idx.min() < 0 or coreset_idx.max() >= total:
+        raise DBTError(f"coreset_idx out of range [0, {total}): min {coreset_idx.min()}, max {coreset_idx.max()}")
+    if len(np.unique(coreset_idx)) != len(coreset_idx):
+        raise DBTError("coreset_idx contains duplicate indices")
+    if min_unsampled < 1:
+        raise DBTError(f"min_unsampled must be >= 1, got {min_unsampled}")
+    return features, coreset_idx.astype(np.int64)
+
+
+def _no_scores_message(n_images: int, n_patches: int, m: int, min_unsampled: int, reasons: dict[int, str]) -> str:
+    too_few = sum(r == SKIP_TOO_FEW_UNSAMPLED for r in reasons.values())
+    no_other = sum(r == SKIP_NO_OTHER_CORESET for r in reasons.values())
+    parts = []
+    if too_few:
+        parts.append(f"{too_few} have fewer than {min_unsampled} of {n_patches} patches outside the coreset")
+    if no_other:
+        parts.append(f"{no_other} contributed every one of the {m} coreset entries (nothing left to compare with)")
+    return (
+        f"DBT has no usable training image: all {n_images} were skipped ({'; '.join(parts)}); "
+        "add reference images or lower the coreset ratio"
+    )
+
+
+def check_reference_count(count: int, *, minimum: int, recommended: int) -> str | None:
+    """Enforce the minimum number of reference images; return a warning text below the recommended count.
+
+    Raises:
+        DBTError: ``count < minimum``.
+    """
+    if count < minimum:
+        raise DBTError(f"{count} reference image(s) given; a bank needs at least {minimum} (recommended {recommended})")
+    if count < recommended:
+        return f"only {count} reference images; {recommended} or more give a more reliable threshold"
+    return None
+
+
+# ------------------------------------------------------------------------------------------- thresholds
+
+
+def threshold_params(method: str, settings: Any) -> dict[str, float]:
+    """The parameters of ``method`` read from an ``ExpertSettings``-like object (fields kappa, quantile, ...)."""
+    _check_method(method)
+    return {name: float(getattr(settings, name)) for name in THRESHOLD_METHODS[method]}
+
+
+def compute_threshold(scores: Sequence[float] | np.ndarray, method: str, **params: float) -> Threshold:
+    """Derive τ and s_max from training scores with one of :data:`THRESHOLD_METHODS`.
+
+    Args:
+        scores: the used images' training scores (1-D, finite).
+        method: ``k_sigma``, ``quantile``, ``mad`` or ``evt``.
+        **params: the method's parameters (see :data:`THRESHOLD_METHODS`); missing ones take defaults.
+
+    Raises:
+        DBTError: unknown method or parameter, bad parameter value, empty or non-finite scores, too few
+            scores for ``evt``, or a failed fit.
+    """
+    _check_method(method)
+    unknown = sorted(set(params) - set(THRESHOLD_METHODS[method]))
+    if unknown:
+        raise DBTError(f"unknown parameter(s) {unknown} for threshold method {method!r}")
+    values = {**THRESHOLD_METHODS[method], **{k: float(v) for k, v in params.items()}}
+    _check_params(method, values)
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 1:
+        raise DBTError(f"training scores must be 1-D, got shape {s.shape}")
+    if len(s) == 0:
+        raise DBTError("no training scores: DBT needs at least one usable reference image")
+    if not np.isfinite(s).all():
+        raise DBTError("training scores contain NaN or infinite values")
+    s_max = float(s.max())
+    if len(s) == 1 or s.min() == s.max():
+        tau, fitted = float(s.mean()), {}
+        if len(s) == 1:
+            tau = s_max
+    else:
+        tau, fitted = _METHODS[method](s, values)
+    if not np.isfinite(tau):
+        raise DBTError(f"threshold method {method!r} produced a non-finite tau ({tau})")
+    return Threshold(tau=float(tau), s_max=s_max, method=method, params=values, n_scores=len(s), stats=fitted)
+
+
+def _check_method(method: str) -> None:
+    if method not in THRESHOLD_METHODS:
+        raise DBTError(f"unknown threshold method {method!r}; expected one of {', '.join(THRESHOLD_METHODS)}")
+
+
+def _check_params(method: str, values: dict[str, float]) -> None:
+    for name, value in values.items():
+        if not np.isfinite(value):
+            raise DBTError(f"{method}: {name} must be finite, got {value}")
+    for name in ("quantile", "evt_quantile"):
+        if name in values and not 0.0 < values[name] < 1.0:
+            raise DBTError(f"{method}: {name} must be in (0, 1), got {values[name]}")
+
+
+def _k_sigma(s: np.ndarray, p: dict[str, float]) -> tuple[float, dict[str, float]]:
+    mean, std = float(s.mean()), float(s.std(ddof=0))
+    return mean + p["kappa"] * std, {"mean": mean, "std": std}
+
+
+def _quantile(s: np.ndarray, p: dict[str, float]) -> tuple[float, dict[str, float]]:
+    return float(np.quantile(s, p["quantile"])), {}
+
+
+def _mad(s: np.ndarray, p: dict[str, float]) -> tuple[float, dict[str, float]]:
+    median = float(np.median(s))
+    mad = float(np.median(np.abs(s - median)))
+    return median + p["mad_k"] * mad, {"median": median, "mad": mad}
+
+
+def _evt(s: np.ndarray, p: dict[str, float]) -> tuple[float, dict[str, float]]:
+    if len(s) < EVT_MIN_SCORES:
+        raise DBTError(
+            f"evt needs at least {EVT_MIN_SCORES} training scores to fit a GEV, got {len(s)}; "
+            "add reference images or use threshold_method=k_sigma"
+        )
+    fit = fit_gev(s)
+    tau = float(stats.genextreme.ppf(p["evt_quantile"], -fit["xi"], loc=fit["loc"], scale=fit["scale"]))
+    return tau, fit
+
+
+def fit_gev(samples: np.ndarray) -> dict[str, float]:
+    """Maximum-likelihood GEV fit; returns ξ (= -scipy's c), loc and scale in the samples' units.
+
+    The samples are standardised (better conditioned for scores in the thousands or near-constant
+    scores) and the negative log-likelihood (``scipy.stats.genextreme.nnlf``) is minimised by Nelder-Mead
+    from the Gumbel fit (ξ = 0, whose support is the whole line, so the start is always feasible);
+    scipy's own ``genextreme.fit`` is tried too and the better likelihood wins. Location and scale are
+    mapped back to the samples' units.
+
+    Raises:
+        DBTError: identical samples, a failed optimisation, or a shape outside [-1, 1] (such fits put
+            τ far outside the data and mean the scores are not a GEV sample).
+    """
+    s = np.asarray(samples, dtype=np.float64)
+    mean, std = float(s.mean()), float(s.std(ddof=0))
+    if not std > 0.0:
+        raise DBTError("cannot fit a GEV to identical scores")
+    z = (s - mean) / std
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        candidates = []
+        try:
+            gumbel_loc, gumbel_scale = stats.gumbel_r.fit(z)
+            result = optimize.minimize(
+                lambda theta: stats.genextreme.nnlf(theta, z),
+                x0=[0.0, gumbel_loc, gumbel_scale],
+                method="Nelder-Mead",
+                options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 10_000},
+            )
+            candidates.append(tuple(result.x))
+        except (ValueError, FloatingPointError, np.linalg.LinAlgError):
+            pass
+        try:
+            candidates.append(tuple(stats.genextreme.fit(z)))
+        except (ValueError, FloatingPointError, RuntimeError, np.linalg.LinAlgError):
+            pass
+        finite = [t for t in candidates if np.isfinite(t).all() and t[2] > 0]
+        if not finite:
+            raise DBTError(f"GEV fit failed on {len(s)} scores; use threshold_method=k_sigma")
+        c, loc, scale = min(finite, key=lambda t: stats.genextreme.nnlf(t, z))
+    if not -1.0 <= -c <= 1.0:
+        raise DBTError(
+            f"GEV fit failed: shape xi={-c:.3g} outside [-1, 1] (the scores do not look like a GEV sample); "
+            "use threshold_method=k_sigma"
+        )
+    return {"xi": float(-c), "loc": float(mean + std * loc), "scale": float(std * scale)}
+
+
+_METHODS = {"k_sigma": _k_sigma, "quantile": _quantile, "mad": _mad, "evt": _evt}
