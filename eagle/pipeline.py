@@ -196,7 +196,8 @@ class Pipeline:
             from mllm.loading import MLLMLoadError, load_mllm
 
             try:
-                loaded = load_mllm(self.settings.mllm, progress=progress)
+                report = (lambda fraction, message: progress(message, fraction)) if progress else None
+                loaded = load_mllm(self.settings.mllm, progress=report)
             except MLLMLoadError as err:
                 self._mllm_error = str(err)
                 raise MLLMUnavailableError(str(err)) from None

@@ -189,3 +189,24 @@ def test_caas_gate_at_tau_and_s_max_exactly(with_mllm, synthetic_root, where, po
     assert result.caas_applied is expected
     assert result.caas_alpha == (0.6 if expected else None)
     assert result.low_confidence == (where in {"tau", "s_max"})
+
+
+def test_loading_the_model_reports_progress_once(built, tiny_qwen_dir):
+    pipeline, *_ = built
+    fresh = Pipeline(pipeline_settings(pipeline.settings.data_dir, model_id=str(tiny_qwen_dir)))
+    reports: list[tuple[str, float]] = []
+    first = fresh.load_mllm(progress=lambda stage, fraction: reports.append((stage, fraction)))
+    assert reports and all(isinstance(stage, str) for stage, _ in reports)
+    fractions = [f for _, f in reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert fresh.load_mllm() is first  # loaded once, reused
+    assert "MLLM loaded" in fresh.mllm_status()
+
+
+def test_a_missing_model_falls_back_with_a_clear_message(built, tmp_path):
+    pipeline, *_ = built
+    broken = Pipeline(pipeline_settings(pipeline.settings.data_dir, model_id=str(tmp_path / "no-such-model")))
+    with pytest.raises(MLLMUnavailableError, match="no-such-model"):
+        broken.load_mllm()
+    assert "expert-only mode" in broken.mllm_status()
+    assert broken.ready()["mllm"] is False
