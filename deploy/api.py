@@ -44,7 +44,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy.annotate import annotated_png_base64
-from deploy.archive import ArchiveLimits
 from deploy.audit import AuditLog, default_audit_path
 from deploy.auth import BearerAuth
 from deploy.errors import (
@@ -66,6 +65,7 @@ from deploy.limits import FORM_LIMITS, check_image_pixels, mib_to_bytes, validat
 from deploy.metrics import CONTENT_TYPE, ServiceMetrics
 from deploy.middleware import BodyLimit, RequestGate
 from deploy.worker import InferenceWorker
+from eagle.archives import ArchiveLimits
 from eagle.records import InspectionResult, InspectOptions
 
 logger = logging.getLogger(__name__)

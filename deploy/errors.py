@@ -194,6 +194,7 @@ def domain_error(exc: BaseException) -> ServiceError | None:
 
 _DOMAIN_ERRORS: tuple[tuple[str, str, type[ServiceError]], ...] = (
     ("eagle.images", "ImageError", InvalidImage),
+    ("eagle.archives", "ArchiveTooLargeError", ArchiveTooLarge),  # before its base class ArchiveError
     ("eagle.archives", "ArchiveError", InvalidArchive),
     ("eagle.banks", "BankNameError", InvalidBankName),
     ("eagle.banks", "BankError", BankUnusable),

@@ -28,8 +28,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from deploy.archive import ArchiveLimits, scan_archive
+from deploy.archive import scan_archive
 from deploy.errors import BankBusy, BankExists, InvalidArchive, QueueFull, ServiceError, ShuttingDown, domain_error
+from eagle.archives import ArchiveLimits, extract_zip
 from eagle.images import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class BankBuildJobs:
     Args:
         pipeline: an ``eagle.pipeline.Pipeline`` (uses ``build_bank`` and ``banks.exists``).
         jobs_dir: where uploads are staged and statuses persisted (one sub-folder and one JSON per job).
-        limits: zip caps (see :class:`~deploy.archive.ArchiveLimits`).
+        limits: zip caps (see :class:`~eagle.archives.ArchiveLimits`).
         min_references: fewest images a build accepts (checked at upload, before queueing).
         max_pending: most jobs waiting to run; one more is refused with ``429``.
     """
@@ -225,15 +226,7 @@ class BankBuildJobs:
         status = self.get(job_id)
         assert status is not None
         try:
-            from eagle.archives import extract_zip
-
-            paths = extract_zip(
-                folder / "upload.zip",
-                folder / "images",
-                max_members=self.limits.max_entries,
-                max_total_bytes=self.limits.max_total_bytes,
-                suffixes=set(IMAGE_EXTENSIONS),
-            )
+            paths = extract_zip(folder / "upload.zip", folder / "images", self.limits, suffixes=set(IMAGE_EXTENSIONS))
             self._update(job_id, progress=1.0)
             names = [path.relative_to(folder / "images").as_posix() for path in paths]  # unique, unlike base names
             summary = self.pipeline.build_bank(

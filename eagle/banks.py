@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from eagle.archives import extract_zip
+from eagle.archives import ArchiveLimits, extract_zip
 from eagle.settings import ExpertSettings
 from expert.bank import META_FILE, BankError, load_bank, read_meta
 
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from expert.model import ExpertScorer
 
 __all__ = ["BankError", "BankNameError", "BankStore", "BankSummary"]
+
+BANK_ZIP_LIMITS = ArchiveLimits(max_entries=20_000, max_entry_bytes=ArchiveLimits().max_total_bytes)
+"""Caps for importing a bank zip: one file (the memory bank grows with the references) may take the whole total."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -206,7 +209,7 @@ class BankStore:
         self.root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".import-") as staging:
             staging_path = Path(staging) / "x"
-            extract_zip(zip_path, staging_path)
+            extract_zip(zip_path, staging_path, BANK_ZIP_LIMITS)
             candidates = [p.parent for p in staging_path.rglob(META_FILE)]
             if len(candidates) != 1:
                 raise BankError(f"the zip must contain exactly one bank ({META_FILE}); found {len(candidates)}")

@@ -1,10 +1,18 @@
 import io
 import stat
+import struct
 import zipfile
 
 import pytest
 
-from eagle.archives import ArchiveError, extract_zip
+from eagle.archives import (
+    RATIO_CHECK_MIN_BYTES,
+    ArchiveError,
+    ArchiveLimits,
+    ArchiveTooLargeError,
+    extract_zip,
+    scan_zip,
+)
 
 
 def _zip(members: dict[str, bytes], *, link: str | None = None) -> io.BytesIO:
@@ -33,7 +41,7 @@ def test_suffix_filter(tmp_path):
 
 @pytest.mark.parametrize("name", ["../evil.png", "/abs/evil.png", "a/../../evil.png", "C:/evil.png"])
 def test_path_traversal_is_refused_before_writing(tmp_path, name):
-    with pytest.raises(ArchiveError, match="unsafe path"):
+    with pytest.raises(ArchiveError, match="unsafe entry name"):
         extract_zip(_zip({"ok.png": b"1", name: b"2"}), tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "evil.png").exists()
@@ -45,14 +53,155 @@ def test_links_are_refused(tmp_path):
 
 
 def test_limits_and_bombs(tmp_path):
-    with pytest.raises(ArchiveError, match="members"):
-        extract_zip(_zip({f"{i}.png": b"x" for i in range(5)}), tmp_path, max_members=4)
-    with pytest.raises(ArchiveError, match="expands to"):
-        extract_zip(_zip({"a.png": b"x" * 1000}), tmp_path, max_total_bytes=999)
-    with pytest.raises(ArchiveError, match="ratio"):
+    with pytest.raises(ArchiveTooLargeError, match="5 entries; the limit is 4"):
+        extract_zip(_zip({f"{i}.png": b"x" for i in range(5)}), tmp_path, ArchiveLimits(max_entries=4))
+    with pytest.raises(ArchiveTooLargeError, match="expands to"):
+        extract_zip(_zip({"a.png": b"x" * 1000}), tmp_path, ArchiveLimits(max_total_bytes=999))
+    with pytest.raises(ArchiveTooLargeError, match="ratio"):
         extract_zip(_zip({"bomb.png": b"\0" * 5_000_000}), tmp_path)
 
 
 def test_not_a_zip(tmp_path):
     with pytest.raises(ArchiveError, match="not a readable zip"):
         extract_zip(io.BytesIO(b"hello"), tmp_path)
+
+
+# -- helpers that forge what zipfile will not write --------------------------------------------------------------------
+_CENTRAL = b"PK\x01\x02"
+
+
+def _patch_central(buf: io.BytesIO, offset: int, fmt: str, value: int) -> io.BytesIO:
+    """Overwrite one field of the (single) central-directory header; ``scan_zip`` reads only that directory."""
+    data = bytearray(buf.getvalue())
+    start = data.index(_CENTRAL)
+    struct.pack_into(fmt, data, start + offset, value)
+    return io.BytesIO(bytes(data))
+
+
+def _one_entry(name: str | zipfile.ZipInfo = "a.png", data: bytes = b"123456", **kw) -> io.BytesIO:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", **kw) as z:
+        z.writestr(name, data)
+    buf.seek(0)
+    return buf
+
+
+# -- rules that only the service's checker had before ------------------------------------------------------------------
+def test_encrypted_entries_are_refused(tmp_path):
+    forged = _patch_central(_one_entry(), 8, "<H", 0x1)  # general-purpose flag bit 0: encrypted
+    assert zipfile.ZipFile(forged).infolist()[0].flag_bits & 0x1
+    with pytest.raises(ArchiveError, match="'a.png' is encrypted") as err:
+        scan_zip(forged)
+    assert not isinstance(err.value, ArchiveTooLargeError)
+    with pytest.raises(ArchiveError, match="encrypted"):
+        extract_zip(forged, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", [9, 99])  # deflate64, AES: not inflatable by the standard library
+def test_unsupported_compression_is_refused(method):
+    forged = _patch_central(_one_entry(), 10, "<H", method)
+    with pytest.raises(ArchiveError, match=rf"unsupported compression method \({method}\)"):
+        scan_zip(forged)
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_supported_compression_methods_round_trip(tmp_path, compression):
+    files = extract_zip(_one_entry(data=b"pixels" * 100, compression=compression), tmp_path)
+    assert [p.read_bytes() for p in files] == [b"pixels" * 100]
+
+
+def test_nul_byte_in_a_name_is_refused():
+    buf = _one_entry("good/aXevil.png")
+    forged = io.BytesIO(buf.getvalue().replace(b"good/aXevil.png", b"good/a\x00evil.png"))
+    assert zipfile.ZipFile(forged).infolist()[0].filename == "good/a"  # zipfile silently cuts the name
+    with pytest.raises(ArchiveError, match="unsafe entry name"):
+        scan_zip(forged)
+
+
+@pytest.mark.parametrize("name", ["a\\..\\evil.png", "sub\\x.png", "C:\\evil.png", "D:evil.png", "c:/evil.png"])
+def test_backslashes_and_drive_letters_are_refused(tmp_path, name):
+    with pytest.raises(ArchiveError, match="unsafe entry name"):
+        extract_zip(_zip({"ok.png": b"1", name: b"2"}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_name_is_refused():
+    with pytest.raises(ArchiveError, match="unsafe entry name ''"):
+        scan_zip(_one_entry(zipfile.ZipInfo("")))
+
+
+def test_per_entry_size_limit(tmp_path):
+    limits = ArchiveLimits(max_entry_bytes=10)
+    assert [i.filename for i in scan_zip(_zip({"a.png": b"x" * 10}), limits)] == ["a.png"]  # at the limit: fine
+    with pytest.raises(ArchiveTooLargeError, match="'b.png' unpacks to 11 bytes; the limit is 10"):
+        scan_zip(_zip({"a.png": b"x" * 10, "b.png": b"x" * 11}), limits)
+    with pytest.raises(ArchiveTooLargeError, match="unpacks to 11 bytes"):
+        extract_zip(_zip({"b.png": b"x" * 11}), tmp_path / "out", limits)
+    assert not (tmp_path / "out").exists()
+
+
+# -- the merged rules --------------------------------------------------------------------------------------------------
+def test_ratio_is_checked_only_above_one_mib():
+    small = _zip({"zeros.png": b"\0" * RATIO_CHECK_MIN_BYTES})  # compresses ~1000:1 but cannot be a bomb
+    info = zipfile.ZipFile(small).infolist()[0]
+    assert info.file_size / info.compress_size > 200
+    assert [i.filename for i in scan_zip(small)] == ["zeros.png"]
+    big = _zip({"zeros.png": b"\0" * (RATIO_CHECK_MIN_BYTES + 1)})
+    info = zipfile.ZipFile(big).infolist()[0]
+    ratio = info.file_size / info.compress_size
+    with pytest.raises(ArchiveTooLargeError, match=rf"ratio of {ratio:.0f}:1; the limit is 200:1 \(zip-bomb guard\)"):
+        scan_zip(big)
+    assert scan_zip(big, ArchiveLimits(max_ratio=ratio + 1))[0].file_size == RATIO_CHECK_MIN_BYTES + 1
+
+
+def test_total_counts_every_entry_even_skipped_ones():
+    files = {"a.png": b"123456", "notes.txt": b"123456"}
+    assert [i.filename for i in scan_zip(_zip(files), ArchiveLimits(max_total_bytes=12), suffixes={".png"})] == [
+        "a.png"
+    ]
+    with pytest.raises(ArchiveTooLargeError, match="expands to more than 11 bytes"):
+        scan_zip(_zip(files), ArchiveLimits(max_total_bytes=11), suffixes={".png"})
+
+
+def test_skipped_entries_are_still_checked():
+    with pytest.raises(ArchiveError, match="symbolic link"):
+        scan_zip(_zip({"a.png": b"1"}, link="notes.txt"), suffixes={".png"})
+    with pytest.raises(ArchiveError, match="unsafe entry name"):
+        scan_zip(_zip({"a.png": b"1", "__MACOSX/../../evil": b"2"}))
+
+
+def test_scan_lists_content_sorted_without_writing(tmp_path):
+    files = {
+        "z/b.PNG": b"1",
+        "a.jpg": b"2",
+        "__MACOSX/._a.jpg": b"3",
+        ".hidden/c.png": b"4",
+        "doc.txt": b"5",
+        "sub/": b"",
+    }
+    path = tmp_path / "a.zip"
+    path.write_bytes(_zip(files).getvalue())
+    assert [i.filename for i in scan_zip(path)] == ["a.jpg", "doc.txt", "z/b.PNG"]
+    infos = scan_zip(str(path), suffixes={".png", ".jpg"})
+    assert [(i.filename, i.file_size) for i in infos] == [("a.jpg", 1), ("z/b.PNG", 1)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip"]
+
+
+def test_size_errors_are_archive_too_large_and_name_errors_are_not():
+    with pytest.raises(ArchiveTooLargeError):
+        scan_zip(_zip({f"{i}.png": b"x" for i in range(3)}), ArchiveLimits(max_entries=2))
+    with pytest.raises(ArchiveError) as err:
+        scan_zip(_zip({"../x.png": b"x"}))
+    assert not isinstance(err.value, ArchiveTooLargeError)
+    assert issubclass(ArchiveTooLargeError, ArchiveError) and issubclass(ArchiveError, ValueError)
+
+
+def test_extraction_never_writes_more_than_the_header_declares(tmp_path):
+    # The central directory claims 3 bytes for a 6-byte stored entry: the limits were checked on 3.
+    forged = _patch_central(_one_entry(data=b"123456"), 24, "<I", 3)
+    assert zipfile.ZipFile(forged).infolist()[0].file_size == 3
+    with pytest.raises(ArchiveError, match="corrupt entry 'a.png'|larger than its header"):
+        extract_zip(forged, tmp_path)
+    written = tmp_path / "a.png"
+    assert not written.exists() or written.stat().st_size <= 3

@@ -14,13 +14,22 @@ import zipfile
 import pytest
 from pydantic import SecretStr
 
-from deploy.archive import ArchiveLimits, scan_archive
+from deploy.archive import scan_archive
 from deploy.audit import AuditFilter, AuditLog, parse_time, write_csv
 from deploy.auth import BearerAuth, InsecureBindError, check_bind, is_loopback
-from deploy.errors import ArchiveTooLarge, ImageTooLarge, InvalidArchive, InvalidBankName, QueueFull, ShuttingDown
+from deploy.errors import (
+    ArchiveTooLarge,
+    ImageTooLarge,
+    InvalidArchive,
+    InvalidBankName,
+    QueueFull,
+    ShuttingDown,
+    domain_error,
+)
 from deploy.limits import check_image_pixels, validate_bank_name
 from deploy.metrics import Registry, ServiceMetrics, escape_label_value
 from deploy.worker import InferenceWorker
+from eagle.archives import ArchiveError, ArchiveLimits, ArchiveTooLargeError
 from eagle.records import InspectionResult
 from tests.service_helpers import parse_metrics, png_bytes, zip_bytes
 
@@ -130,9 +139,20 @@ def test_archive_lists_images_only_sorted(tmp_path):
         "sub/": b"",
     }
     entries = scan_archive(_zip_path(tmp_path, files), ArchiveLimits())
-    assert [e.info.filename for e in entries] == ["a.jpg", "z/b.PNG"]
+    assert [e.filename for e in entries] == ["a.jpg", "z/b.PNG"]
     with pytest.raises(InvalidArchive, match="no images"):
         scan_archive(_zip_path(tmp_path, {"doc.txt": b"5"}), ArchiveLimits())
+
+
+def test_archive_errors_map_to_service_errors(tmp_path):
+    # the entry limit is eagle.archives' rule; the adapter only turns it into a 413
+    with pytest.raises(ArchiveTooLarge, match="'b.png' unpacks to 6 bytes; the limit is 5") as err:
+        scan_archive(_zip_path(tmp_path, {"a.png": b"1", "b.png": b"123456"}), ArchiveLimits(max_entry_bytes=5))
+    assert (err.value.status, err.value.code) == (413, "archive_too_large")
+    # the same mapping serves a job whose extraction fails
+    too_large, invalid = domain_error(ArchiveTooLargeError("x")), domain_error(ArchiveError("x"))
+    assert (too_large.status, too_large.code) == (413, "archive_too_large")
+    assert (invalid.status, invalid.code) == (422, "invalid_archive")
 
 
 # -- metrics -----------------------------------------------------------------------------------------------------------
