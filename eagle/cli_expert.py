@@ -159,7 +159,7 @@ def _bank_summary(bank, *, n_files: int, stage_seconds: dict[str, float]) -> dic
         "s_max": meta.threshold.s_max,
         "distance": meta.distance,
         "weights": meta.backbone.weights_source,
-        "warnings": list(getattr(meta, "warnings", [])),
+        "warnings": list(meta.warnings),
         "seconds": {stage: round(value, 3) for stage, value in stage_seconds.items()},
     }
 

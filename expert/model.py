@@ -192,8 +192,7 @@ def _assemble_bank(
         descriptor_dim=descriptors.shape[1],
         coreset_size=len(selected),
     )
-    if "warnings" in type(meta).model_fields:  # TODO(bank owner): BankMeta.warnings
-        meta.warnings = list(warnings)
+    meta.warnings = list(warnings)
     return Bank(
         memory_bank=features.reshape(n_images * n_patches, dim)[selected],
         train_scores=np.asarray(scores, dtype=np.float32),

@@ -87,6 +87,7 @@ def test_build_bank_summary_matches_the_saved_bank(built):
     assert summary["threshold_method"] == "k_sigma" and summary["weights"] == "random:seed=0"
     assert [r.name for r in bank.meta.references] == ["000.png", "001.png", "002.png", "003.png"]
     assert set(summary["seconds"]) == {"embed", "coreset", "dbt", "save"}
+    assert summary["warnings"] == bank.meta.warnings and "only 4 reference images" in summary["warnings"][0]
 
 
 def test_build_bank_aborts_on_unreadable_files_by_default_and_builds_nothing(env, data, tmp_path):

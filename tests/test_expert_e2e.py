@@ -143,8 +143,8 @@ def test_fewer_references_than_recommended_warns_and_is_recorded(built, referenc
     n = len(references[0])
     assert n < SETTINGS.recommended_references
     assert any(f"only {n} reference images" in message for message in logged)
-    if "warnings" in type(bank.meta).model_fields:
-        assert any(f"only {n} reference images" in w for w in bank.meta.warnings)
+    assert any(f"only {n} reference images" in w for w in bank.meta.warnings)
+    assert load_bank(bank.directory).meta.warnings == bank.meta.warnings  # kept in meta.json
 
 
 def test_memory_bank_rows_are_patches_of_the_image_they_are_attributed_to(built, references, scorer):
@@ -299,7 +299,8 @@ def test_identical_references_give_a_usable_bank_with_finite_tau(
     assert math.isfinite(threshold.tau) and math.isfinite(threshold.s_max)
     assert threshold.s_max >= 0.0 and len(bank.train_scores) == bank.meta.counts.used_for_dbt
     assert bank.meta.counts.used_for_dbt >= 1
-    assert "2 reference images are pixel-identical copies of others (b.png = a.png, c.png = a.png)" in caplog.text
+    duplicates = "2 reference images are pixel-identical copies of others (b.png = a.png, c.png = a.png)"
+    assert duplicates in caplog.text and any(duplicates in w for w in bank.meta.warnings)
     save_bank(bank, tmp_path / "same", reference_images=[image] * 3)  # no ONNX file: the torch runtime
     result = load_expert(tmp_path / "same", SETTINGS, runtime="torch").score(image)
     # Every patch of the query is unsampled in some reference, whose leave-own-out score bounds it.
