@@ -1,4 +1,4 @@
-"""Anomaly map: bilinear upsampling as F.interpolate, gaussian σ=4 with the reference's 33-tap kernel, geometry."""
+"""Anomaly map: feature-centred bilinear upsampling, gaussian σ=4 with the reference's 33-tap kernel, geometry."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from expert.preprocess import compute_geometry
 
 
 def np_bilinear_upsample(grid: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Bilinear resize with align_corners=False (half-pixel centres, edge clamped), written out."""
+    """Bilinear resize with patch j centred at pixel stride*j (edge clamped), written out."""
     in_h, in_w = grid.shape
 
     def axis(out_size: int, in_size: int):
-        src = np.maximum((np.arange(out_size) + 0.5) * in_size / out_size - 0.5, 0.0)
+        src = np.minimum(np.arange(out_size) * in_size / out_size, in_size - 1.0)
         i0 = np.minimum(np.floor(src).astype(int), in_size - 1)
         i1 = np.minimum(i0 + 1, in_size - 1)
         return i0, i1, src - i0
@@ -81,8 +81,8 @@ def test_hot_patch_peaks_at_its_centre_in_original_pixels(height, width, patch):
     scores[patch] = 1.0
     amap, _ = anomaly_map(scores, geometry)
     peak_y, peak_x = np.unravel_index(np.argmax(amap), amap.shape)
-    # Patch (i, j) of a 28-grid over 224 pixels is centred at crop pixel 8j + 3.5, 8i + 3.5.
-    ex, ey = geometry.crop_to_original_xy(8 * patch[1] + 3.5, 8 * patch[0] + 3.5)
+    # Patch (i, j) of a 28-grid over 224 pixels (stride-8 features) is centred at crop pixel 8j, 8i.
+    ex, ey = geometry.crop_to_original_xy(8 * patch[1], 8 * patch[0])
     scale = max(geometry.orig_w / geometry.resized_w, geometry.orig_h / geometry.resized_h)
     assert math.hypot(peak_x - ex, peak_y - ey) <= 1.0 + scale
 
