@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -31,8 +30,6 @@ from eagle.cli import CommandError
 from eagle.settings import Settings
 
 log = logging.getLogger("eagle.cli")
-
-_BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -108,12 +105,15 @@ class _StageTimer:
 
 def run_build_bank(args: argparse.Namespace, settings: Settings) -> int:
     """Handler of ``eagle build-bank``."""
+    from eagle.banks import BankNameError, validate_bank_name
     from expert.bank import BankError
     from expert.model import ReferenceCountError, build_bank
     from expert.weights import BackboneWeightsError, load_backbone
 
-    if not _BANK_NAME.match(args.name):
-        raise CommandError(f"bank name {args.name!r} is not allowed: use letters, digits, '.', '_' or '-' (max 64)")
+    try:
+        validate_bank_name(args.name)
+    except BankNameError as err:
+        raise CommandError(str(err)) from None
     out_dir = (args.out or settings.banks_dir / args.name).expanduser()
     images, names, n_files = _read_references(args.normals, settings, skip_unreadable=args.skip_unreadable)
     try:

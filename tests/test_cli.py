@@ -109,7 +109,7 @@ def test_build_bank_aborts_on_unreadable_files_by_default_and_builds_nothing(env
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--name", "../escape"], "bank name '../escape' is not allowed"),
+        (["--name", "../escape"], "invalid bank name '../escape'"),
         (["--normals", "/no/such/dir"], "is not a directory"),
     ],
 )
