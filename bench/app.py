@@ -28,10 +28,7 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +36,6 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -47,18 +43,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+import machine as bench_machine  # noqa: E402
+from test_app_browser import CHROMIUM, CHROMIUM_FLAGS, _free_port  # noqa: E402  (one browser set-up for test and bench)
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 VIEWPORT = {"width": 1400, "height": 1600}
 BANK = "bench"
 
@@ -139,37 +127,11 @@ def load_average() -> list[float]:
 
 def machine_info(browser_version: str | None) -> dict:
     """CPU model, cores, RAM, Python and the versions of the libraries on the measured path."""
-    import psutil
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for name in ("gradio", "playwright", "torch", "transformers", "onnxruntime", "faiss-cpu", "numpy"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    versions["chromium"] = browser_version
-    return {
-        "cpu": cpu,
-        "logical_cores": os.cpu_count(),
-        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-    }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    info = bench_machine.machine_info(
+        ("gradio", "playwright", "torch", "transformers", "onnxruntime", "faiss-cpu", "numpy")
+    )
+    info["versions"]["chromium"] = browser_version
+    return info
 
 
 def app_env(data_dir: Path, **extra: str) -> dict[str, str]:
@@ -195,7 +157,7 @@ class App:
     """One ``python -m eagle app`` subprocess in its own process group; :meth:`stop` always ends it."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
+        self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()

@@ -45,7 +45,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
+sys.path.insert(0, str(ROOT / "bench"))
+import machine as bench_machine  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 from transformers import AttentionInterface, AutoModelForImageTextToText, Qwen2_5_VLConfig  # noqa: E402
@@ -370,18 +371,13 @@ def device_info() -> dict:
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": bench_machine.cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
         "cuda_available": torch.cuda.is_available(),
     }
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
     import transformers
 
     info["transformers"] = transformers.__version__

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -63,6 +62,8 @@ MMAP_THRESHOLD = 1 << 20
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+import machine as bench_machine  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -242,32 +243,15 @@ def worker_anomalib(category: Path, n_refs: int, repeats: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- driver
-def machine_info() -> dict:
-    import psutil
+def _bench_deps_version(name: str) -> str:
+    found = list(BENCH_DEPS.glob(f"{name.replace('-', '_')}-*.dist-info")) if BENCH_DEPS.is_dir() else []
+    return found[0].name.removesuffix(".dist-info").split("-")[1] if found else "not installed"
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for name in ("torch", "timm", "onnxruntime", "faiss-cpu", "numpy", "scikit-learn", "anomalib"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found = list(BENCH_DEPS.glob(f"{name.replace('-', '_')}-*.dist-info")) if BENCH_DEPS.is_dir() else []
-            versions[name] = found[0].name.removesuffix(".dist-info").split("-")[1] if found else "not installed"
-    return {
-        "cpu": cpu,
-        "logical_cores": os.cpu_count(),
-        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-    }
+
+def machine_info() -> dict:
+    return bench_machine.machine_info(
+        ("torch", "timm", "onnxruntime", "faiss-cpu", "numpy", "scikit-learn", "anomalib"), fallback=_bench_deps_version
+    )
 
 
 def run_worker(kind: str, category: Path, n_refs: int, repeats: int, *, max_rss_gb: float, env: dict) -> dict:
