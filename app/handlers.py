@@ -17,7 +17,7 @@ import gradio as gr
 
 from app.plots import dbt_histogram, score_gauge
 from app.uploads import collect_reference_files
-from eagle.archives import ArchiveError
+from eagle.archives import ArchiveError, ArchiveLimits
 from eagle.banks import BankError, BankNameError
 from eagle.images import ImageError
 from eagle.pipeline import MLLMUnavailableError, Pipeline
@@ -65,11 +65,15 @@ BANK_TABLE_HEADERS = ["bank", "references", "coreset", "τ method", "τ", "s_max
 def bank_facts_markdown(pipeline: Pipeline, name: str) -> str:
     """A short Markdown description of a bank."""
     s = pipeline.banks.summary(name)
+    warnings = list(s.build_warnings)
+    # The build already warned about few references (expert.dbt.check_reference_count): say it once.
+    if s.warning and not any(w.startswith(f"only {s.n_references} reference images;") for w in warnings):
+        warnings.insert(0, s.warning)
     return (
         f"**{s.name}** — {s.n_references} references, {s.n_patches:,} patches, coreset {s.coreset_size:,} "
         f"({s.coreset_ratio:.0%}), threshold `{s.threshold_method}`: τ = {s.tau:.5g}, s_max = {s.s_max:.5g}; "
         f"backbone `{s.backbone}` ({s.weights_source} weights); distance `{s.distance}`."
-        + (f"\n\n⚠️ {s.warning}" if s.warning else "")
+        + "".join(f"\n\n⚠️ {warning}" for warning in warnings)
     )
 
 
@@ -86,7 +90,7 @@ def build_bank(pipeline: Pipeline, uploads: list[str] | None, name: str, progres
     if not name:
         raise gr.Error("Give the bank a name first.", print_exception=False)
     with tempfile.TemporaryDirectory(prefix="eagle-upload-") as workdir:
-        files = collect_reference_files(uploads, workdir)
+        files = collect_reference_files(uploads, workdir, limits=ArchiveLimits.from_settings(pipeline.settings))
         if not files:
             raise gr.Error("Upload normal reference images (files, a folder or a zip) first.", print_exception=False)
         progress(0.0, desc=f"reading {len(files)} images")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 from eagle.pipeline import Pipeline
 from eagle.settings import Settings
@@ -32,6 +33,25 @@ def wrap_for_zerogpu(pipeline: Pipeline) -> Pipeline:
     return pipeline
 
 
+def start_onnx_warm_up(pipeline: Pipeline) -> threading.Thread:
+    """Export the expert's ONNX backbone into the cache in a daemon thread (start-up is not slowed).
+
+    A bank build started meanwhile waits for it instead of exporting too; a failure (e.g. weights not
+    available offline) is logged, and the build then reports it to the user.
+    """
+
+    def warm() -> None:
+        try:
+            path = pipeline.warm_onnx_cache()
+            log.info("ONNX backbone ready in the cache: %s", path)
+        except Exception as err:  # noqa: BLE001 - a warm-up must never take the app down
+            log.warning("ONNX warm-up at start-up failed (the first bank build will retry): %s", err)
+
+    thread = threading.Thread(target=warm, name="eagle-onnx-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def create_demo(settings: Settings):
     """The Gradio Blocks for these settings (banks under ``settings.data_dir``)."""
     from app.ui import build_ui
@@ -40,7 +60,10 @@ def create_demo(settings: Settings):
     pipeline = Pipeline(settings)
     if on_spaces():
         wrap_for_zerogpu(pipeline)
-    return build_ui(pipeline)
+    demo = build_ui(pipeline)
+    if settings.app.warm_onnx_cache:
+        start_onnx_warm_up(pipeline)  # after the UI is built: its imports do not compete with the export
+    return demo
 
 
 def launch(settings: Settings, *, host: str | None = None, port: int | None = None, share: bool | None = None):

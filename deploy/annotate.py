@@ -2,7 +2,9 @@
 
 Used by the API (``annotated=true`` → base64 PNG in the response) and by the watched folder
 (``<name>.annotated.png``). Drawing is the expert's own (:func:`expert.boxes.draw_boxes`), so the service's
-picture is the one the app and the MLLM see.
+picture is the one the app and the MLLM see. The picture has the size of the pipeline's bounded view (at most
+1024 px on the longest side for usual images, :meth:`eagle.pipeline.Pipeline.view`), not the original's: the
+boxes (ORIGINAL pixels in the record) are scaled onto it, so its cost does not grow with the image.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ class NoImagesError(ValueError):
 
 
 def annotated_image(result: Any) -> np.ndarray:
-    """Heatmap overlay with the result's boxes drawn on it, RGB uint8 at the original resolution.
+    """Heatmap overlay with the result's boxes drawn on it, RGB uint8 at the overlay's (bounded) resolution.
 
     Args:
         result: an ``eagle.records.InspectionResult`` whose ``images`` are present.
@@ -35,7 +37,10 @@ def annotated_image(result: Any) -> np.ndarray:
         return base
     from expert.boxes import Box, draw_boxes
 
-    boxes = [Box(b.x0, b.y0, b.x1, b.y1, b.peak) for b in result.boxes]
+    height, width = base.shape[:2]
+    orig_w, orig_h = result.image_size
+    sx, sy = width / orig_w, height / orig_h
+    boxes = [Box(b.x0, b.y0, b.x1, b.y1, b.peak).scaled(sx, sy, width=width, height=height) for b in result.boxes]
     return draw_boxes(base, boxes)
 
 

@@ -1,6 +1,7 @@
 """The HTTP API of the edge service: a FastAPI application around one :class:`eagle.pipeline.Pipeline`.
 
-Endpoints (all ``/v1`` endpoints and ``/metrics`` need ``Authorization: Bearer <token>`` when a token is set):
+Endpoints (all ``/v1`` endpoints, ``/metrics`` and the schema need ``Authorization: Bearer <token>`` when a token
+is set):
 
 =================================  ==================================================================
 ``POST /v1/inspect``               multipart ``image`` + ``bank`` (+ options) → the inspection record
@@ -9,10 +10,13 @@ Endpoints (all ``/v1`` endpoints and ``/metrics`` need ``Authorization: Bearer <
 ``GET /v1/jobs``, ``/v1/jobs/{id}`` bank-build job status
 ``DELETE /v1/banks/{name}``        delete a bank
 ``GET /healthz``                   the process is alive
-``GET /readyz``                    banks and model loaded (503 otherwise)
+``GET /readyz``                    banks loaded and test-inspected, model loaded (503 otherwise)
 ``GET /metrics``                   Prometheus text
-``GET /openapi.json``, ``/docs``   the schema
+``GET /openapi.json``, ``/docs``   the schema (token required when one is set)
 =================================  ==================================================================
+
+Every ``POST /v1/inspect`` that passed the token check leaves exactly one audit row: ``ok`` with the record, or
+``error`` with the error code and message (never the image bytes; its sha256 when it was read).
 
 Example:
     >>> from eagle.settings import Settings
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import shutil
 import threading
@@ -63,7 +68,7 @@ from deploy.errors import (
 from deploy.jobs import JOB_ID_PATTERN, BankBuildJobs, JobStatus, jsonable
 from deploy.limits import FORM_LIMITS, check_image_pixels, mib_to_bytes, validate_bank_name
 from deploy.metrics import CONTENT_TYPE, ServiceMetrics
-from deploy.middleware import BodyLimit, RequestGate
+from deploy.middleware import BodyLimit, FailureAudit, RequestGate
 from deploy.worker import InferenceWorker
 from eagle.archives import ArchiveLimits
 from eagle.records import InspectionResult, InspectOptions
@@ -133,7 +138,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, description in (
         (401, "Missing or wrong bearer token."),
         (404, "Unknown bank or job."),
-        (409, "Bank exists, is being built, or is unusable with the current settings."),
+        (409, "Bank exists, is being built, or is unusable (invalid, other settings, or failed its test inspection)."),
         (413, "Upload or archive too large."),
         (422, "Invalid field, image, bank name or archive."),
         (429, "Queue full; see Retry-After."),
@@ -186,8 +191,9 @@ def create_app(
         audit: the audit log; default ``settings.service.audit_path`` or ``<data_dir>/audit.sqlite3``.
         worker: the inference worker; default one with ``settings.service.queue_size`` waiting slots.
         jobs: the bank-build job manager; default one staging in ``<data_dir>/jobs``.
-        warm_up: at start-up, load every saved bank and (when enabled) the MLLM in the background;
-            ``/readyz`` answers 503 until that is done. Without it the first request pays the loading.
+        warm_up: at start-up, load and test-inspect every saved bank and (when enabled) load the MLLM in the
+            background; ``/readyz`` answers 503 until that is done, and while any bank is unusable. Without it
+            the first request pays the loading.
     """
     svc_settings = settings.service
     owned: list[Any] = []
@@ -197,15 +203,10 @@ def create_app(
     if worker is None:
         worker = InferenceWorker(svc_settings.queue_size, min_retry_after_s=svc_settings.retry_after_s)
     if jobs is None:
-        limits = ArchiveLimits(
-            max_entries=svc_settings.max_archive_entries,
-            max_entry_bytes=mib_to_bytes(svc_settings.max_archive_unpacked_mb),
-            max_total_bytes=mib_to_bytes(svc_settings.max_archive_unpacked_mb),
-        )
         jobs = BankBuildJobs(
             pipeline,
             Path(settings.data_dir) / "jobs",
-            limits=limits,
+            limits=ArchiveLimits.from_settings(settings),
             min_references=settings.expert.min_references,
             max_pending=svc_settings.max_pending_builds,
         )
@@ -254,6 +255,7 @@ def create_app(
         body_limits=body_limits,
         default_body_limit=BodyLimit(SMALL_BODY_BYTES, "no upload on this endpoint"),
         admission={("POST", "/v1/inspect"): lambda: _admit_inspection(service)},
+        failure_audit={("POST", "/v1/inspect"): lambda event: _audit_failure(service, event)},
     )
     app.include_router(_health_router(service))
     app.include_router(_v1_router(service))
@@ -275,17 +277,36 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(request, InvalidRequest(_describe_validation(exc.errors())))
+        errors = list(exc.errors())
+        if any(_is_text_instead_of_file(error) for error in errors):
+            return _error_response(request, InvalidRequest(FILE_PART_HINT))
+        return _error_response(request, InvalidRequest(_describe_validation(errors)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 413:
             err: ServiceError = UploadTooLarge(str(exc.detail))
+        elif exc.status_code == 400 and str(exc.detail).startswith("Part exceeded maximum size"):
+            err = InvalidRequest(f"a form field is larger than {SMALL_BODY_BYTES // 1024} KiB; {FILE_PART_HINT}")
         else:
             err = ServiceError(_http_message(request, exc), headers=dict(exc.headers or {}))
             err.status = exc.status_code
             err.code = HTTP_STATUS_CODES.get(exc.status_code, "http_error")
         return _error_response(request, err)
+
+
+FILE_PART_HINT = (
+    "the image (or archive) must be sent as a file part with a non-empty file name, e.g. "
+    'Content-Disposition: form-data; name="image"; filename="part.png" (curl -F image=@part.png); '
+    "a part without a file name is a text field"
+)
+"""Why a file arrived as a text field: clients such as httpx drop an empty file name, and the part becomes text."""
+
+
+def _is_text_instead_of_file(error: Any) -> bool:
+    """A validation error saying that a file field (``image``, ``archive``) got text: its part had no file name."""
+    loc = tuple(error.get("loc", ()))
+    return bool(loc) and loc[-1] in ("image", "archive") and "UploadFile" in str(error.get("msg", ""))
 
 
 def _http_message(request: Request, exc: StarletteHTTPException) -> str:
@@ -320,16 +341,25 @@ def _health_router(service: Service) -> APIRouter:
     )
     async def readyz(request: Request) -> Any:
         checks = dict(await run_in_threadpool(service.pipeline.ready))
+        unusable = await run_in_threadpool(_unusable_banks, service)
+        if unusable:
+            checks["banks"] = False
         checks["worker"] = service.worker.alive and service.worker.accepting
         checks["warm_up"] = service.warm.is_set()
         if not service.pipeline.mllm_enabled:
             checks.pop("mllm", None)  # expert-only box: no model to wait for
         failing = sorted(name for name, ok in checks.items() if not ok)
         if failing:
-            err = NotReady("not ready: " + ", ".join(failing) + " not loaded")
+            message = "not ready: " + ", ".join(failing) + " not loaded"
+            if unusable:
+                first = next(iter(unusable.values()))
+                more = f" (and {len(unusable) - 1} more unusable)" if len(unusable) > 1 else ""
+                message += f"; unusable: {first}{more}"
+            err = NotReady(message)
             service.metrics.errors.inc(code=err.code)
             body = error_body(err.code, str(err), request_id=request.state.request_id)
-            return JSONResponse({**body, "checks": checks}, 503)
+            extra = {"unusable_banks": sorted(unusable)} if unusable else {}
+            return JSONResponse({**body, "checks": checks, **extra}, 503)
         return Readiness(ready=True, checks=checks)
 
     @router.get(
@@ -371,11 +401,15 @@ def _v1_router(service: Service) -> APIRouter:
         image_name: Annotated[str | None, Form(max_length=MAX_NAME_LENGTH)] = None,
     ) -> InspectResponse:
         request_id: str = request.state.request_id
+        audit: dict[str, Any] = getattr(request.state, "audit", {})
+        audit["bank"] = bank
+        name = _clean_name(image_name or image.filename)
+        audit["image_name"] = name
         validate_bank_name(bank, pipeline.banks)
         if not await run_in_threadpool(pipeline.banks.exists, bank):
             raise BankNotFound(f"no bank named {bank!r}")
-        name = _clean_name(image_name or image.filename)
         data = await image.read()
+        audit["image_sha256"] = hashlib.sha256(data).hexdigest()
         if not data:
             raise InvalidImage(f"image {name!r} is empty (0 bytes)" if name else "the image is empty (0 bytes)")
         check_image_pixels(data, max_pixels=settings.max_image_pixels, name=name)
@@ -391,7 +425,7 @@ def _v1_router(service: Service) -> APIRouter:
         except ValidationError as err:
             raise InvalidRequest(_describe_validation(err.errors())) from None
         try:
-            future = service.worker.submit(_inspect_task, service, data, bank, options, name, request_id)
+            future = service.worker.submit(_inspect_task, service, data, bank, options, name, request_id, audit)
         except QueueFull:
             service.metrics.rejections.inc()
             raise
@@ -470,16 +504,26 @@ def _admit_inspection(service: Service) -> ServiceError | None:
     return refusal
 
 
+def _unusable_banks(service: Service) -> dict[str, str]:
+    """Banks whose last load or test inspection failed (``eagle.banks.BankStore.unusable``), name → reason."""
+    unusable = getattr(service.pipeline.banks, "unusable", None)
+    return dict(unusable()) if callable(unusable) else {}
+
+
 def _warm_up(service: Service) -> None:
-    """Load every saved bank and the MLLM (when enabled) so that the first request does not pay for it."""
+    """Load and test-inspect every saved bank, and load the MLLM (when enabled), before ``/readyz`` says ready.
+
+    ``BankStore.load`` runs one real inspection of a stored reference; a bank that fails it is logged in one
+    line, answers ``409 bank_unusable`` to inspections and keeps ``/readyz`` at 503 until rebuilt or deleted.
+    """
     pipeline = service.pipeline
     try:
         for summary in pipeline.banks.list():
             try:
                 pipeline.banks.load(summary.name)
-                logger.info("bank %r loaded", summary.name)
+                logger.info("bank %r loaded and test-inspected", summary.name)
             except Exception as exc:  # noqa: BLE001 - one unusable bank must not keep the others down
-                logger.error("bank %r cannot be loaded: %s", summary.name, " ".join(str(exc).split()))
+                logger.error("bank %r is unusable: %s", summary.name, " ".join(str(exc).split()))
         if pipeline.mllm_enabled:
             try:
                 pipeline.load_mllm()
@@ -490,17 +534,65 @@ def _warm_up(service: Service) -> None:
         service.warm.set()
 
 
-def _inspect_task(service: Service, data: bytes, bank: str, options: Any, name: str | None, run_id: str) -> Any:
+def _inspect_task(
+    service: Service,
+    data: bytes,
+    bank: str,
+    options: Any,
+    name: str | None,
+    run_id: str,
+    audit: dict[str, Any] | None = None,
+) -> Any:
     """Run on the inference worker: inspect, then audit and count.
 
-    Auditing here, not in the request handler, logs accepted work even if the client has gone away.
+    Auditing here, not in the request handler, logs accepted work even if the client has gone away; a failure
+    is audited here too (with the code the client gets) and marked in ``audit`` so the gate does not repeat it.
     """
     start = time.perf_counter()
-    result = service.pipeline.inspect(data, bank, options, image_name=name)
+    try:
+        result = service.pipeline.inspect(data, bank, options, image_name=name)
+    except Exception as exc:
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        err = BankNotFound(f"no bank named {bank!r}") if isinstance(exc, FileNotFoundError) else domain_error(exc)
+        code, message = (err.code, str(err)) if err is not None else ("internal_error", INTERNAL_ERROR_AUDIT)
+        service.audit.record_failure(
+            run_id=run_id,
+            source="api",
+            image_name=name,
+            image_sha256=hashlib.sha256(data).hexdigest(),
+            bank=bank,
+            error_code=code,
+            error_message=message,
+            latency_ms=latency_ms,
+        )
+        if audit is not None:
+            audit["audited"] = True
+        raise
     latency_ms = (time.perf_counter() - start) * 1000.0
     service.audit.record(result, source="api", run_id=run_id, latency_ms=latency_ms)
+    if audit is not None:
+        audit["audited"] = True  # a later failure (the annotated PNG, a client gone) is not a second row
     service.metrics.observe_inspection(result.bank, result.verdict, result.timings_ms)
     return result
+
+
+INTERNAL_ERROR_AUDIT = "internal error; the service log has the traceback under this run id"
+
+
+def _audit_failure(service: Service, event: FailureAudit) -> None:
+    """The gate's hook: one ``error`` row for an inspection request that failed before or around the worker."""
+    context = event.context
+    message = INTERNAL_ERROR_AUDIT if event.code == "internal_error" else event.message
+    service.audit.record_failure(
+        run_id=event.request_id,
+        source="api",
+        image_name=context.get("image_name"),
+        image_sha256=context.get("image_sha256", ""),
+        bank=context.get("bank"),
+        error_code=event.code,
+        error_message=message,
+        latency_ms=event.latency_ms,
+    )
 
 
 def _copy_upload(upload: UploadFile, dest: Path) -> None:

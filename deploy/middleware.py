@@ -8,8 +8,13 @@ byte of the body:
   reading), answered with a JSON ``413 upload_too_large``;
 * admission control: a route may refuse at once (``POST /v1/inspect`` when the queue is full: 429 without
   reading, parsing or storing the upload, so a client storm costs the busy box as little as possible);
-* the bearer token on protected paths (``/v1/...`` and ``/metrics``), checked BEFORE the body is read, so an
-  unauthenticated client cannot make the service parse a 25 MiB upload;
+* the bearer token on protected paths (``/v1/...``, ``/metrics`` and the schema: ``/openapi.json``, ``/docs``,
+  ``/redoc``), checked BEFORE the body is read, so an unauthenticated client cannot make the service parse a
+  25 MiB upload;
+* failure auditing: on an audited route (``POST /v1/inspect``) every error response except ``401`` calls the
+  route's audit hook once with the error code and message (read from the JSON error body), whether the error
+  came from the endpoint, the body limit, admission or a crash. The endpoint adds what it learnt (bank, image
+  name, sha256) to ``scope["state"]["audit"]`` and sets ``audited`` there when it logged the failure itself;
 * one count and one latency observation per request, labelled by the route template (``/v1/jobs/{job_id}``,
   never the raw path, to bound label cardinality);
 * any exception that escaped the exception handlers becomes ``500 internal_error`` with a generic message,
@@ -25,6 +30,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,7 +41,23 @@ from deploy.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
-PROTECTED_PREFIXES: tuple[str, ...] = ("/v1/", "/metrics")
+PROTECTED_PREFIXES: tuple[str, ...] = ("/v1/", "/metrics", "/openapi.json", "/docs", "/redoc")
+ERROR_BODY_CAP = 64 * 1024
+"""Most bytes of an error response kept to read its code and message for the audit hook."""
+
+
+class FailureAudit(NamedTuple):
+    """One error response on an audited route, as handed to the route's audit hook."""
+
+    request_id: str
+    status: int
+    code: str
+    message: str
+    context: dict[str, Any]
+    latency_ms: float
+
+
+AuditHook = Callable[[FailureAudit], None]
 
 
 class BodyLimit(NamedTuple):
@@ -61,7 +83,7 @@ class BodyTooLarge(HTTPException):
 
 
 def is_protected(path: str) -> bool:
-    """Whether ``path`` needs the bearer token (every ``/v1`` endpoint and ``/metrics``)."""
+    """Whether ``path`` needs the bearer token (every ``/v1`` endpoint, ``/metrics`` and the schema pages)."""
     return path == "/v1" or any(path == p or path.startswith(p) for p in PROTECTED_PREFIXES)
 
 
@@ -92,6 +114,7 @@ class RequestGate:
         body_limits: dict[tuple[str, str], BodyLimit],
         default_body_limit: BodyLimit,
         admission: dict[tuple[str, str], Callable[[], ServiceError | None]] | None = None,
+        failure_audit: dict[tuple[str, str], AuditHook] | None = None,
     ) -> None:
         self.app = app
         self.auth = auth
@@ -99,6 +122,7 @@ class RequestGate:
         self.body_limits = body_limits
         self.default_body_limit = default_body_limit
         self.admission = admission or {}
+        self.failure_audit = failure_audit or {}
 
     def _limited_receive(self, scope: Scope, receive: Receive, limit: BodyLimit) -> Receive:
         received = 0
@@ -120,9 +144,29 @@ class RequestGate:
             await self.app(scope, receive, send)
             return
         request_id = uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         start = time.perf_counter()
         status_holder = {"status": 500, "started": False}
+        audit_hook = self.failure_audit.get((scope.get("method", ""), scope["path"]))
+        audit_context: dict[str, Any] = {}
+        if audit_hook is not None:
+            state["audit"] = audit_context
+        error_body_parts: list[bytes] = []
+
+        async def audit_failure() -> None:
+            """Call the route's audit hook once for an error response (before its last byte leaves)."""
+            status = status_holder["status"]
+            if audit_hook is None or status < 400 or status == 401 or audit_context.get("audited"):
+                return
+            audit_context["audited"] = True
+            code, text = _error_code_and_message(b"".join(error_body_parts), status)
+            elapsed_ms = (time.perf_counter() - start) * 1000.0
+            event = FailureAudit(request_id, status, code, text, dict(audit_context), elapsed_ms)
+            try:
+                await run_in_threadpool(audit_hook, event)
+            except Exception:  # noqa: BLE001 - auditing must never turn an answer into a crash
+                logger.exception("could not audit the failed request %s", request_id)
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -131,6 +175,11 @@ class RequestGate:
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode("ascii")))
                 message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and audit_hook is not None and status_holder["status"] >= 400:
+                if sum(map(len, error_body_parts)) < ERROR_BODY_CAP:
+                    error_body_parts.append(bytes(message.get("body", b""))[:ERROR_BODY_CAP])
+                if not message.get("more_body", False):
+                    await audit_failure()  # the row exists before the client has the whole answer
             await send(message)
 
         route_label = "(unmatched)"
@@ -168,9 +217,18 @@ class RequestGate:
                 message = "internal error; the service log has the details"
                 await send_json(send_wrapper, 500, error_body("internal_error", message, request_id=request_id))
         finally:
-            self.metrics.observe_request(
-                route_label, scope.get("method", ""), status_holder["status"], time.perf_counter() - start
-            )
+            elapsed = time.perf_counter() - start
+            self.metrics.observe_request(route_label, scope.get("method", ""), status_holder["status"], elapsed)
+            await audit_failure()  # the answer never completed (client gone): audit it all the same
+
+
+def _error_code_and_message(body: bytes, status: int) -> tuple[str, str]:
+    """The ``code`` and ``message`` of a JSON error body (``http_<status>`` when it is not one)."""
+    try:
+        error = json.loads(body.decode("utf-8"))["error"]
+        return str(error["code"]), " ".join(str(error["message"]).split())
+    except (ValueError, KeyError, TypeError):
+        return f"http_{status}", f"HTTP {status}"
 
 
 def _content_length(scope: Scope) -> int:

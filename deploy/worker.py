@@ -1,7 +1,9 @@
 """One inference worker (the GPU, or the CPU on an expert-only box) fed by a bounded queue.
 
-Requests do not race for the model: each becomes a task on a single worker thread. At most ``capacity``
-tasks wait; one more is refused at once with :class:`~deploy.errors.QueueFull` carrying a ``Retry-After``
+Requests do not race for the model: each becomes a task on a single worker thread. Admission is exact: one
+task runs and at most ``capacity`` wait, counting a task the thread has not picked up yet as the one about to
+run (so ``capacity + 1`` simultaneous requests on an idle worker are all accepted). One more is refused at
+once with :class:`~deploy.errors.QueueFull` carrying a ``Retry-After``
 estimate (queue depth × recent task time, never less than the configured minimum), which the API turns into
 ``429``. :meth:`InferenceWorker.shutdown` stops accepting work and finishes everything already accepted.
 
@@ -113,9 +115,10 @@ class InferenceWorker:
     def refusal(self) -> QueueFull | None:
         """The :class:`~deploy.errors.QueueFull` a new task would get now, or ``None`` if there is room.
 
-        Lets the API refuse an upload before reading its body; :meth:`submit` still decides for real.
+        Room means fewer than ``capacity + 1`` accepted tasks not yet finished (the running one plus ``capacity``
+        waiting). Lets the API refuse an upload before reading its body; :meth:`submit` still decides for real.
         """
-        if len(self._tasks) < self.capacity:
+        if len(self._tasks) + (1 if self._busy else 0) < self.capacity + 1:
             return None
         retry = self.retry_after()
         return QueueFull(
@@ -126,7 +129,7 @@ class InferenceWorker:
         """Queue ``fn(*args, **kwargs)``; its outcome arrives in the returned future.
 
         Raises:
-            QueueFull: ``capacity`` tasks already wait.
+            QueueFull: one task runs (or is about to) and ``capacity`` more already wait.
             ShuttingDown: the worker is not accepting tasks (not started, or draining before exit).
         """
         future: Future = Future()

@@ -6,13 +6,17 @@ refuses, with one clear line each:
 * entry names that are empty, absolute, start with a drive letter (any ``:`` in the first component), hold a
   backslash or a NUL byte, or have a ``..`` component (path traversal);
 * symbolic links, encrypted entries and compression methods other than stored, deflate, bzip2 and lzma;
-* more than ``max_entries`` entries, an entry larger than ``max_entry_bytes``, more than ``max_total_bytes``
-  declared in all, or an entry over 1 MiB compressed more than ``max_ratio``:1 (zip bombs).
+* more than ``max_entries`` entries (counted from the end-of-archive record, before the central directory is
+  even parsed), an entry larger than ``max_entry_bytes``, more than ``max_total_bytes`` declared in all, an
+  entry over 1 MiB compressed more than ``max_ratio``:1, or an archive that unpacks to over 1 MiB compressed
+  more than ``max_total_ratio``:1 in total (zip bombs made of many small, highly compressed entries).
 
 Every entry is checked, including the ones that are then skipped: folders, hidden files (any component starting
 with ``.``), macOS resource forks under ``__MACOSX/`` and, when ``suffixes`` is given, other suffixes.
 :func:`extract_zip` scans first, so nothing is written for a refused archive, then inflates the chosen entries
-and stops any entry that inflates to more bytes than its header declares.
+and stops any entry that inflates to more bytes than its header declares; ``keep`` narrows (and renames) what is
+written, so a caller can take exactly the files it knows (a bank import takes only the bank format's files).
+Error messages name at most :data:`SHOWN_NAMES` entries (then "and N more").
 
 Failures raise :class:`ArchiveError`; breaking a size, count or ratio limit raises its subclass
 :class:`ArchiveTooLargeError` (the service answers 413 for those and 422 for the rest).
@@ -41,15 +45,22 @@ import lzma
 import stat
 import zipfile
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from struct import error as struct_error
+from typing import Any, BinaryIO
 
 SUPPORTED_COMPRESSION = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA})
 """Compression methods the standard library inflates (anything else, e.g. AES or deflate64, is refused)."""
 
 RATIO_CHECK_MIN_BYTES = 1024 * 1024
 """Entries at most this large skip the ratio check: small files compress well and cannot be bombs."""
+
+SHOWN_NAMES = 3
+"""Most entry names an error message lists before "and N more"."""
+
+MIB = 1024 * 1024
 
 _IGNORED_TOP_FOLDER = "__MACOSX"
 _CHUNK = 1 << 20
@@ -65,12 +76,32 @@ class ArchiveLimits:
         max_total_bytes: largest uncompressed total of all entries, as their headers declare it.
         max_ratio: largest uncompressed/compressed ratio of one entry over 1 MiB (PNG/JPEG hardly compress;
             bombs do).
+        max_total_ratio: largest ratio of all declared uncompressed bytes to all compressed bytes, checked when the
+            archive unpacks to over 1 MiB (catches many small entries that each stay under the per-entry check).
     """
 
     max_entries: int = 10_000
     max_entry_bytes: int = 256 * 1024 * 1024
     max_total_bytes: int = 4 * 1024 * 1024 * 1024
     max_ratio: float = 200.0
+    max_total_ratio: float = 100.0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ArchiveLimits:
+        """The limits of zips of reference images, from the ``EAGLE_SERVICE__MAX_ARCHIVE_*`` settings.
+
+        The API (``POST /v1/banks``) and the app's reference upload use this same rule.
+
+        Args:
+            settings: ``eagle.settings.Settings`` (its ``service`` group is read).
+        """
+        service = settings.service
+        unpacked = int(service.max_archive_unpacked_mb * MIB)
+        return cls(
+            max_entries=service.max_archive_entries,
+            max_entry_bytes=min(unpacked, cls.max_entry_bytes),
+            max_total_bytes=unpacked,
+        )
 
 
 DEFAULT_LIMITS = ArchiveLimits()
@@ -105,7 +136,7 @@ def scan_zip(
         ArchiveTooLargeError: too many entries, an entry or the total too large, or a suspicious ratio.
         ArchiveError: not a zip, or an unsafe name, a link, encryption or an unsupported compression method.
     """
-    with _open_zip(source) as archive:
+    with _open_zip(source, limits) as archive:
         return _select_entries(archive.infolist(), limits, suffixes)
 
 
@@ -115,39 +146,93 @@ def extract_zip(
     limits: ArchiveLimits = DEFAULT_LIMITS,
     *,
     suffixes: set[str] | None = None,
+    keep: Callable[[PurePosixPath], PurePosixPath | None] | None = None,
 ) -> list[Path]:
     """Extract the entries :func:`scan_zip` accepts into ``dest``; returns the written files (sorted).
 
-    Nothing is written when the scan refuses the archive. While inflating, an entry may never produce more
-    bytes than its header declares (the limits were checked against those declarations).
+    Nothing is written when the scan refuses the archive (the limits hold for the whole archive, whatever
+    ``suffixes`` or ``keep`` then take). While inflating, an entry may never produce more bytes than its header
+    declares (the limits were checked against those declarations).
 
     Args:
         source: a path or a seekable binary file object.
         dest: target directory (created).
         limits: caps on entries, sizes and compression ratio.
         suffixes: when given, only entries with these lower-case suffixes are extracted (others skipped).
+        keep: maps an accepted entry's path to the relative path to write it to, or ``None`` to skip it.
 
     Raises:
         ArchiveTooLargeError: see :func:`scan_zip`.
-        ArchiveError: see :func:`scan_zip`; also a corrupt entry or one larger than its header says.
+        ArchiveError: see :func:`scan_zip`; also a corrupt entry or one larger than its header says, or a
+            ``keep`` result that is not a plain relative path.
     """
     dest = Path(dest)
-    with _open_zip(source) as archive:
+    with _open_zip(source, limits) as archive:
         entries = _select_entries(archive.infolist(), limits, suffixes)
-        dest.mkdir(parents=True, exist_ok=True)
-        written = []
+        planned = []
         for entry in entries:
-            target = dest.joinpath(*PurePosixPath(entry.filename).parts)
+            relative = PurePosixPath(entry.filename)
+            if keep is not None:
+                relative = keep(relative)
+                if relative is None:
+                    continue
+                if relative.is_absolute() or not relative.parts or ".." in relative.parts:
+                    raise ArchiveError(f"entry {entry.filename!r} maps to an unsafe path {str(relative)!r}")
+            planned.append((entry, dest.joinpath(*relative.parts)))
+        dest.mkdir(parents=True, exist_ok=True)
+        for entry, target in planned:
             _inflate(archive, entry, target)
-            written.append(target)
-    return sorted(written)
+    return sorted(target for _, target in planned)
 
 
-def _open_zip(source: str | Path | BinaryIO) -> zipfile.ZipFile:
+def describe_names(names: Sequence[str], limit: int = SHOWN_NAMES) -> str:
+    """``'a.png', 'b.png', 'c.png' and 297 more``: at most ``limit`` names, quoted, for one-line messages.
+
+    Example:
+        >>> describe_names(["a", "b", "c", "d", "e"])
+        "'a', 'b', 'c' and 2 more"
+    """
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _open_zip(source: str | Path | BinaryIO, limits: ArchiveLimits = DEFAULT_LIMITS) -> zipfile.ZipFile:
+    _check_declared_count(source, limits)
     try:
         return zipfile.ZipFile(source)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as err:
         raise ArchiveError(f"not a readable zip archive ({' '.join(str(err).split())})") from None
+
+
+def _check_declared_count(source: str | Path | BinaryIO, limits: ArchiveLimits) -> None:
+    """Refuse too many entries from the end-of-archive record alone, before the central directory is parsed.
+
+    ``zipfile`` builds one object per entry while opening; a forged archive of millions of empty entries must not
+    get that far. Unreadable end records are left to ``zipfile``, which names the problem.
+    """
+    try:
+        if isinstance(source, (str, Path)):
+            with open(source, "rb") as handle:
+                end = zipfile._EndRecData(handle)  # noqa: SLF001 - the stdlib's own end-record reader
+        else:
+            position = source.tell()
+            try:
+                end = zipfile._EndRecData(source)  # noqa: SLF001
+            finally:
+                source.seek(position)
+    except (OSError, ValueError, AttributeError, struct_error):
+        return
+    if end:
+        count = int(end[zipfile._ECD_ENTRIES_TOTAL])  # noqa: SLF001
+        if count > limits.max_entries:
+            raise ArchiveTooLargeError(f"the archive has {count} entries; the limit is {limits.max_entries}")
 
 
 def _select_entries(
@@ -156,16 +241,32 @@ def _select_entries(
     if len(infos) > limits.max_entries:
         raise ArchiveTooLargeError(f"the archive has {len(infos)} entries; the limit is {limits.max_entries}")
     chosen: list[zipfile.ZipInfo] = []
-    total = 0
     for info in infos:
         path = _check_name(info)
         _check_entry(info, limits)
-        total += info.file_size
-        if total > limits.max_total_bytes:
-            raise ArchiveTooLargeError(f"the archive expands to more than {limits.max_total_bytes} bytes")
         if _is_content(info, path) and (suffixes is None or path.suffix.lower() in suffixes):
             chosen.append(info)
+    _check_totals(infos, limits)
     return sorted(chosen, key=lambda info: info.filename)
+
+
+def _check_totals(infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> None:
+    """The whole archive: declared uncompressed total and total compression ratio (every entry counts)."""
+    total = sum(info.file_size for info in infos)
+    packed = sum(info.compress_size for info in infos)
+    largest = [info.filename for info in sorted(infos, key=lambda info: info.file_size, reverse=True)]
+    if total > limits.max_total_bytes:
+        raise ArchiveTooLargeError(
+            f"the archive expands to {_size(total)} in {len(infos)} entries (largest: {describe_names(largest)}); "
+            f"the limit is {_size(limits.max_total_bytes)}"
+        )
+    ratio = total / max(packed, 1)
+    if total > RATIO_CHECK_MIN_BYTES and ratio > limits.max_total_ratio:
+        raise ArchiveTooLargeError(
+            f"the archive expands to {_size(total)} from {_size(packed)} of compressed data, a ratio of "
+            f"{ratio:.0f}:1 over {len(infos)} entries ({describe_names(largest)}); the limit is "
+            f"{limits.max_total_ratio:g}:1 (zip-bomb guard)"
+        )
 
 
 def _check_name(info: zipfile.ZipInfo) -> PurePosixPath:

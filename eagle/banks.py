@@ -3,6 +3,13 @@
 Bank directories follow :mod:`expert.bank`'s format (docs/bank-format.md); this module adds names, a
 cache of loaded experts, and safe zip transport. Nothing is ever unpickled.
 
+A bank counts as loaded only once it has scored: :meth:`BankStore.load` validates the bank
+(:func:`expert.bank.load_bank`, meaning included), opens its feature extractor, then runs one real inspection
+of a stored reference image (:func:`probe_expert`). Whatever goes wrong becomes one :class:`BankError` line
+(the service answers ``409 bank_unusable``, never 500), is remembered until the bank changes on disk, and is
+listed by :meth:`BankStore.unusable` (the service's ``/readyz`` reports it). An import runs the same checks
+before the bank is moved into place, and takes from the zip only the files of the bank format.
+
 Example:
     >>> from eagle.settings import ExpertSettings
     >>> store = BankStore(Path("/tmp/eagle-doc-banks"), ExpertSettings())
@@ -15,28 +22,34 @@ Example:
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 import shutil
 import tempfile
 import threading
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from eagle.archives import ArchiveLimits, extract_zip
+from eagle.archives import ArchiveLimits, describe_names, extract_zip, scan_zip
 from eagle.settings import ExpertSettings
-from expert.bank import META_FILE, BankError, load_bank, read_meta
+from expert.bank import META_FILE, ONNX_FILE, TENSORS_FILE, BankError, is_bank_file, read_meta
 
 if TYPE_CHECKING:
     from expert.model import ExpertScorer
 
-__all__ = ["BankError", "BankNameError", "BankStore", "BankSummary"]
+__all__ = ["BankError", "BankNameError", "BankStore", "BankSummary", "probe_expert"]
+
+log = logging.getLogger(__name__)
 
 BANK_ZIP_LIMITS = ArchiveLimits(max_entries=20_000, max_entry_bytes=ArchiveLimits().max_total_bytes)
-"""Caps for importing a bank zip: one file (the memory bank grows with the references) may take the whole total."""
+"""Caps for importing a bank zip: one file (the memory bank grows with the references) may take the whole total;
+the total ratio and entry count are the rules of :class:`eagle.archives.ArchiveLimits` for every zip."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -63,6 +76,7 @@ class BankSummary:
     weights_source: str
     distance: str
     warning: str | None = None
+    build_warnings: tuple[str, ...] = ()  # meta.json "warnings" (e.g. few references, an empty CAAS band)
 
 
 def validate_bank_name(name: str) -> str:
@@ -86,6 +100,7 @@ class BankStore:
         self.settings = settings
         self._cache: dict[str, ExpertScorer] = {}
         self._templates: dict[tuple[str, int], np.ndarray] = {}
+        self._broken: dict[str, tuple[tuple[int, int], str]] = {}
         self._lock = threading.RLock()
 
     def path(self, name: str) -> Path:
@@ -122,6 +137,7 @@ class BankStore:
             backbone=meta.backbone.id,
             weights_source=meta.backbone.weights,
             distance=meta.distance,
+            build_warnings=tuple(meta.warnings),
             warning=(
                 f"built from {meta.counts.references} references; {self.settings.recommended_references}+ are "
                 "recommended for a reliable threshold"
@@ -144,19 +160,35 @@ class BankStore:
         return sorted(summaries, key=lambda s: s.created, reverse=True)
 
     def load(self, name: str) -> ExpertScorer:
-        """The expert of bank ``name``, loaded once and cached.
+        """The expert of bank ``name``, loaded, test-inspected once (:func:`probe_expert`) and cached.
+
+        A bank that fails is remembered (its error is raised again at once) until its meta.json changes, or
+        :meth:`forget` is called (rebuild, import, delete).
 
         Raises:
-            FileNotFoundError: no such bank. BankError: unreadable, or built with other settings.
+            FileNotFoundError: no such bank. BankError: unreadable, built with other settings, or unable to score.
         """
         with self._lock:
             scorer = self._cache.get(name)
             if scorer is None:
-                from expert.model import load_expert
-
-                scorer = load_expert(self._require(name), self.settings)
+                path = self._require(name)
+                stamp = _stamp(path)
+                broken = self._broken.get(name)
+                if broken is not None and broken[0] == stamp:
+                    raise BankError(broken[1])
+                try:
+                    scorer = open_expert(path, self.settings, label=f"bank {name!r}")
+                except BankError as err:
+                    self._broken[name] = (stamp, str(err))
+                    raise
+                self._broken.pop(name, None)
                 self._cache[name] = scorer
             return scorer
+
+    def unusable(self) -> dict[str, str]:
+        """Banks whose last load failed, with the one-line reason (empty once each is rebuilt or deleted)."""
+        with self._lock:
+            return {name: message for name, (_, message) in self._broken.items() if self.exists(name)}
 
     def template_image(self, name: str, index: int) -> np.ndarray:
         """The stored copy of reference ``index`` of bank ``name`` (RGB uint8), cached."""
@@ -174,6 +206,7 @@ class BankStore:
         """Drop cached objects of bank ``name`` (after a rebuild or delete)."""
         with self._lock:
             self._cache.pop(name, None)
+            self._broken.pop(name, None)
             for key in [k for k in self._templates if k[0] == name]:
                 del self._templates[key]
 
@@ -197,24 +230,54 @@ class BankStore:
         return dest
 
     def import_zip(self, zip_path: Path, name: str) -> BankSummary:
-        """Import a bank zip as ``name``: extracted safely, validated with :func:`expert.bank.load_bank`.
+        """Import a bank zip as ``name``: extracted safely, validated and test-inspected like :meth:`load`.
 
-        The zip may hold the bank files at its top level or inside one folder. An existing bank of that
-        name is replaced only after the new one validated.
+        The zip may hold the bank files at its top level or inside one folder. Only the files of the bank
+        format are extracted (meta.json, bank.safetensors, backbone.onnx when meta.json has a checksum for it,
+        and the reference images meta.json lists); anything else in the zip is skipped and named in the log. The
+        zip's limits (:data:`BANK_ZIP_LIMITS`: entries, sizes, total ratio) are checked before anything is
+        written. An existing bank of that name is replaced only after the new one passed.
 
         Raises:
-            ArchiveError: unsafe or corrupt zip. BankError: not a valid bank, or built with other settings.
+            ArchiveError: unsafe, corrupt or too large zip. BankError: not a valid bank, built with other
+                settings, or unable to score (one line).
         """
+        zip_path = Path(zip_path)
         target = self.path(name)
+        entries = scan_zip(zip_path, BANK_ZIP_LIMITS)
+        metas = [e.filename for e in entries if PurePosixPath(e.filename).name == META_FILE]
+        if len(metas) != 1:
+            found = f"found {len(metas)}" + (f": {describe_names(metas)}" if metas else "")
+            raise BankError(f"the zip must contain exactly one bank ({META_FILE}); {found}")
+        prefix = PurePosixPath(metas[0]).parent
         self.root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".import-") as staging:
-            staging_path = Path(staging) / "x"
-            extract_zip(zip_path, staging_path, BANK_ZIP_LIMITS)
-            candidates = [p.parent for p in staging_path.rglob(META_FILE)]
-            if len(candidates) != 1:
-                raise BankError(f"the zip must contain exactly one bank ({META_FILE}); found {len(candidates)}")
-            root = candidates[0]
-            load_bank(root, self.settings)  # full validation: files, tensors, format version, settings
+            root = Path(staging) / "bank"
+            extract_zip(zip_path, root, BANK_ZIP_LIMITS, keep=_bank_file_in(prefix, {META_FILE}))
+            meta = read_meta(root)
+            wanted = {META_FILE, TENSORS_FILE} | {ref.file for ref in meta.references}
+            if meta.backbone.onnx_sha256 is not None:
+                wanted.add(ONNX_FILE)
+            outside = sorted(f for f in wanted if not is_bank_file(f))
+            if outside:
+                raise BankError(f"{META_FILE}: reference files outside the bank format: {describe_names(outside)}")
+            written = extract_zip(zip_path, root, BANK_ZIP_LIMITS, keep=_bank_file_in(prefix, wanted))
+            taken = {p.relative_to(root).as_posix() for p in written}
+            skipped = [e.filename for e in entries if _relative(PurePosixPath(e.filename), prefix) not in wanted]
+            if skipped:
+                log.warning(
+                    "bank zip %s: skipped %d file(s) that are not part of the bank: %s",
+                    zip_path.name,
+                    len(skipped),
+                    describe_names(skipped),
+                )
+            missing = sorted(wanted - taken - {META_FILE})
+            if missing:
+                raise BankError(f"the zip's bank lacks {describe_names(missing)}")
+            try:
+                open_expert(root, self.settings, label=f"bank zip {zip_path.name!r}")
+            except BankError as err:
+                raise BankError(str(err).replace(str(root), zip_path.name)) from None
             with self._lock:
                 self.forget(name)
                 if target.exists():
@@ -225,3 +288,77 @@ class BankStore:
                 else:
                     root.rename(target)
         return self.summary(name)
+
+
+def _relative(path: PurePosixPath, prefix: PurePosixPath) -> str | None:
+    """``path`` relative to the bank's folder in the zip, or None when it lies outside."""
+    if prefix == PurePosixPath("."):
+        return path.as_posix()
+    if path.parts[: len(prefix.parts)] != prefix.parts:
+        return None
+    return PurePosixPath(*path.parts[len(prefix.parts) :]).as_posix()
+
+
+def _bank_file_in(prefix: PurePosixPath, wanted: set[str]) -> Callable[[PurePosixPath], PurePosixPath | None]:
+    """A ``keep`` function for :func:`eagle.archives.extract_zip`: only ``wanted`` files under ``prefix``."""
+
+    def keep(path: PurePosixPath) -> PurePosixPath | None:
+        relative = _relative(path, prefix)
+        return PurePosixPath(relative) if relative in wanted and is_bank_file(relative) else None
+
+    return keep
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """What identifies a bank's state on disk: its meta.json's modification time and size (ns, bytes)."""
+    try:
+        info = (path / META_FILE).stat()
+    except OSError:
+        return (0, 0)
+    return (info.st_mtime_ns, info.st_size)
+
+
+def open_expert(path: Path, settings: ExpertSettings, *, label: str) -> ExpertScorer:
+    """Load a bank directory's expert and test-inspect it (:func:`probe_expert`); every failure is one BankError.
+
+    Args:
+        path: the bank directory.
+        settings: the running expert settings.
+        label: how messages name the bank (``"bank 'widget'"``).
+
+    Raises:
+        BankError: the bank is invalid, incompatible with ``settings``, or cannot score.
+    """
+    from expert.model import load_expert
+
+    try:
+        scorer = load_expert(path, settings)
+    except BankError as err:
+        raise BankError(f"{label} is unusable: {_one_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - e.g. onnxruntime refusing the graph: the bank cannot be used
+        raise BankError(f"{label}: the feature extractor cannot be loaded ({_one_line(err)})") from None
+    probe_expert(scorer, label=label)
+    return scorer
+
+
+def probe_expert(scorer: ExpertScorer, *, label: str = "bank") -> None:
+    """Run one real inspection of the bank's first stored reference image; raise one BankError line if it fails.
+
+    Proves what validation cannot: that the ONNX graph runs on this machine, its features fit the memory bank,
+    and the score, map and template retrieval come out finite and in range.
+    """
+    bank = scorer.bank
+    reference = bank.meta.references[0].name if bank.meta.references else "?"
+    try:
+        result = scorer.score(bank.load_reference(0))
+        if not math.isfinite(result.score) or not np.isfinite(result.anomaly_map).all():
+            raise BankError("the score or anomaly map is not finite")
+        if not 0 <= result.template_index < len(bank.meta.references):
+            raise BankError(f"template index {result.template_index} out of range")
+    except Exception as err:  # noqa: BLE001 - whatever breaks here would break every inspection
+        raise BankError(f"{label} failed its test inspection of reference {reference!r}: {_one_line(err)}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if isinstance(err, BankError) else f"{type(err).__name__}: {text}"[:500]

@@ -1,4 +1,4 @@
-"""``eagle build-bank`` and ``eagle score``: the PatchCore expert from the command line.
+"""``eagle build-bank``, ``eagle score`` and ``eagle warm-cache``: the PatchCore expert from the command line.
 
 ``build-bank`` reads every image under ``--normals`` (recursively), builds a bank (embed → coreset →
 DBT → save, a progress bar per stage) and prints a summary. Unreadable reference files are listed one
@@ -33,7 +33,7 @@ log = logging.getLogger("eagle.cli")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``build-bank`` and ``score`` to the ``eagle`` parser."""
+    """Add ``build-bank``, ``score`` and ``warm-cache`` to the ``eagle`` parser."""
     build = subparsers.add_parser(
         "build-bank",
         help="Build an expert bank from a folder of normal (defect-free) reference images.",
@@ -61,6 +61,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="Image files to score.")
     score.add_argument("--json", action="store_true", help="One JSON object per line instead of a table.")
     score.set_defaults(func=run_score)
+
+    warm = subparsers.add_parser(
+        "warm-cache",
+        help="Export the expert's ONNX backbone into the cache now, so bank builds skip the 10-20 s export.",
+        description="Load the configured backbone weights and export its ONNX graph into <data_dir>/cache/onnx "
+        "(nothing to do when a verified graph for these weights, crop, opset and torch version is there). The "
+        "container build and the app's start-up run it; builds use the cached graph.",
+    )
+    warm.add_argument(
+        "--prune", action="store_true", help="Also remove cached graphs of other weights, crops or torch versions."
+    )
+    warm.set_defaults(func=run_warm_cache)
+
+
+def run_warm_cache(args: argparse.Namespace, settings: Settings) -> int:
+    """Handler of ``eagle warm-cache``: put the configured backbone's ONNX graph in the cache."""
+    from eagle.pipeline import Pipeline
+    from expert.weights import BackboneWeightsError
+
+    started = time.perf_counter()
+    try:
+        path = Pipeline(settings).warm_onnx_cache(prune=args.prune)
+    except BackboneWeightsError as err:
+        raise CommandError(str(err)) from None
+    print(f"ONNX backbone cached: {path} ({path.stat().st_size / 2**20:.0f} MB, {time.perf_counter() - started:.1f} s)")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- build-bank
@@ -131,6 +157,7 @@ def run_build_bank(args: argparse.Namespace, settings: Settings) -> int:
             out_dir=out_dir,
             name=args.name,
             progress=timer,
+            onnx_cache=settings.onnx_cache_dir,
         )
     except (ReferenceCountError, BankError) as err:
         raise CommandError(str(err)) from None
@@ -164,6 +191,13 @@ def _bank_summary(bank, *, n_files: int, stage_seconds: dict[str, float]) -> dic
     }
 
 
+def _caas_band(tau: float, s_max: float) -> str:
+    """The low-confidence band [tau, s_max] in which CAAS turns on, or why there is none."""
+    if tau > s_max:
+        return "empty (tau > s_max): CAAS never turns on (see the warning below)"
+    return f"[{tau:.6g}, {s_max:.6g}]"
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     skipped = f" ({summary['skipped_files']} unreadable files skipped)" if summary["skipped_files"] else ""
     share = 100.0 * summary["coreset_size"] / max(1, summary["patches"])
@@ -177,6 +211,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         ("dbt images", f"{summary['used_for_dbt']} of {summary['references']}"),
         ("tau", f"{summary['tau']:.6g}"),
         ("s_max", f"{summary['s_max']:.6g}"),
+        ("caas band", _caas_band(summary["tau"], summary["s_max"])),
         ("weights", summary["weights"]),
         ("time", ", ".join(f"{stage} {sec:.1f} s" for stage, sec in summary["seconds"].items())),
     ]
@@ -188,11 +223,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- score
-def _result_record(path: Path, image, result) -> dict[str, Any]:
+def _result_record(path: Path, result) -> dict[str, Any]:
+    width, height = result.original_size
     return {
         "image": str(path),
-        "width": int(image.shape[1]),
-        "height": int(image.shape[0]),
+        "width": int(width),
+        "height": int(height),
         "score": float(result.score),
         "tau": float(result.tau),
         "s_max": float(result.s_max),
@@ -235,7 +271,7 @@ def _print_table(records: list[dict[str, Any]]) -> None:
 
 def run_score(args: argparse.Namespace, settings: Settings) -> int:
     """Handler of ``eagle score``."""
-    from eagle.images import ImageError, load_image
+    from eagle.images import ImageError, decode_image
     from expert.bank import BankError
     from expert.model import load_expert
     from expert.weights import BackboneWeightsError
@@ -250,8 +286,11 @@ def run_score(args: argparse.Namespace, settings: Settings) -> int:
     records: list[dict[str, Any]] = []
     for path in args.images:
         try:
-            image = load_image(path, max_pixels=settings.max_image_pixels, name=str(path))
-            record = _result_record(path, image, scorer.score(image))
+            # Decoded reduced when large (bounded memory; issue 11); boxes stay in ORIGINAL pixels.
+            image = decode_image(
+                path, max_pixels=settings.max_image_pixels, name=str(path), min_short_side=settings.expert.resize
+            )
+            record = _result_record(path, scorer.score(image.pixels, original_size=image.original_size))
         except ImageError as err:
             failed += 1
             print(f"eagle score: error: {err}", file=sys.stderr)

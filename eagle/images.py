@@ -15,6 +15,13 @@ Every image the product touches (references, queries, uploads, evaluation sets) 
   16 bits); transparency (RGBA, LA, palette with a transparent colour) is composited onto WHITE;
   CMYK/YCbCr/LAB are converted by Pillow; float images in [0, 1] are scaled by 255 (others clipped).
 
+Bounded decoding (:func:`decode_image`, what inspections use): an image larger than what the expert and the MLLM
+need is decoded REDUCED — JPEGs through libjpeg's DCT scaling (``Image.draft``, 1/2 to 1/8, the full image is never
+built), other formats by resizing right after decoding — to the smallest size whose longest side is at least
+:data:`VIEW_MAX_SIDE` (1024: the MLLM's pixel budget is smaller) and whose shorter side is at least the expert's
+``resize`` (256), never above :data:`VIEW_MAX_PIXELS`. The original (EXIF-oriented) size is recorded, so that the
+expert maps its results, and callers report boxes, in ORIGINAL pixel coordinates.
+
 Example:
     >>> import io
     >>> from PIL import Image
@@ -31,11 +38,14 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import io
+import math
 import re
 import struct
 import warnings
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +53,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 MIN_SIDE = 2
+VIEW_MAX_SIDE = 1024
+"""Images are decoded for inspection, and shown, at this longest side (unless the expert needs more)."""
+VIEW_MAX_PIXELS = 4_194_304
+"""Upper bound on a reduced view's pixel count (2048², reached only for extreme aspect ratios)."""
+_TRANSPOSE = {2: Image.FLIP_LEFT_RIGHT, 3: Image.ROTATE_180, 4: Image.FLIP_TOP_BOTTOM, 5: Image.TRANSPOSE,
+              6: Image.ROTATE_270, 7: Image.TRANSVERSE, 8: Image.ROTATE_90}  # fmt: skip
+"""EXIF orientation → the PIL transpose that displays the image upright."""
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error, IndexError, TypeError)
 
 
@@ -138,13 +155,27 @@ def _is_16bit_colour(image: Image.Image, data: bytes) -> bool:
     return False
 
 
+_ROWS_PER_CHUNK = 512
+"""16-bit data is scaled in strips of rows, so a large 16-bit image costs no float copy of its own size."""
+
+
 def _scale_16bit(array: np.ndarray) -> np.ndarray:
-    return np.rint(array.astype(np.float64) / 257.0).astype(np.uint8)
+    # round(v / 257) in float32 is exact: v / 257 is never within 0.002 of a .5 tie, float32 errs by < 1e-5.
+    out = np.empty(array.shape, np.uint8)
+    for start in range(0, array.shape[0], _ROWS_PER_CHUNK):
+        strip = array[start : start + _ROWS_PER_CHUNK]
+        out[start : start + _ROWS_PER_CHUNK] = np.rint(strip.astype(np.float32) / np.float32(257.0))
+    return out
 
 
 def _composite_on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    a = alpha.astype(np.float64)[..., None] / 255.0
-    return np.rint(rgb.astype(np.float64) * a + 255.0 * (1.0 - a)).astype(np.uint8)
+    # (rgb·α + 255·(255 - α)) / 255 is never a .5 tie either: float32 rounds like float64 here, at half the memory.
+    out = np.empty(rgb.shape, np.uint8)
+    for start in range(0, rgb.shape[0], _ROWS_PER_CHUNK):
+        rows = slice(start, start + _ROWS_PER_CHUNK)
+        a = alpha[rows].astype(np.float32)[..., None] / np.float32(255.0)
+        out[rows] = np.rint(rgb[rows].astype(np.float32) * a + np.float32(255.0) * (1.0 - a))
+    return out
 
 
 def _decode_16bit_colour(data: bytes, label: str, orientation: int) -> np.ndarray:
@@ -156,8 +187,7 @@ def _decode_16bit_colour(data: bytes, label: str, orientation: int) -> np.ndarra
     rgb = _scale_16bit(decoded[..., 2::-1])
     if decoded.shape[2] == 4:
         rgb = _composite_on_white(rgb, _scale_16bit(decoded[..., 3]))
-    transpose = {2: Image.FLIP_LEFT_RIGHT, 3: Image.ROTATE_180, 4: Image.FLIP_TOP_BOTTOM, 5: Image.TRANSPOSE,
-                 6: Image.ROTATE_270, 7: Image.TRANSVERSE, 8: Image.ROTATE_90}.get(orientation)  # fmt: skip
+    transpose = _TRANSPOSE.get(orientation)
     if transpose is not None:
         rgb = np.asarray(Image.fromarray(rgb).transpose(transpose))
     return np.ascontiguousarray(rgb)
@@ -181,8 +211,132 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded query image, possibly reduced, and the size of the original it stands for.
+
+    Attributes:
+        pixels: RGB uint8 ``h × w × 3`` (the original, or a reduced copy of it).
+        original_size: ``(width, height)`` of the original image, EXIF orientation applied.
+        sha256: hex digest of the file's bytes, when decoded from bytes or a path.
+    """
+
+    pixels: np.ndarray
+    original_size: tuple[int, int]
+    sha256: str | None = None
+
+    @property
+    def reduced(self) -> bool:
+        """True when ``pixels`` is smaller than the original."""
+        return self.original_size != (self.pixels.shape[1], self.pixels.shape[0])
+
+    @classmethod
+    def of(cls, pixels: np.ndarray) -> DecodedImage:
+        """Wrap a full-resolution array (its own size is the original size)."""
+        return cls(pixels, (int(pixels.shape[1]), int(pixels.shape[0])))
+
+
+def view_size(
+    height: int,
+    width: int,
+    *,
+    max_side: int = VIEW_MAX_SIDE,
+    min_short_side: int = 0,
+    min_pixels: int = 0,
+    max_pixels: int = VIEW_MAX_PIXELS,
+) -> tuple[int, int]:
+    """``(height, width)`` of the bounded view of an image: never larger than the image itself.
+
+    The scale is the smallest that keeps the longest side ≥ ``max_side``, the shorter side ≥ ``min_short_side``
+    and the pixel count ≥ ``min_pixels`` (an MLLM's per-image budget), capped so the view has at most
+    ``max(max_pixels, min_pixels)`` pixels; sides stay ≥ 2 pixels.
+
+    Example:
+        >>> view_size(3000, 4000), view_size(600, 800), view_size(300, 8000, min_short_side=256)
+        ((768, 1024), (600, 800), (256, 6827))
+    """
+    area = height * width
+    scale = max(max_side / max(height, width), min_short_side / min(height, width), math.sqrt(min_pixels / area))
+    scale = min(1.0, scale, math.sqrt(max(max_pixels, min_pixels) / area))
+    if scale >= 1.0:
+        return height, width
+    rows, cols = max(min(height, MIN_SIDE), round(height * scale)), max(min(width, MIN_SIDE), round(width * scale))
+    cap = max(max_pixels, min_pixels)
+    if rows * cols > cap:  # a side clamped to MIN_SIDE: shorten the other one
+        rows, cols = (rows, max(1, cap // rows)) if cols >= rows else (max(1, cap // cols), cols)
+    return rows, cols
+
+
+def resize_rgb(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize an RGB uint8 array to ``height × width`` (PIL bilinear, antialiased; a copy-free no-op if equal)."""
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    resized = Image.fromarray(pixels).resize((width, height), Image.BILINEAR, reducing_gap=3.0)
+    return np.ascontiguousarray(np.asarray(resized))
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except _DECODE_ERRORS:
+        return 1
+
+
+def _oriented_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """``(width, height)`` after applying an EXIF orientation (5-8 swap the axes)."""
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+
+
+def _decode_full(image: Image.Image, data: bytes, label: str, orientation: int) -> np.ndarray:
+    if _is_16bit_colour(image, data):
+        return _decode_16bit_colour(data, label, orientation)
+    try:
+        image.load()
+        oriented = ImageOps.exif_transpose(image)
+        rgb = _to_rgb(oriented)
+    except _DECODE_ERRORS as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ImageError(f"{label}: cannot decode image, the file is truncated or corrupt ({reason})") from None
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:  # pragma: no cover - defensive
+        raise ImageError(f"{label}: unsupported pixel layout {rgb.shape} {rgb.dtype}")
+    return np.ascontiguousarray(rgb)
+
+
+def _decode_reduced(
+    image: Image.Image, data: bytes, label: str, orientation: int, target: tuple[int, int]
+) -> np.ndarray:
+    """Decode to ``target`` = (width, height) in the file's STORED orientation, then orient."""
+    if _is_16bit_colour(image, data):  # OpenCV decodes those at full size; reduce right after (rare)
+        full = _decode_16bit_colour(data, label, 1)
+        return _orient_array(resize_rgb(full, target[1], target[0]), orientation)
+    try:
+        if image.format == "JPEG":
+            image.draft(None, target)  # DCT scaling: decodes at 1/2, 1/4 or 1/8, still ≥ target
+        image.load()
+        if image.mode in ("RGB", "L", "RGBA", "LA"):  # PIL resizes these (alpha premultiplied), then convert small
+            small = image.resize(target, Image.BILINEAR, reducing_gap=3.0) if image.size != target else image
+            rgb = _to_rgb(small)
+        else:  # palette, CMYK, 16/32-bit, float...: to RGB first (its own rules), then resize
+            rgb = resize_rgb(_to_rgb(image), target[1], target[0])
+    except _DECODE_ERRORS as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ImageError(f"{label}: cannot decode image, the file is truncated or corrupt ({reason})") from None
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:  # pragma: no cover - defensive
+        raise ImageError(f"{label}: unsupported pixel layout {rgb.shape} {rgb.dtype}")
+    return _orient_array(rgb, orientation)
+
+
+def _orient_array(rgb: np.ndarray, orientation: int) -> np.ndarray:
+    transpose = _TRANSPOSE.get(orientation)
+    if transpose is None:
+        return np.ascontiguousarray(rgb)
+    return np.ascontiguousarray(np.asarray(Image.fromarray(rgb).transpose(transpose)))
+
+
 def load_image(source: str | Path | bytes, *, max_pixels: int, name: str | None = None) -> np.ndarray:
-    """Decode an image file (path or bytes) into an RGB uint8 ``H × W × 3`` array.
+    """Decode an image file (path or bytes) into an RGB uint8 ``H × W × 3`` array at FULL resolution.
+
+    For inspecting one image, prefer :func:`decode_image` (bounded memory, whatever the pixel count).
 
     Args:
         source: a path, or the file's bytes.
@@ -200,19 +354,63 @@ def load_image(source: str | Path | bytes, *, max_pixels: int, name: str | None 
     if len(data) == 0:
         raise ImageError(f"{label}: empty file (0 bytes)")
     image = _open_header(data, label, max_pixels)
-    try:
-        orientation = int(image.getexif().get(0x0112, 1))
-    except _DECODE_ERRORS:
-        orientation = 1
-    if _is_16bit_colour(image, data):
-        return _decode_16bit_colour(data, label, orientation)
-    try:
-        image.load()
-        oriented = ImageOps.exif_transpose(image)
-        rgb = _to_rgb(oriented)
-    except _DECODE_ERRORS as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ImageError(f"{label}: cannot decode image, the file is truncated or corrupt ({reason})") from None
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:  # pragma: no cover - defensive
-        raise ImageError(f"{label}: unsupported pixel layout {rgb.shape} {rgb.dtype}")
-    return np.ascontiguousarray(rgb)
+    return _decode_full(image, data, label, _orientation(image))
+
+
+def decode_image(
+    source: str | Path | bytes,
+    *,
+    max_pixels: int,
+    name: str | None = None,
+    max_side: int = VIEW_MAX_SIDE,
+    min_short_side: int = 0,
+    min_view_pixels: int = 0,
+    max_view_pixels: int = VIEW_MAX_PIXELS,
+) -> DecodedImage:
+    """Decode an image for inspection: reduced to :func:`view_size` when larger, with its original size.
+
+    Same checks and errors as :func:`load_image`. Memory stays bounded by the reduced size for JPEGs (decoded
+    at 1/2 to 1/8 scale), and by one decoded copy of the original for other formats (dropped right after
+    reducing): 4 bytes per pixel for 8-bit RGB(A) PNG/TIFF/WebP, more for 16-bit colour.
+
+    Args:
+        source: a path, or the file's bytes.
+        max_pixels: largest accepted ``width × height`` (checked from the header, before decoding).
+        name: how to name the file in error messages.
+        max_side: the reduced image keeps at least this longest side (the MLLM's and the display's need).
+        min_short_side: ... and at least this shorter side (the expert's ``resize``).
+        min_view_pixels: ... and at least this many pixels (the MLLM's per-image pixel budget).
+        max_view_pixels: ... but at most this many pixels.
+
+    Returns:
+        A :class:`DecodedImage` (``pixels`` RGB uint8, ``original_size`` after EXIF orientation, ``sha256``).
+
+    Raises:
+        ImageError: as :func:`load_image`.
+
+    Example:
+        >>> buffer = io.BytesIO()
+        >>> Image.new("RGB", (4000, 3000), (9, 99, 199)).save(buffer, format="JPEG")
+        >>> decoded = decode_image(buffer.getvalue(), max_pixels=64_000_000)
+        >>> decoded.pixels.shape, decoded.original_size, decoded.reduced
+        ((768, 1024, 3), (4000, 3000), True)
+    """
+    data, label = _read_source(source, name)
+    if len(data) == 0:
+        raise ImageError(f"{label}: empty file (0 bytes)")
+    sha = hashlib.sha256(data).hexdigest()
+    image = _open_header(data, label, max_pixels)
+    orientation = _orientation(image)
+    stored_w, stored_h = image.size
+    target_h, target_w = view_size(
+        stored_h,
+        stored_w,
+        max_side=max_side,
+        min_short_side=min_short_side,
+        min_pixels=min_view_pixels,
+        max_pixels=max_view_pixels,
+    )
+    original = _oriented_size((stored_w, stored_h), orientation)
+    if (target_w, target_h) == (stored_w, stored_h):
+        return DecodedImage(_decode_full(image, data, label, orientation), original, sha)
+    return DecodedImage(_decode_reduced(image, data, label, orientation, (target_w, target_h)), original, sha)

@@ -49,7 +49,11 @@ class ExpertSettings(_Group):
     coreset_ratio: float = Field(0.1, gt=0.0, le=1.0, description="Share of training patches kept in the bank.")
     coreset_projection_dim: int = Field(128, ge=1, description="Random projection size for coreset distances.")
     coreset_starts: int = Field(10, ge=1, description="Number of starting points for greedy k-center.")
-    coreset_start_method: Literal["center_farthest", "random"] = Field("center_farthest")
+    coreset_start_method: Literal["center_farthest", "mean_farthest", "random"] = Field(
+        "center_farthest",
+        description="Greedy k-center starts: center_farthest (reference code: the patch nearest the mean plus the "
+        "patches farthest from THAT patch), mean_farthest (farthest from the mean), random (PatchCore).",
+    )
     distance: Literal["sqeuclidean", "euclidean"] = Field(
         "sqeuclidean", description="Patch score distance: squared L2 (reference code) or L2 (paper Eq. 3)."
     )
@@ -59,13 +63,23 @@ class ExpertSettings(_Group):
     mad_k: float = Field(3.0, description="mad: tau = median + mad_k * MAD.")
     evt_quantile: float = Field(0.99, gt=0.0, lt=1.0, description="evt: tau = this quantile of a GEV fit.")
     min_unsampled_patches: int = Field(
-        16, ge=1, description="A training image with fewer unsampled patches is skipped by DBT."
+        32, ge=1, description="A training image with fewer unsampled patches is skipped by DBT (reference: 32)."
+    )
+    dbt_search: Literal["leave_own_out", "whole_bank"] = Field(
+        "leave_own_out",
+        description="DBT training scores: leave_own_out (reference code: an image's unsampled patches are searched "
+        "in the coreset minus that image's own entries) or whole_bank (paper Algorithm 1: the whole memory bank).",
     )
     min_references: int = Field(2, ge=1, description="Fewest reference images a bank may be built from.")
     recommended_references: int = Field(20, ge=1, description="Below this a bank is built with a warning.")
     gaussian_sigma: float = Field(4.0, ge=0.0, description="Gaussian smoothing of the anomaly map (pixels).")
     max_boxes: int = Field(3, ge=1)
-    reference_thumbnail: int = Field(512, ge=64, description="Longest side of reference copies kept in a bank.")
+    reference_max_side: int = Field(
+        1024,
+        ge=64,
+        description="Longest side of the reference copies a bank keeps (never upscaled). They are the MLLM's "
+        "template images, so they must not be smaller than the query's pixel budget (EAGLE_MLLM__MAX_PIXELS).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ExpertSettings:
@@ -88,7 +102,12 @@ class MLLMSettings(_Group):
     attn_implementation: str = Field("sdpa")
     device: str = Field("auto", description="auto, cuda, cuda:N or cpu.")
     trust_remote_code: bool = Field(False, description="Needed by presets with remote code (MiniCPM-V). Opt-in.")
-    max_pixels: int | None = Field(None, ge=28 * 28, description="Per-image pixel budget; None: the preset's.")
+    max_pixels: int | None = Field(
+        None,
+        ge=28 * 28,
+        description="Pixel budget of EVERY image sent (template, query, boxed query: min = max = this for "
+        "Qwen2.5-VL); None: the preset's (Qwen2.5-VL: 512*28*28, as the reference code).",
+    )
     max_new_tokens: int = Field(8, ge=1)
     explanation_max_new_tokens: int = Field(160, ge=8)
 
@@ -124,6 +143,11 @@ class AppSettings(_Group):
     port: int = Field(7860, ge=1, le=65535)
     share: bool = False
     max_upload_mb: int = Field(200, ge=1)
+    warm_onnx_cache: bool = Field(
+        True,
+        description="At start-up, export the expert's ONNX backbone into the cache in a background thread (once per "
+        "weights/crop/torch version), so the first bank build does not wait 10-20 s for it.",
+    )
 
 
 class ServiceSettings(_Group):
@@ -170,6 +194,11 @@ class Settings(BaseSettings):
     def banks_dir(self) -> Path:
         """Directory holding one sub-directory per saved bank."""
         return self.data_dir / "banks"
+
+    @property
+    def onnx_cache_dir(self) -> Path:
+        """Exported ONNX backbones shared by every bank build (:mod:`expert.onnx_cache`; ``eagle warm-cache``)."""
+        return self.data_dir / "cache" / "onnx"
 
 
 class SettingsError(ValueError):

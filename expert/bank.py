@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -55,6 +56,16 @@ TENSOR_DTYPES = {
     "global_descriptors": np.float32,
 }
 _CHUNK = 1 << 20
+DEFAULT_REFERENCE_MAX_SIDE = 1024
+"""Longest side of the stored reference copies (``expert.reference_max_side``): large enough for the MLLM's budget."""
+LEGACY_REFERENCE_MAX_SIDE = 512
+"""Longest side of the reference thumbnails banks kept before ``reference_max_side`` was recorded."""
+PATCH_FEATURE_DIM = 1024
+"""Length of one patch feature for every supported backbone (``expert.backbone.EMBED_DIM``; kept equal by a test)."""
+PATCH_STRIDE = 8
+"""Pixels per patch-grid cell: the stride of ``layer2``, the grid the patch embedder works on (grid = crop // 8)."""
+SCORE_TOLERANCE = 1e-4
+"""Relative tolerance when τ and s_max are recomputed from ``train_scores`` at load."""
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +121,7 @@ class CoresetMeta(_Meta):
     ratio: float
     projection_dim: int
     num_starts: int
-    start_method: Literal["center_farthest", "random"]
+    start_method: Literal["center_farthest", "mean_farthest", "random"]
     seed: int
 
 
@@ -123,6 +134,9 @@ class ThresholdMeta(_Meta):
     s_max: float
     stats: dict[str, float] = Field(default_factory=dict)
     min_unsampled_patches: int = Field(ge=1)
+    search: Literal["leave_own_out", "whole_bank"] = Field(
+        "leave_own_out", description="DBT search bank (absent in older banks: they were all leave-own-out)"
+    )
 
 
 class CountsMeta(_Meta):
@@ -162,6 +176,12 @@ class BankMeta(_Meta):
     references: list[ReferenceMeta]
     warnings: list[str] = Field(default_factory=list, description="build warnings, e.g. few reference images")
     versions: dict[str, str] = Field(default_factory=dict)
+    reference_max_side: int | None = Field(
+        None,
+        ge=1,
+        description="longest side the reference copies were stored at, at most (never upscaled); absent in banks "
+        "saved before references were kept large (they hold 512-px thumbnails)",
+    )
 
 
 def library_versions() -> dict[str, str]:
@@ -264,6 +284,7 @@ def make_meta(
             s_max=threshold.s_max,
             stats=dict(threshold.stats),
             min_unsampled_patches=settings.min_unsampled_patches,
+            search=settings.dbt_search,
         ),
         counts=CountsMeta(
             references=n,
@@ -357,7 +378,7 @@ def save_bank(
     *,
     onnx_source: str | Path | None = None,
     reference_images: Sequence[np.ndarray] | None = None,
-    thumbnail: int = 512,
+    reference_max_side: int = DEFAULT_REFERENCE_MAX_SIDE,
 ) -> Path:
     """Write ``bank`` to ``directory`` atomically and return the directory.
 
@@ -370,9 +391,11 @@ def save_bank(
         directory: target bank directory.
         onnx_source: ``backbone.onnx`` to copy in; None copies the bank's own when it was loaded from a
             directory with one, else the bank has no ONNX file.
-        reference_images: the N reference images (RGB uint8), stored as PNG downscaled to ``thumbnail``
-            pixels on the longest side; None copies the bank's own reference files.
-        thumbnail: longest side of the stored reference copies (never upscaled).
+        reference_images: the N reference images (RGB uint8), stored as PNG downscaled to
+            ``reference_max_side`` pixels on the longest side (never upscaled); None copies the bank's own
+            reference files.
+        reference_max_side: longest side of the stored reference copies. They are the MLLM's template images,
+            which reach the model at the same pixel budget as the full-resolution query, so keep it large.
 
     Returns:
         The bank directory; ``bank.directory`` and ``bank.meta`` are updated to the saved state.
@@ -388,7 +411,7 @@ def save_bank(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _write_references(staging, bank, meta, reference_images, thumbnail)
+        _write_references(staging, bank, meta, reference_images, reference_max_side)
         meta.backbone.onnx_sha256 = _write_onnx(staging, bank, onnx_source)
         meta.format_version = BANK_FORMAT_VERSION
         meta.bank_id = compute_bank_id(tensors, meta)
@@ -427,7 +450,7 @@ def _swap_into_place(staging: Path, target: Path) -> None:
 
 
 def _write_references(
-    staging: Path, bank: Bank, meta: BankMeta, images: Sequence[np.ndarray] | None, thumbnail: int
+    staging: Path, bank: Bank, meta: BankMeta, images: Sequence[np.ndarray] | None, max_side: int
 ) -> None:
     (staging / REFERENCES_DIR).mkdir()
     n = len(meta.references)
@@ -439,7 +462,8 @@ def _write_references(
         ref.file = f"{REFERENCES_DIR}/{i:04d}.png"
         out = staging / ref.file
         if images is not None:
-            _write_thumbnail(images[i], out, thumbnail, ref.name)
+            meta.reference_max_side = max_side
+            _write_reference(images[i], out, max_side, ref.name)
         else:
             source = bank.reference_path(i)
             if not source.is_file():
@@ -448,7 +472,7 @@ def _write_references(
         ref.sha256 = file_sha256(out)
 
 
-def _write_thumbnail(image: np.ndarray, path: Path, longest: int, name: str) -> None:
+def _write_reference(image: np.ndarray, path: Path, longest: int, name: str) -> None:
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise BankError(f"reference {name!r}: expected an RGB uint8 array H x W x 3, got {array.dtype} {array.shape}")
@@ -495,11 +519,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_LATER_FIELDS: dict[tuple[str, str], Any] = {("threshold", "search"): "leave_own_out", ("", "reference_max_side"): None}
+"""(meta group, field) added to format 1 after banks were saved without it, with its default ("": top level)."""
+
+
 def compute_bank_id(tensors: dict[str, np.ndarray], meta: BankMeta) -> str:
     """16 hex digits of a sha256 over the tensors (name, dtype, shape, bytes) and meta.
 
     meta's ``bank_id`` and ``created_utc`` are left out, so the same contents give the same id; meta
-    holds the ONNX and reference-file checksums, so the id covers every file of the bank.
+    holds the ONNX and reference-file checksums, so the id covers every file of the bank. Fields added to
+    format 1 later (:data:`_LATER_FIELDS`) are left out while they hold their default, so banks saved
+    before they existed keep their id.
     """
     digest = hashlib.sha256()
     for name in sorted(tensors):
@@ -507,6 +537,10 @@ def compute_bank_id(tensors: dict[str, np.ndarray], meta: BankMeta) -> str:
         digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
         digest.update(memoryview(array).cast("B"))
     described = meta.model_dump(mode="json", exclude={"bank_id", "created_utc"})
+    for (group, key), default in _LATER_FIELDS.items():
+        holder = described.get(group, {}) if group else described
+        if holder.get(key, default) == default:
+            holder.pop(key, None)
     digest.update(json.dumps(described, sort_keys=True, separators=(",", ":")).encode())
     return digest.hexdigest()[:16]
 
@@ -519,7 +553,9 @@ def load_bank(directory: str | Path, settings: ExpertSettings | None = None) -> 
 
     Checks, each failing with a one-line :class:`BankError`: the directory and every file exist;
     meta.json is valid and its format version supported; the tensors have the names, dtypes and shapes
-    meta.json implies and are finite; the ONNX and reference checksums and the bank_id match the files.
+    meta.json implies and are finite; the ONNX and reference checksums and the bank_id match the files;
+    and what the bank means (:func:`check_meaning`: dims against the backbone and crop, τ and s_max against
+    ``train_scores``, the ONNX graph's input and output shapes), since anyone can recompute a bank_id.
     With ``settings``, the settings that change features or scores must equal the bank's (see
     :func:`settings_mismatches`); differences in the threshold settings are not fatal (the bank's own τ is
     used) and are reported in ``bank.notes`` and the log.
@@ -537,6 +573,7 @@ def load_bank(directory: str | Path, settings: ExpertSettings | None = None) -> 
             f"{root}: bank_id mismatch (meta.json {meta.bank_id!r}, contents {actual_id!r}): "
             "the bank was modified or corrupted after it was written; rebuild it"
         )
+    check_meaning(root, meta, tensors)
     bank = Bank(directory=root, meta=meta, **tensors)
     if settings is not None:
         fatal = settings_mismatches(meta, settings)
@@ -545,7 +582,38 @@ def load_bank(directory: str | Path, settings: ExpertSettings | None = None) -> 
         bank.notes = threshold_differences(meta, settings)
         for note in bank.notes:
             log.warning("bank %s: %s", meta.name, note)
+    wanted = settings.reference_max_side if settings is not None else DEFAULT_REFERENCE_MAX_SIDE
+    small = small_references_note(root, meta, wanted)
+    if small is not None:
+        bank.notes.append(small)
+        log.warning("bank %s: %s", meta.name, small)
     return bank
+
+
+def small_references_note(root: Path, meta: BankMeta, wanted: int) -> str | None:
+    """A rebuild hint for a bank saved before reference copies were kept large, or ``None``.
+
+    Such a bank (no ``reference_max_side`` in meta.json) stored its references as 512-px thumbnails. They still
+    load and work, but the template image then reaches the MLLM upscaled to the query's pixel budget, blurrier
+    than the query. Only the stored files' headers are read.
+    """
+    if meta.reference_max_side is not None or not meta.references:
+        return None
+    longest = 0
+    for ref in meta.references:
+        try:
+            with Image.open(root / ref.file) as image:
+                longest = max(longest, *image.size)
+        except OSError:
+            continue
+    if longest == 0 or longest >= wanted:
+        return None
+    return (
+        f"reference images are stored small (longest side {longest} px; banks saved before references were kept "
+        f"at up to {wanted} px hold {LEGACY_REFERENCE_MAX_SIDE}-px thumbnails), so the MLLM's template image is "
+        f"blurrier than the query: rebuild the bank from its original reference images "
+        f"(eagle build-bank --normals <folder> --name {meta.name}) to store them at up to {wanted} px"
+    )
 
 
 def read_meta(root: Path) -> BankMeta:
@@ -636,6 +704,117 @@ def _check_files(root: Path, meta: BankMeta) -> None:
             raise BankError(f"{path}: checksum differs from meta.json (corrupted or replaced)")
 
 
+# ------------------------------------------------------------------------------------------- meaning
+
+
+def bank_file_pattern() -> re.Pattern[str]:
+    """The relative paths a bank directory may hold (docs/bank-format.md); anything else is not part of a bank."""
+    names = "|".join(re.escape(n) for n in (TENSORS_FILE, META_FILE, ONNX_FILE))
+    return re.compile(rf"^(?:{names}|{re.escape(REFERENCES_DIR)}/[0-9]{{4,}}\.png)$")
+
+
+def is_bank_file(relative: str) -> bool:
+    """Whether ``relative`` (a POSIX path inside a bank directory) is one of the bank format's files."""
+    return bank_file_pattern().fullmatch(relative) is not None
+
+
+def expected_grid(crop: int) -> tuple[int, int]:
+    """The patch grid of one image at network input ``crop`` × ``crop`` (28 × 28 at 224)."""
+    return crop // PATCH_STRIDE, crop // PATCH_STRIDE
+
+
+def check_meaning(root: Path, meta: BankMeta, tensors: dict[str, np.ndarray]) -> None:
+    """Refuse a bank whose contents are consistent with meta.json but cannot score (one-line :class:`BankError`).
+
+    The bank_id only proves the files were not changed after it was computed; anyone can recompute it. So:
+
+    * ``dims`` against the backbone and crop: feature_dim and descriptor_dim = :data:`PATCH_FEATURE_DIM`,
+      grid = crop // :data:`PATCH_STRIDE` (the ``layer2`` grid of the configured layers);
+    * ``counts``: the memory bank holds at most every embedded patch;
+    * ``threshold``: s_max = max(train_scores), and τ recomputed from train_scores with the recorded method
+      and parameters equals the recorded τ (within :data:`SCORE_TOLERANCE`);
+    * ``backbone.onnx`` (when present): a self-contained ONNX graph (no external data) whose one input is
+      float32 ``[batch, 3, crop, crop]`` and whose output is float32 ``[batch, grid_h·grid_w, feature_dim]``.
+      Read with ``onnx.load(load_external_data=False)``; nothing is executed.
+    """
+    where = str(root / META_FILE)
+    dims, crop = meta.dims, meta.preprocessing.crop
+    if dims.feature_dim != PATCH_FEATURE_DIM:
+        raise BankError(
+            f"{where}: dims.feature_dim {dims.feature_dim} does not fit the backbone {meta.backbone.id!r} "
+            f"(its patch features have {PATCH_FEATURE_DIM} values)"
+        )
+    if dims.descriptor_dim != dims.feature_dim:
+        raise BankError(f"{where}: dims.descriptor_dim {dims.descriptor_dim} != dims.feature_dim {dims.feature_dim}")
+    grid = expected_grid(crop)
+    if (dims.grid_h, dims.grid_w) != grid:
+        raise BankError(
+            f"{where}: dims grid {dims.grid_h}x{dims.grid_w} does not fit preprocessing.crop {crop} "
+            f"(the backbone gives {grid[0]}x{grid[1]} patches)"
+        )
+    if meta.counts.coreset > meta.counts.patches:
+        raise BankError(f"{where}: counts.coreset {meta.counts.coreset} > counts.patches {meta.counts.patches}")
+    _check_threshold(where, meta.threshold, tensors["train_scores"])
+    if meta.backbone.onnx_sha256 is not None:
+        _check_onnx(root / ONNX_FILE, crop=crop, patches=grid[0] * grid[1], dim=dims.feature_dim)
+
+
+def _check_threshold(where: str, threshold: ThresholdMeta, train_scores: np.ndarray) -> None:
+    from expert.dbt import DBTError, compute_threshold
+
+    scores = np.asarray(train_scores, dtype=np.float64)
+    scale = max(abs(threshold.tau), abs(threshold.s_max), float(np.ptp(scores)) if scores.size else 0.0, 1e-12)
+    tolerance = SCORE_TOLERANCE * scale
+    highest = float(scores.max())
+    if abs(threshold.s_max - highest) > tolerance:
+        raise BankError(f"{where}: threshold.s_max {threshold.s_max:.6g} != max(train_scores) {highest:.6g}")
+    try:
+        recomputed = compute_threshold(scores, threshold.method, **threshold.params).tau
+    except DBTError as err:
+        raise BankError(f"{where}: threshold cannot be recomputed from train_scores ({err})") from None
+    if abs(recomputed - threshold.tau) > tolerance:
+        raise BankError(
+            f"{where}: threshold.tau {threshold.tau:.6g} does not follow from train_scores "
+            f"({threshold.method} with {threshold.params} gives {recomputed:.6g})"
+        )
+
+
+def _check_onnx(path: Path, *, crop: int, patches: int, dim: int) -> None:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - protobuf raises several types; any of them means unreadable
+        raise BankError(f"{path}: not a readable ONNX model ({type(err).__name__})") from None
+    graph = model.graph
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
+        raise BankError(f"{path}: refers to external tensor data; a bank's ONNX graph must be self-contained")
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if len(inputs) != 1 or len(graph.output) < 1:
+        raise BankError(f"{path}: expected one graph input and an output, found {len(inputs)} and {len(graph.output)}")
+    _check_onnx_value(path, "input", inputs[0], [None, 3, crop, crop])
+    _check_onnx_value(path, "output", graph.output[0], [None, patches, dim])
+
+
+def _check_onnx_value(path: Path, kind: str, value: Any, expected: list[int | None]) -> None:
+    """One graph input/output: float32, the expected rank, fixed dims equal to ``expected`` (None: batch, 1 or free)."""
+    import onnx
+
+    tensor = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    shown = "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+    wanted = "[batch, " + ", ".join(str(d) for d in expected[1:]) + "]"
+    if tensor.elem_type != onnx.TensorProto.FLOAT:
+        raise BankError(f"{path}: graph {kind} {value.name!r} is not float32")
+    batch_ok = bool(dims) and dims[0] in (None, 1)
+    rest_ok = len(dims) == len(expected) and all(
+        d is None or d == e for d, e in zip(dims[1:], expected[1:], strict=True)
+    )
+    if not (batch_ok and rest_ok):
+        raise BankError(f"{path}: graph {kind} {value.name!r} has shape {shown}; the bank needs {wanted}")
+
+
 # ------------------------------------------------------------------------------------------- settings
 
 _FATAL_SETTINGS: dict[str, Any] = {
@@ -666,6 +845,11 @@ def settings_mismatches(meta: BankMeta, settings: ExpertSettings) -> list[str]:
 def threshold_differences(meta: BankMeta, settings: ExpertSettings) -> list[str]:
     """Non-fatal notes where the running threshold settings differ from the bank's (the bank's τ is used)."""
     notes = []
+    if settings.dbt_search != meta.threshold.search:
+        notes.append(
+            f"dbt_search: bank {meta.threshold.search!r}, running {settings.dbt_search!r}; "
+            f"using the bank's tau={meta.threshold.tau:.6g} (rebuild the bank to change it)"
+        )
     method = meta.threshold.method
     if settings.threshold_method != method:
         notes.append(

@@ -12,6 +12,12 @@ Box finding (DESIGN.md "Visual prompt"):
    box is the union rectangle with the larger peak, and merging repeats until nothing changes;
 6. the ``max_boxes`` (3) boxes with the highest peaks are kept, strongest first.
 
+Bounded cost (:func:`find_boxes_in_original`): the expert keeps its map at crop resolution; the rules above run on
+that map sampled onto a grid over the original image whose longest side is at most :data:`BOX_GRID_MAX_SIDE`
+(the original grid itself for images no larger), and the boxes are scaled back to original pixels, so boxes
+of a 64 MP image cost what those of a 1 MP one do. Drawing and the heatmap work on whatever (bounded) view
+they are given; :meth:`Box.scaled` brings original-pixel boxes onto such a view.
+
 Example:
     >>> amap = np.zeros((100, 150), np.float32)
     >>> amap[20:40, 30:60] = 1.0
@@ -26,6 +32,9 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from expert.anomaly_map import render_map
+from expert.preprocess import Geometry
 
 BINARISE_FRACTION = 2.0 / 3.0
 """Pixels at or above this fraction of the map's maximum are candidate defect pixels."""
@@ -43,6 +52,9 @@ CLOSE_CENTRES = 0.5
 """Boxes whose centres are closer than this × the smaller box's diagonal are merged."""
 
 RED = (255, 0, 0)
+
+BOX_GRID_MAX_SIDE = 1024
+"""Longest side of the grid boxes are found on; larger images are boxed on a reduced grid and scaled back."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,23 @@ class Box:
         inter = max(0, w) * max(0, h)
         union = self.area + other.area - inter
         return inter / union if union > 0 else 0.0
+
+    def scaled(self, sx: float, sy: float, *, width: int | None = None, height: int | None = None) -> Box:
+        """The same box on a grid scaled by ``(sx, sy)`` (edges rounded; at least one pixel wide and high).
+
+        ``width`` / ``height`` (the target grid's size) clip the result.
+
+        Example:
+            >>> Box(10, 20, 30, 40, 0.5).scaled(0.5, 0.5)
+            Box(x0=5, y0=10, x1=15, y1=20, peak=0.5)
+        """
+        x0, y0 = math.floor(self.x0 * sx + 0.5), math.floor(self.y0 * sy + 0.5)
+        x1, y1 = math.floor(self.x1 * sx + 0.5), math.floor(self.y1 * sy + 0.5)
+        if width is not None:
+            x0, x1 = min(max(0, x0), width - 1), min(max(1, x1), width)
+        if height is not None:
+            y0, y1 = min(max(0, y0), height - 1), min(max(1, y1), height)
+        return Box(x0, y0, max(x1, x0 + 1), max(y1, y0 + 1), self.peak)
 
     def union(self, other: Box) -> Box:
         """The smallest box holding both, with the larger peak."""
@@ -180,6 +209,55 @@ def find_boxes(amap: np.ndarray, valid: np.ndarray | None = None, *, max_boxes: 
     return merge_boxes(boxes)[:max_boxes]
 
 
+def box_grid_size(height: int, width: int, max_side: int = BOX_GRID_MAX_SIDE) -> tuple[int, int]:
+    """``(rows, cols)`` of the grid boxes are found on for an ``height × width`` image (never larger than it).
+
+    Example:
+        >>> box_grid_size(480, 640), box_grid_size(6000, 8000)
+        ((480, 640), (768, 1024))
+    """
+    scale = max_side / max(height, width)
+    if scale >= 1.0:
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def find_boxes_in_original(
+    crop_map: np.ndarray, geometry: Geometry, *, max_boxes: int = 3, max_side: int = BOX_GRID_MAX_SIDE
+) -> list[Box]:
+    """Boxes in ORIGINAL pixels from the crop-resolution map, at a cost bounded by ``max_side``.
+
+    The map is sampled (:func:`expert.anomaly_map.render_map`) onto :func:`box_grid_size`'s grid over the
+    original image, :func:`find_boxes` runs there, and the boxes are scaled back and clipped to the inspected
+    region. For images whose longest side is at most ``max_side`` the grid IS the original pixel grid and the
+    result equals ``find_boxes(*anomaly_map(...))`` exactly; above, edges are within about one grid cell
+    (``max(orig) / max_side`` original pixels) of it.
+
+    Args:
+        crop_map: ``crop_h × crop_w`` smoothed map (:func:`expert.anomaly_map.crop_anomaly_map`).
+        geometry: the image's :class:`~expert.preprocess.Geometry` (original size, resize, crop).
+        max_boxes: most boxes returned.
+        max_side: longest side of the working grid.
+
+    Returns:
+        Boxes in original pixel coordinates, highest peak first.
+    """
+    rows, cols = box_grid_size(geometry.orig_h, geometry.orig_w, max_side)
+    amap, valid = render_map(crop_map, geometry, rows, cols)
+    boxes = find_boxes(amap, valid, max_boxes=max_boxes)
+    if (rows, cols) == (geometry.orig_h, geometry.orig_w):
+        return boxes
+    x0, y0, x1, y1 = geometry.inspected_region()
+    sx, sy = geometry.orig_w / cols, geometry.orig_h / rows
+    out = []
+    for box in boxes:
+        big = box.scaled(sx, sy)
+        bx0, bx1 = min(max(big.x0, x0), x1 - 1), max(min(big.x1, x1), x0 + 1)
+        by0, by1 = min(max(big.y0, y0), y1 - 1), max(min(big.y1, y1), y0 + 1)
+        out.append(Box(bx0, by0, max(bx1, bx0 + 1), max(by1, by0 + 1), box.peak))
+    return out
+
+
 def line_width(height: int, width: int) -> int:
     """Box line width for an image: ``max(2, round(0.006 · max(h, w)))`` so it survives the MLLM's resize.
 
@@ -213,11 +291,13 @@ def draw_boxes(image: np.ndarray, boxes: list[Box]) -> np.ndarray:
         if ox1 <= ox0 or oy1 <= oy0:
             continue
         ix0, iy0, ix1, iy1 = ox0 + thickness, oy0 + thickness, ox1 - thickness, oy1 - thickness
-        frame = np.zeros((height, width), bool)
-        frame[oy0:oy1, ox0:ox1] = True
-        if ix1 > ix0 and iy1 > iy0:
-            frame[iy0:iy1, ix0:ix1] = False
-        out[frame] = RED
+        if ix1 <= ix0 or iy1 <= iy0:  # the frame covers the whole rectangle
+            out[oy0:oy1, ox0:ox1] = RED
+            continue
+        out[oy0:iy0, ox0:ox1] = RED  # four bands: cost in proportion to the frame, not the image
+        out[iy1:oy1, ox0:ox1] = RED
+        out[iy0:iy1, ox0:ix0] = RED
+        out[iy0:iy1, ix1:ox1] = RED
     return out
 
 
@@ -244,6 +324,9 @@ def heatmap_overlay(
         RGB uint8 image: inspected pixels ``(1-alpha)·image + alpha·jet(map)``; uninspected pixels are a
         darkened grey version of the image crossed by diagonal hatching.
 
+    Works in uint8 and float32 (about 12 bytes per pixel of temporaries): give it a bounded view (the pipeline
+    renders at most ~1024 px on the longest side, :func:`expert.anomaly_map.render_map`), not a 60 MP original.
+
     Raises:
         ValueError: if shapes disagree.
     """
@@ -253,14 +336,21 @@ def heatmap_overlay(
     values = amap[valid] if valid.any() else np.zeros(1, np.float32)
     low = float(values.min()) if vmin is None else float(vmin)
     high = float(values.max()) if vmax is None else float(vmax)
-    scaled = np.clip((amap.astype(np.float64) - low) / max(high - low, 1e-12), 0.0, 1.0)
-    jet = cv2.applyColorMap(np.rint(scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-    blended = (1.0 - alpha) * image.astype(np.float64) + alpha * jet.astype(np.float64)
-    grey = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    shaded = np.repeat((0.35 * grey + 60.0)[..., None], 3, axis=2)
-    ys, xs = np.mgrid[0:height, 0:width]
+    del values
+    # uint8 and float32 throughout (the caller passes a bounded view, see eagle.pipeline): no float64 copies.
+    scale = np.float32(255.0 / max(high - low, 1e-12))
+    levels = np.clip((amap.astype(np.float32, copy=False) - np.float32(low)) * scale, 0.0, 255.0)
+    jet = cv2.applyColorMap(np.rint(levels).astype(np.uint8), cv2.COLORMAP_JET)
+    del levels
+    image = np.ascontiguousarray(image)
+    blended = cv2.addWeighted(image, 1.0 - alpha, np.ascontiguousarray(jet[..., ::-1]), alpha, 0.0)
+    del jet
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    shaded = cv2.convertScaleAbs(grey, alpha=0.35, beta=60.0)
     spacing = max(8, line_width(height, width) * 4)
-    hatch = ((xs + ys) % spacing) < max(1, spacing // 8)
-    shaded[hatch] = 200.0
-    out = np.where(valid[..., None], blended, shaded)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    diagonal = np.add.outer(np.arange(height, dtype=np.int32), np.arange(width, dtype=np.int32)) % spacing
+    shaded[diagonal < max(1, spacing // 8)] = 200
+    del diagonal
+    outside = ~valid
+    blended[outside] = shaded[outside][:, None]
+    return blended

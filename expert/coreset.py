@@ -5,9 +5,17 @@ The algorithm (DESIGN.md, "Coreset"):
 1. Project every patch feature with a seeded Gaussian random matrix to ``projection_dim`` dimensions
    (Johnson-Lindenstrauss: entries drawn from N(0, 1/projection_dim), so squared distances are preserved
    in expectation). When ``projection_dim >= D`` the features are used as they are.
-2. Pick ``num_starts`` starting points: ``center_farthest`` (EAGLE) takes the patch nearest the mean of
-   all projected patches plus the ``num_starts - 1`` patches farthest from that mean; ``random``
-   (PatchCore) draws them uniformly without replacement.
+2. Pick ``num_starts`` starting points, all distances Euclidean in the projected space (as the reference
+   code, which picks them on the projected features):
+
+   * ``center_farthest`` (EAGLE's reference code, the default): c = the patch nearest the mean of all
+     projected patches, plus the ``num_starts - 1`` patches farthest from c (from that PATCH, not from
+     the mean);
+   * ``mean_farthest`` (this project's earlier rule, kept as a named option): c plus the
+     ``num_starts - 1`` patches farthest from the mean;
+   * ``random`` (PatchCore) draws them uniformly without replacement.
+
+   Ties are broken towards the lower row index.
 3. Seed every patch's "distance to the coreset" with its MEAN Euclidean distance to the start points.
    The start points themselves are not put in the coreset (as in the reference code).
 4. Repeat ``max(1, int(N * ratio))`` times: take the patch with the largest distance, add it to the
@@ -48,8 +56,8 @@ from typing import Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-StartMethod = Literal["center_farthest", "random"]
-START_METHODS: tuple[str, ...] = ("center_farthest", "random")
+StartMethod = Literal["center_farthest", "mean_farthest", "random"]
+START_METHODS: tuple[str, ...] = ("center_farthest", "mean_farthest", "random")
 
 _ROW_BLOCK = 64  # every gemv runs over a multiple of this many rows (bitwise-stable dot products)
 _FIXED_BLOCK = 4096  # rows per block for the one-time projection and rotation
@@ -102,7 +110,9 @@ def greedy_coreset(
         ratio: share of rows to keep; ``max(1, int(N * ratio))`` rows are selected.
         projection_dim: dimension of the seeded random projection the distances are measured in.
         num_starts: number of starting points (at most N are used).
-        start_method: ``"center_farthest"`` (EAGLE) or ``"random"`` (PatchCore).
+        start_method: ``"center_farthest"`` (EAGLE's reference code: the patch nearest the mean and the
+            patches farthest from THAT patch), ``"mean_farthest"`` (the patch nearest the mean and the
+            patches farthest from the mean) or ``"random"`` (PatchCore).
         seed: seeds the projection and, for ``"random"``, the start points.
         chunk_size: rows per block of the distance updates (bounds temporary memory); rounded up to 64.
         progress: show a tqdm progress bar over the selection steps.
@@ -118,7 +128,7 @@ def greedy_coreset(
     n_select = coreset_size(n_rows, ratio)
     chunk = -(-int(chunk_size) // _ROW_BLOCK) * _ROW_BLOCK
     space = _ProjectedSpace.build(features, projection_dim, seed)
-    starts = _starting_points(space, min(num_starts, n_rows), start_method, seed)
+    starts = _starting_points(space, min(num_starts, n_rows), start_method, seed, chunk)
     min_dist = _seed_distances(space, starts, chunk)
     return _greedy_select(space, min_dist, n_select, chunk, progress)
 
@@ -206,19 +216,42 @@ def _principal_axes(y: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(eigenvectors[:, order]).astype(np.float32)
 
 
-def _starting_points(space: _ProjectedSpace, count: int, method: str, seed: int) -> np.ndarray:
-    """Start rows: ``center_farthest`` (nearest the mean + farthest from it) or ``random``."""
+def _starting_points(space: _ProjectedSpace, count: int, method: str, seed: int, chunk: int = 65536) -> np.ndarray:
+    """Start rows: ``center_farthest``, ``mean_farthest`` (see the module docstring) or ``random``.
+
+    The nearest-to-the-mean row comes first, then the farthest rows in decreasing distance.
+    """
     n = space.n
     if method == "random":
         rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
         return np.sort(rng.choice(n, size=count, replace=False)).astype(np.int64)
     # The space is centred, so the squared distance to the mean is the squared norm.
-    sq_to_mean = space.sq[:n]
-    order = np.argsort(sq_to_mean, kind="stable")
-    nearest = order[0]
-    farthest = order[::-1][: count - 1]
-    farthest = farthest[farthest != nearest][: count - 1]
+    nearest = int(np.argmin(space.sq[:n]))
+    if count == 1:
+        return np.array([nearest], dtype=np.int64)
+    if method == "center_farthest":
+        reach = _squared_distances_to(space, nearest, chunk)[:n]
+    else:
+        reach = space.sq[:n]
+    order = np.argsort(-reach, kind="stable")
+    farthest = order[order != nearest][: count - 1]
     return np.concatenate([[nearest], farthest]).astype(np.int64)
+
+
+def _squared_distances_to(space: _ProjectedSpace, index: int, chunk: int) -> np.ndarray:
+    """Squared Euclidean distance of every (padded) row to row ``index``, clamped at 0, float32."""
+    padded = space.neg2.shape[0]
+    c = space.row(index)
+    cc = space.sq[index]
+    out = np.empty(padded, dtype=np.float32)
+    for s in range(0, padded, chunk):
+        e = min(padded, s + chunk)
+        dist = out[s:e]
+        np.matmul(space.neg2[s:e], c, out=dist)
+        dist += space.sq[s:e]
+        dist += cc
+        np.maximum(dist, 0.0, out=dist)
+    return out
 
 
 def _seed_distances(space: _ProjectedSpace, starts: np.ndarray, chunk: int) -> np.ndarray:

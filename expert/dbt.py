@@ -1,10 +1,16 @@
 """Distribution-Based Thresholding (DBT): leave-own-out training scores and the threshold τ.
 
 Training scores (paper §3.2.2, DESIGN.md "DBT"): for every training image i, its UNSAMPLED patches
-(those the coreset did not keep) are scored against the coreset minus the entries that came from
-image i, and the image's score is the largest of those patch scores. An image is skipped (it gets no
-score, never NaN) when it has fewer than ``min_unsampled`` unsampled patches, or when every coreset
-entry came from it (nothing is left to compare against).
+(those the coreset did not keep) are scored against a search bank, and the image's score is the largest
+of those patch scores. The search bank (:data:`DBT_SEARCHES`, :func:`training_scores`):
+
+* ``leave_own_out`` (the reference code, the default): the coreset minus the entries that came from
+  image i;
+* ``whole_bank`` (the paper's Algorithm 1 as written): the whole coreset, image i's own entries included.
+
+An image is skipped (it gets no score, never NaN) when it has fewer than ``min_unsampled`` unsampled
+patches (the reference uses 32), or, leave-own-out only, when every coreset entry came from it (nothing
+is left to compare against).
 
 Thresholds (:func:`compute_threshold`), on the scores S of the used images, s_max = max(S):
 
@@ -33,7 +39,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy import optimize, stats
@@ -52,6 +58,13 @@ THRESHOLD_METHODS: dict[str, dict[str, float]] = {
 
 EVT_MIN_SCORES = 10
 """Fewest training scores the ``evt`` method fits a GEV to."""
+
+DBTSearch = Literal["leave_own_out", "whole_bank"]
+DBT_SEARCHES: tuple[str, ...] = ("leave_own_out", "whole_bank")
+"""Where DBT searches an image's unsampled patches: the coreset minus the image's own entries, or all of it."""
+
+DEFAULT_MIN_UNSAMPLED = 32
+"""Fewest unsampled patches an image needs to get a DBT training score (the reference code's value)."""
 
 SKIP_TOO_FEW_UNSAMPLED = "too_few_unsampled"
 SKIP_NO_OTHER_CORESET = "no_other_coreset"
@@ -85,50 +98,66 @@ class Threshold:
 # ----------------------------------------------------------------------------------------------- scores
 
 
+def check_search(search: str) -> DBTSearch:
+    """Return ``search`` if it is one of :data:`DBT_SEARCHES`, else raise :class:`DBTError`."""
+    if search not in DBT_SEARCHES:
+        raise DBTError(f"unknown DBT search {search!r}; expected one of {', '.join(DBT_SEARCHES)}")
+    return search  # type: ignore[return-value]
+
+
 def skip_reasons(
-    num_images: int, patches_per_image: int, coreset_idx: np.ndarray, *, min_unsampled: int
+    num_images: int,
+    patches_per_image: int,
+    coreset_idx: np.ndarray,
+    *,
+    min_unsampled: int,
+    search: DBTSearch = "leave_own_out",
 ) -> dict[int, str]:
     """Which images DBT skips and why: {image index: ``"too_few_unsampled"`` | ``"no_other_coreset"``}.
 
     ``coreset_idx`` indexes the flattened [num_images * patches_per_image] patches; patch row r belongs
-    to image ``r // patches_per_image``.
+    to image ``r // patches_per_image``. ``"no_other_coreset"`` only exists for ``search="leave_own_out"``.
     """
+    check_search(search)
     own = np.bincount(np.asarray(coreset_idx) // patches_per_image, minlength=num_images)
     total = int(own.sum())
     reasons: dict[int, str] = {}
     for i in range(num_images):
         if patches_per_image - own[i] < min_unsampled:
             reasons[i] = SKIP_TOO_FEW_UNSAMPLED
-        elif total - own[i] == 0:
+        elif search == "leave_own_out" and total - own[i] == 0:
             reasons[i] = SKIP_NO_OTHER_CORESET
     return reasons
 
 
-def leave_own_out_scores(
+def training_scores(
     features: np.ndarray,
     coreset_idx: np.ndarray,
     *,
+    search: DBTSearch = "leave_own_out",
     distance: Distance = "sqeuclidean",
-    min_unsampled: int = 16,
+    min_unsampled: int = DEFAULT_MIN_UNSAMPLED,
     progress: bool = False,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Leave-own-out DBT training scores (exact).
+    """DBT training scores (exact): per image, the largest nearest-neighbour distance of its unsampled patches.
 
-    Per image i, only the LARGEST leave-own-out nearest-neighbour distance of its unsampled patches is
-    needed, so most patches need no full search:
+    ``search`` picks the bank the patches are searched in (module docstring). Only the LARGEST distance
+    per image is needed, so most patches need no full search:
 
-    1. upper bounds: for every patch, the coreset entry of another image nearest to it in a 128-d random
-       projection (one small matrix product) is a real member of the reduced bank, so the exact distance
-       to it, u(x), bounds the patch's leave-own-out distance from above;
-    2. exact search (faiss, k = own_i + 1 over the whole coreset: at most own_i neighbours can be image
-       i's own, so the first other one is the leave-own-out neighbour) for the patches in decreasing order
-       of u, in doubling batches, until the best exact score exceeds every remaining bound. The maximum
-       is therefore exact (up to faiss's float32 rounding).
+    1. upper bounds: for every patch, the allowed coreset entry (another image's, for leave-own-out)
+       nearest to it in a 128-d random projection (one small matrix product) is a real member of the
+       search bank, so the exact distance to it, u(x), bounds the patch's distance from above;
+    2. exact search (faiss; for leave-own-out k = own_i + 1 over the whole coreset: at most own_i
+       neighbours can be image i's own, so the first other one is the leave-own-out neighbour; for the
+       whole bank k = 1) for the patches in decreasing order of u, in doubling batches, until the best
+       exact score exceeds every remaining bound. The maximum is therefore exact (up to faiss's float32
+       rounding).
 
     Args:
         features: [N, P, D] patch features of the N training images.
         coreset_idx: [M] unique indices into the flattened [N * P] patches (the coreset).
+        search: ``"leave_own_out"`` (reference code) or ``"whole_bank"`` (paper Algorithm 1).
         distance: ``"sqeuclidean"`` or ``"euclidean"`` (as :class:`expert.search.PatchIndex`).
         min_unsampled: images with fewer unsampled patches are skipped.
         progress: tqdm bar over the images.
@@ -138,19 +167,41 @@ def leave_own_out_scores(
         (scores [n_used] float32 of the used images in image order, NaN-free; used [N] bool).
 
     Raises:
-        DBTError: bad shapes or indices, or no image usable (the message counts the reasons).
+        DBTError: bad shapes, indices or search, or no image usable (the message counts the reasons).
     """
     check_distance(distance)
+    check_search(search)
     features, coreset_idx = _check_scoring_inputs(features, coreset_idx, min_unsampled)
     n_images, n_patches, dim = features.shape
-    reasons = skip_reasons(n_images, n_patches, coreset_idx, min_unsampled=min_unsampled)
+    reasons = skip_reasons(n_images, n_patches, coreset_idx, min_unsampled=min_unsampled, search=search)
     used = np.ones(n_images, dtype=bool)
     used[list(reasons)] = False
     if not used.any():
         raise DBTError(_no_scores_message(n_images, n_patches, len(coreset_idx), min_unsampled, reasons))
-    scorer = _LeaveOwnOutScorer(features, coreset_idx, distance, use_gpu)
+    scorer = _TrainingScorer(features, coreset_idx, distance, use_gpu, leave_own_out=search == "leave_own_out")
     scores = [scorer.image_score(i) for i in tqdm(np.flatnonzero(used), desc="DBT", unit="image", disable=not progress)]
     return np.asarray(scores, dtype=np.float32), used
+
+
+def leave_own_out_scores(
+    features: np.ndarray,
+    coreset_idx: np.ndarray,
+    *,
+    distance: Distance = "sqeuclidean",
+    min_unsampled: int = DEFAULT_MIN_UNSAMPLED,
+    progress: bool = False,
+    use_gpu: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`training_scores` with ``search="leave_own_out"`` (the reference code's DBT)."""
+    return training_scores(
+        features,
+        coreset_idx,
+        search="leave_own_out",
+        distance=distance,
+        min_unsampled=min_unsampled,
+        progress=progress,
+        use_gpu=use_gpu,
+    )
 
 
 _BOUND_DIM = 128  # random projection in which each patch's candidate neighbour is found
@@ -158,11 +209,20 @@ _BOUND_SLACK = 1e-3  # relative slack: faiss's expanded-form distances carry rou
 _FIRST_BATCH = 128  # patches searched exactly in the first round (the batch doubles each further round)
 
 
-class _LeaveOwnOutScorer:
-    """Exact leave-own-out image scores with upper-bound pruning (see :func:`leave_own_out_scores`)."""
+class _TrainingScorer:
+    """Exact DBT image scores with upper-bound pruning (see :func:`training_scores`)."""
 
-    def __init__(self, features: np.ndarray, coreset_idx: np.ndarray, distance: Distance, use_gpu: bool | None):
+    def __init__(
+        self,
+        features: np.ndarray,
+        coreset_idx: np.ndarray,
+        distance: Distance,
+        use_gpu: bool | None,
+        *,
+        leave_own_out: bool = True,
+    ):
         n_images, n_patches, dim = features.shape
+        self.leave_own_out = leave_own_out
         self.features = features
         self.distance = distance
         self.use_gpu = use_gpu
@@ -182,7 +242,7 @@ class _LeaveOwnOutScorer:
         return np.ascontiguousarray(rows @ self.projection if self.projection is not None else rows)
 
     def image_score(self, i: int) -> float:
-        """Image i's score: max over its unsampled patches of the leave-own-out nearest-neighbour distance."""
+        """Image i's score: max over its unsampled patches of the nearest-neighbour distance in the search bank."""
         queries = np.ascontiguousarray(self.features[i][~self.sampled[i]], dtype=np.float32)
         own = int(self.own_counts[i])
         bounds = self._upper_bounds(queries, i)
@@ -196,17 +256,20 @@ class _LeaveOwnOutScorer:
         return float(to_distance(np.array([best]), self.distance)[0])
 
     def _upper_bounds(self, queries: np.ndarray, i: int) -> np.ndarray:
-        """Exact squared distance to the other-image entry nearest in the projection (>= the true distance)."""
+        """Exact squared distance to the allowed entry nearest in the projection (>= the true distance)."""
         coarse = self._project(queries) @ self.coarse_bank.T
         coarse *= -2.0
         coarse += self.coarse_sq
-        coarse[:, self.owner == i] = np.inf
+        if self.leave_own_out:
+            coarse[:, self.owner == i] = np.inf
         candidate = np.argmin(coarse, axis=1)
         diff = queries - self.bank[candidate]
         return np.einsum("qd,qd->q", diff, diff)
 
     def _exact(self, queries: np.ndarray, i: int, own: int) -> np.ndarray:
-        """Squared leave-own-out nearest-neighbour distance of each query (faiss, k = own + 1)."""
+        """Squared nearest-neighbour distance of each query in the search bank (faiss; k = own + 1 leaving own out)."""
+        if not self.leave_own_out:
+            return self.index.search(queries)
         k = own + 1
         if self.index.on_gpu and k > GPU_MAX_K:
             reduced = PatchIndex(self.bank[self.owner != i], distance="sqeuclidean", use_gpu=self.use_gpu)
@@ -308,6 +371,35 @@ def compute_threshold(scores: Sequence[float] | np.ndarray, method: str, **param
     if not np.isfinite(tau):
         raise DBTError(f"threshold method {method!r} produced a non-finite tau ({tau})")
     return Threshold(tau=float(tau), s_max=s_max, method=method, params=values, n_scores=len(s), stats=fitted)
+
+
+def empty_band_warning(threshold: Threshold) -> str | None:
+    """A one-line warning when τ > s_max (the low-confidence band [τ, s_max] is empty, so CAAS never runs).
+
+    For ``k_sigma`` with n scores the largest is at most mean + σ·√(n−1) (equality only when all the
+    others are equal), so with √(n−1) <= κ the band is empty by construction (n ≤ 10 at κ = 3); the
+    warning says so and how many references it takes. Returns None when τ <= s_max.
+
+    Example:
+        >>> t = compute_threshold([1.0, 2.0, 3.0, 2.5], "k_sigma")
+        >>> empty_band_warning(t).split(":")[0]
+        'CAAS band empty (tau 4.34 > s_max 3)'
+    """
+    if not threshold.tau > threshold.s_max:
+        return None
+    head = (
+        f"CAAS band empty (tau {threshold.tau:.3g} > s_max {threshold.s_max:.3g}): no score is ever low-confidence, "
+        "so CAAS never turns on"
+    )
+    n = threshold.n_scores
+    kappa = threshold.params.get("kappa")
+    if threshold.method == "k_sigma" and kappa is not None and n >= 2 and n - 1 <= kappa**2:
+        needed = int(np.floor(kappa**2)) + 2  # smallest n with sqrt(n - 1) > kappa
+        return (
+            f"{head}; with {n} DBT training scores this is certain at kappa = {kappa:g}, since the largest of "
+            f"{n} scores is at most mean + {np.sqrt(n - 1):.3g} sigma; use {needed} or more reference images"
+        )
+    return f"{head}; the {threshold.method} threshold lies above every DBT training score"
 
 
 def _check_method(method: str) -> None:

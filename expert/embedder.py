@@ -27,6 +27,14 @@ from expert.preprocess import Geometry, preprocess
 
 ONNX_INPUT_NAME = "images"
 ONNX_OUTPUT_NAME = "patch_features"
+ONNX_OPSET = 20
+"""The ONNX opset every export targets (explicit: it is part of :class:`expert.onnx_cache.ExportKey`)."""
+
+CPU_MAX_BATCH = 8
+"""Largest batch one onnxruntime CPU run gets (:class:`OnnxEmbedder` splits larger ones): onnxruntime's arena
+keeps the largest run's activations. With the folded pooling (:func:`expert.backbone.folded_pooling`) a batch of
+8 peaks at ~0.3 GB above the session's weights (0.28 GB at 2); the literal unfold-and-pool graph needed 1.5 GB
+at 8, ~170 MB per image."""
 
 
 class OnnxExportError(RuntimeError):
@@ -89,12 +97,22 @@ class OnnxEmbedder:
         path: the ``.onnx`` file.
         providers: onnxruntime execution providers; default :func:`default_providers`.
         intra_op_threads: onnxruntime intra-op threads (0: onnxruntime's default, all cores).
+        max_batch: largest batch per onnxruntime run (larger ones are split, results are the same); default
+            :data:`CPU_MAX_BATCH` on CPU (bounded memory), unlimited when CUDA runs the graph.
 
     Attributes:
         providers: the providers the session actually uses.
+        max_batch: the resolved per-run batch limit (None: unlimited).
     """
 
-    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, *, intra_op_threads: int = 0):
+    def __init__(
+        self,
+        path: str | Path,
+        providers: Sequence[str] | None = None,
+        *,
+        intra_op_threads: int = 0,
+        max_batch: int | None = None,
+    ):
         import onnxruntime
 
         self.path = Path(path)
@@ -107,11 +125,24 @@ class OnnxEmbedder:
         self.session = onnxruntime.InferenceSession(str(self.path), sess_options=options, providers=chosen)
         self.providers: list[str] = self.session.get_providers()
         self._input = self.session.get_inputs()[0].name
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        on_cpu = self.providers[0] == "CPUExecutionProvider"
+        self.max_batch: int | None = max_batch if max_batch is not None else (CPU_MAX_BATCH if on_cpu else None)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """Embed ``batch`` (float32 ``[B, 3, H, W]``) → float32 ``[B, 784, 1024]``."""
-        feed = {self._input: np.ascontiguousarray(batch, dtype=np.float32)}
-        return self.session.run(None, feed)[0]
+        """Embed ``batch`` (float32 ``[B, 3, H, W]``) → float32 ``[B, 784, 1024]``, ``max_batch`` at a time."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        step = self.max_batch or len(batch)
+        if len(batch) <= step:
+            return self.session.run(None, {self._input: batch})[0]
+        out: np.ndarray | None = None
+        for start in range(0, len(batch), step):
+            part = self.session.run(None, {self._input: batch[start : start + step]})[0]
+            if out is None:
+                out = np.empty((len(batch), *part.shape[1:]), dtype=np.float32)
+            out[start : start + len(part)] = part
+        return out
 
 
 def onnx_input_shape(path: str | Path) -> list[int | str]:
@@ -127,7 +158,9 @@ def onnx_input_shape(path: str | Path) -> list[int | str]:
     return [d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in dims]
 
 
-def export_onnx(module: torch.nn.Module, path: str | Path, *, input_size: int = 224) -> Path:
+def export_onnx(
+    module: torch.nn.Module, path: str | Path, *, input_size: int = 224, opset: int = ONNX_OPSET
+) -> Path:
     """Export the patch embedder to one self-contained ONNX file with a dynamic batch dimension.
 
     Uses the dynamo exporter (the legacy one cannot export ``adaptive_avg_pool1d``) with a batch-2 example
@@ -138,6 +171,7 @@ def export_onnx(module: torch.nn.Module, path: str | Path, *, input_size: int = 
         module: the :class:`expert.backbone.PatchEmbedder` (moved to CPU for export, left in eval mode).
         path: output ``.onnx`` path (parent directories are created).
         input_size: the square network input size.
+        opset: the ONNX opset to target.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -158,10 +192,12 @@ def export_onnx(module: torch.nn.Module, path: str | Path, *, input_size: int = 
             input_names=[ONNX_INPUT_NAME],
             output_names=[ONNX_OUTPUT_NAME],
             dynamic_shapes=({0: batch},),
+            opset_version=opset,
             optimize=True,
             verbose=False,
         )
     program.save(str(path), external_data=False)
+    del program  # the exported program holds a second copy of the weights: free it before checking
     shape = onnx_input_shape(path)
     if len(shape) != 4 or not isinstance(shape[0], str) or shape[1:] != [3, input_size, input_size]:
         raise OnnxExportError(

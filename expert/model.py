@@ -2,15 +2,20 @@
 
 Building (:func:`build_bank`), four stages, each with a tqdm bar and ``progress(stage, fraction)`` calls:
 
-1. ``embed``: the patch embedder is exported to ONNX, then every reference image is preprocessed and
-   embedded with that graph ([N, P, D], P = 784, D = 1024 at 224);
+1. ``embed``: the patch embedder's ONNX graph is taken from the export cache (:mod:`expert.onnx_cache`;
+   exported once per backbone, weights, crop, opset and torch version), then every reference image is
+   preprocessed and embedded with that graph into one preallocated float32 [N, P, D] array (P = 784,
+   D = 1024 at 224);
 2. ``coreset``: greedy k-center over all N·P patches (``coreset_ratio``); each kept patch keeps its image id;
-3. ``dbt``: leave-own-out training scores → τ and s_max (``threshold_method``), global descriptors;
+3. ``dbt``: training scores (``dbt_search``: leave-own-out by default) → τ and s_max (``threshold_method``),
+   global descriptors; τ > s_max (an empty CAAS band) is recorded as a bank warning;
 4. ``save``: the ONNX backbone goes into the bank (the bank carries its own feature extractor), with
    downscaled reference copies, ``bank.safetensors`` and ``meta.json``, written atomically.
 
 Scoring (:class:`ExpertScorer`): preprocess → embed (batch of 1) → faiss k = 1 search → patch-score grid →
-image score = max → anomaly map in ORIGINAL coordinates → boxes only when score ≥ τ → template retrieval.
+image score = max → anomaly map (kept at crop resolution, with the geometry to map it back) → boxes in ORIGINAL
+coordinates only when score ≥ τ → template retrieval. Nothing of the original's pixel count is allocated after
+preprocessing, so memory and time do not grow with the image (issue 11).
 
 Example:
     >>> from eagle.settings import ExpertSettings
@@ -39,22 +44,24 @@ import torch
 from tqdm.auto import tqdm
 
 from eagle.settings import ExpertSettings
-from expert.anomaly_map import anomaly_map
+from expert.anomaly_map import crop_anomaly_map, render_map
 from expert.backbone import PatchEmbedder, build_patch_embedder
 from expert.bank import Bank, BankError, check_weights, load_bank, make_meta, save_bank
-from expert.boxes import Box, find_boxes
+from expert.boxes import Box, find_boxes_in_original
 from expert.coreset import greedy_coreset
 from expert.dbt import (
     DBTError,
     Threshold,
     check_reference_count,
     compute_threshold,
-    leave_own_out_scores,
+    empty_band_warning,
     skip_reasons,
     threshold_params,
+    training_scores,
 )
-from expert.embedder import Embedder, OnnxEmbedder, TorchEmbedder, embed_images, export_onnx
-from expert.preprocess import Geometry, preprocess
+from expert.embedder import Embedder, OnnxEmbedder, TorchEmbedder, embed_images
+from expert.onnx_cache import BackboneSource, ExportKey, OnnxCache
+from expert.preprocess import Geometry, compute_geometry, preprocess
 from expert.retrieval import global_descriptors, most_similar
 from expert.search import PatchIndex
 from expert.weights import WeightsInfo, load_backbone
@@ -129,6 +136,16 @@ def _as_patch_embedder(backbone: torch.nn.Module, crop: int) -> PatchEmbedder:
     return build_patch_embedder(backbone, input_size=crop)
 
 
+def _patch_grid(backbone: torch.nn.Module | None, crop: int, n_patches: int) -> tuple[int, int]:
+    """The patch grid: the module's when there is one, else the square grid of ``n_patches`` (ONNX-only build)."""
+    if backbone is not None:
+        return _as_patch_embedder(backbone, crop).grid_size
+    side = int(round(n_patches**0.5))
+    if side * side != n_patches:
+        raise ValueError(f"{n_patches} patches per image do not form a square grid; pass the backbone")
+    return side, side
+
+
 def _coreset_stage(features: np.ndarray, settings: ExpertSettings, progress: ProgressCallback | None) -> np.ndarray:
     _report(progress, "coreset", 0.0)
     n_images, n_patches, dim = features.shape
@@ -147,9 +164,10 @@ def _coreset_stage(features: np.ndarray, settings: ExpertSettings, progress: Pro
 
 def _dbt_stage(features: np.ndarray, selected: np.ndarray, settings: ExpertSettings, progress):
     _report(progress, "dbt", 0.0)
-    scores, used = leave_own_out_scores(
+    scores, used = training_scores(
         features,
         selected,
+        search=settings.dbt_search,
         distance=settings.distance,
         min_unsampled=settings.min_unsampled_patches,
         progress=True,
@@ -186,7 +204,9 @@ def _assemble_bank(
         threshold=threshold,
         reference_names=list(names),
         used_for_dbt=used,
-        skip_reasons=skip_reasons(n_images, n_patches, selected, min_unsampled=settings.min_unsampled_patches),
+        skip_reasons=skip_reasons(
+            n_images, n_patches, selected, min_unsampled=settings.min_unsampled_patches, search=settings.dbt_search
+        ),
         grid=grid,
         feature_dim=dim,
         descriptor_dim=descriptors.shape[1],
@@ -220,7 +240,7 @@ def _duplicate_warning(images: Sequence[np.ndarray], names: Sequence[str]) -> st
     )
 
 
-def _threshold_warnings(scores: np.ndarray, used: np.ndarray) -> list[str]:
+def _threshold_warnings(scores: np.ndarray, used: np.ndarray, threshold: Threshold) -> list[str]:
     warnings = []
     skipped = int(len(used) - used.sum())
     if skipped:
@@ -230,6 +250,9 @@ def _threshold_warnings(scores: np.ndarray, used: np.ndarray) -> list[str]:
             f"all {len(scores)} DBT training scores are equal (sigma = 0): tau = {float(scores[0]):.6g}; "
             "add varied normal images for a meaningful threshold"
         )
+    band = empty_band_warning(threshold)
+    if band:
+        warnings.append(band)
     return warnings
 
 
@@ -238,7 +261,7 @@ def fit_bank(
     names: Sequence[str],
     *,
     settings: ExpertSettings,
-    backbone: torch.nn.Module,
+    backbone: torch.nn.Module | None,
     weights_info: WeightsInfo,
     name: str,
     progress: ProgressCallback | None = None,
@@ -252,6 +275,7 @@ def fit_bank(
     Args and raises: as :func:`build_bank` (without ``out_dir``; no :class:`~expert.bank.BankError`), plus
     ``embedder``: what computes the reference features (default: the torch module built on ``backbone``;
     :func:`build_bank` passes the exported ONNX backbone, the same one that will score queries).
+    ``backbone`` may be None when ``embedder`` is given (the patch grid then follows the features).
 
     Returns:
         An unsaved :class:`~expert.bank.Bank` (``directory`` is None).
@@ -260,16 +284,19 @@ def fit_bank(
     warnings = [w for w in (count_warning, _duplicate_warning(images, names)) if w]
     for warning in warnings:
         log.warning("bank %s: %s", name, warning)
-    module = _as_patch_embedder(backbone, settings.crop)
-    features = _embed_stage(embedder or TorchEmbedder(module), images, settings, progress)
+    if embedder is None:
+        if backbone is None:
+            raise ValueError("fit_bank needs a backbone or an embedder")
+        embedder = TorchEmbedder(_as_patch_embedder(backbone, settings.crop))
+    features = _embed_stage(embedder, images, settings, progress)
     selected = _coreset_stage(features, settings, progress)
     scores, used, threshold = _dbt_stage(features, selected, settings, progress)
-    for warning in _threshold_warnings(scores, used):
+    for warning in _threshold_warnings(scores, used, threshold):
         log.warning("bank %s: %s", name, warning)
         warnings.append(warning)
     return _assemble_bank(
         names=names,
-        grid=module.grid_size,
+        grid=_patch_grid(backbone, settings.crop, features.shape[1]),
         settings=settings,
         weights_info=weights_info,
         features=features,
@@ -287,29 +314,36 @@ def build_bank(
     names: Sequence[str],
     *,
     settings: ExpertSettings,
-    backbone: torch.nn.Module,
+    backbone: BackboneSource,
     weights_info: WeightsInfo,
     out_dir: str | Path,
     name: str,
     progress: ProgressCallback | None = None,
+    onnx_cache: OnnxCache | str | Path | None = None,
 ) -> Bank:
     """Build a bank from normal reference images and save it to ``out_dir`` (atomically).
 
-    Stages (:data:`BUILD_STAGES`): ``embed`` (the patch embedder is first exported to ONNX, and the
-    references are embedded with that graph), ``coreset``, ``dbt`` (see :func:`fit_bank`), then ``save``:
-    the ONNX file goes into the bank (so the bank carries its own feature extractor), with downscaled
-    reference copies, and :func:`expert.bank.save_bank` renames the finished bank into place.
+    Stages (:data:`BUILD_STAGES`): ``embed`` (the ONNX graph of the patch embedder is taken from
+    ``onnx_cache`` — exported first on a miss — and the references are embedded with it), ``coreset``,
+    ``dbt`` (see :func:`fit_bank`), then ``save``: the graph is copied into the bank (so the bank carries
+    its own feature extractor), with downscaled reference copies, and :func:`expert.bank.save_bank` renames
+    the finished bank into place. With a cached graph the torch weights are never touched (a loader passed
+    as ``backbone`` is not even called) and the export's 10–20 s are saved.
 
     Args:
         images: the N reference images, RGB uint8 ``H × W × 3`` (any sizes).
         names: one unique display name per image (usually the file name), stored in the bank.
         settings: the expert settings (preprocessing, coreset, distance, τ method, reference counts).
-        backbone: the loaded feature extractor (:func:`expert.weights.load_backbone`) or a
-            :class:`~expert.backbone.PatchEmbedder` built on it.
-        weights_info: the backbone's :class:`~expert.weights.WeightsInfo` (recorded in the bank).
+        backbone: the loaded feature extractor (:func:`expert.weights.load_backbone`), a
+            :class:`~expert.backbone.PatchEmbedder` built on it, or a zero-argument loader of either (called
+            only when the graph must be exported).
+        weights_info: the backbone's :class:`~expert.weights.WeightsInfo` (recorded in the bank; its checksum
+            is part of the graph's cache key).
         out_dir: bank directory (an existing bank there is replaced atomically).
         name: the bank's name (recorded in meta.json).
         progress: ``progress(stage, fraction)`` called as each stage of :data:`BUILD_STAGES` advances.
+        onnx_cache: the :class:`~expert.onnx_cache.OnnxCache` (or its directory) to take the graph from and
+            store it in; None exports into a scratch directory every time (nothing cached).
 
     Returns:
         The saved :class:`~expert.bank.Bank` (``bank.directory`` set).
@@ -321,21 +355,21 @@ def build_bank(
         DBTError: no reference image is usable for the threshold (the message says why).
         BankError: the bank cannot be written.
     """
-    module = _as_patch_embedder(backbone, settings.crop)
+    _check_inputs(images, names, settings)  # bad input fails before any graph is loaded or exported
     out_dir = Path(out_dir).expanduser()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with TemporaryDirectory(prefix=".eagle-export-", dir=out_dir.parent) as scratch:
-        # Export first, then embed the references with the exported graph: the bank's features come from
-        # the very extractor that scores queries (and onnxruntime is faster than torch on CPU).
+        # The graph first (cached, or exported), then embed the references with it: the bank's features come
+        # from the very extractor that scores queries (and onnxruntime is faster than torch on CPU).
         _report(progress, "embed", 0.0)
-        with tqdm(total=1, desc="export ONNX", unit="graph") as bar:
-            onnx_file = export_onnx(module, Path(scratch) / "backbone.onnx", input_size=settings.crop)
-            bar.update(1)
+        cache = onnx_cache if isinstance(onnx_cache, OnnxCache) else OnnxCache(onnx_cache or Path(scratch) / "onnx")
+        key = ExportKey.create(settings.backbone, weights_info.checksum, crop=settings.crop)
+        onnx_file = cache.get(key, backbone, fallback_dir=scratch)
         bank = fit_bank(
             images,
             names,
             settings=settings,
-            backbone=module,
+            backbone=None,
             weights_info=weights_info,
             name=name,
             progress=progress,
@@ -344,7 +378,11 @@ def build_bank(
         _report(progress, "save", 0.0)
         with tqdm(total=1, desc="save", unit="bank") as bar:
             save_bank(
-                bank, out_dir, onnx_source=onnx_file, reference_images=images, thumbnail=settings.reference_thumbnail
+                bank,
+                out_dir,
+                onnx_source=onnx_file,
+                reference_images=images,
+                reference_max_side=settings.reference_max_side,
             )
             bar.update(1)
     _report(progress, "save", 1.0)
@@ -363,12 +401,12 @@ class ExpertResult:
         anomalous: ``score >= tau``.
         low_confidence: ``tau <= score <= s_max`` (the expert is unsure; CAAS turns on).
         patch_scores: ``[grid_h, grid_w]`` float32 nearest-neighbour distances (28×28 at 224).
-        anomaly_map: float32 ``H × W`` map in ORIGINAL image pixels (0 outside the inspected region).
-        valid_mask: bool ``H × W``, True where the network saw the image.
-        boxes: predicted defect boxes in original pixels (empty unless ``anomalous``).
+        crop_map: float32 ``crop_h × crop_w`` smoothed anomaly map at the network input's resolution; with
+            ``geometry`` it gives the map on any grid over the original (:meth:`map_at`).
+        boxes: predicted defect boxes in ORIGINAL pixels (empty unless ``anomalous``).
         template_index: index of the most similar reference image in the bank.
         template_name: that reference's name.
-        geometry: how the image was resized and cropped.
+        geometry: how the original image (its size, even when a reduced copy was scored) was resized and cropped.
         timings_ms: milliseconds per stage of :data:`SCORE_STAGES`.
     """
 
@@ -378,8 +416,7 @@ class ExpertResult:
     anomalous: bool
     low_confidence: bool
     patch_scores: np.ndarray
-    anomaly_map: np.ndarray
-    valid_mask: np.ndarray
+    crop_map: np.ndarray
     boxes: list[Box]
     template_index: int
     template_name: str
@@ -390,6 +427,31 @@ class ExpertResult:
     def inspected_region(self) -> tuple[int, int, int, int]:
         """``(x0, y0, x1, y1)`` of the original pixels the network saw (x1, y1 exclusive)."""
         return self.geometry.inspected_region()
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        """``(width, height)`` of the original image."""
+        return self.geometry.orig_w, self.geometry.orig_h
+
+    def map_at(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """The anomaly map and inspected mask on a ``height × width`` grid over the original image.
+
+        Costs ~5 bytes per output pixel: use a bounded size for display (the pipeline does).
+        """
+        return render_map(self.crop_map, self.geometry, height, width)
+
+    @property
+    def anomaly_map(self) -> np.ndarray:
+        """float32 ``orig_h × orig_w`` map in ORIGINAL pixels (0 outside the inspected region).
+
+        Computed on each access, at the ORIGINAL resolution (for pixel-level evaluation): prefer :meth:`map_at`.
+        """
+        return self.map_at(self.geometry.orig_h, self.geometry.orig_w)[0]
+
+    @property
+    def valid_mask(self) -> np.ndarray:
+        """The bool ``orig_h × orig_w`` mask, True where the network saw the image (computed on each access)."""
+        return self.geometry.inspected_mask()
 
 
 class _Stopwatch:
@@ -452,24 +514,53 @@ class ExpertScorer:
         tensor, geometry = preprocess(image, **self._preprocess)
         return self.embedder(tensor[None])[0], geometry
 
-    def score(self, image: np.ndarray) -> ExpertResult:
-        """Score one RGB uint8 ``H × W × 3`` image (original resolution).
+    def _prepare(self, image: np.ndarray, original_size: tuple[int, int] | None) -> tuple[np.ndarray, Geometry]:
+        """Network input and the ORIGINAL image's geometry, from the original or from a reduced copy of it."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an H×W×3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+        if original_size is None or tuple(original_size) == (image.shape[1], image.shape[0]):
+            return preprocess(image, **self._preprocess)
+        width, height = (int(v) for v in original_size)
+        geometry = compute_geometry(height, width, **self._preprocess)
+        # Resize the reduced copy straight to the size the original would have been resized to: the crop window
+        # and every mapping back are then exactly the original's; only the pixel values come from the copy.
+        from PIL import Image
+
+        resized = np.asarray(Image.fromarray(image).resize((geometry.resized_w, geometry.resized_h), Image.BILINEAR))
+        tensor, inner = preprocess(resized, **self._preprocess)
+        if (inner.crop_top, inner.crop_left, inner.crop_h, inner.crop_w) != (
+            geometry.crop_top,
+            geometry.crop_left,
+            geometry.crop_h,
+            geometry.crop_w,
+        ):  # pragma: no cover - compute_geometry is idempotent on its own output
+            raise AssertionError(f"crop of the resized copy {inner} differs from the original's {geometry}")
+        return tensor, geometry
+
+    def score(self, image: np.ndarray, *, original_size: tuple[int, int] | None = None) -> ExpertResult:
+        """Score one RGB uint8 ``H × W × 3`` image: the original, or a reduced copy of it.
+
+        Args:
+            image: the pixels to score.
+            original_size: ``(width, height)`` of the original when ``image`` is a reduced copy (e.g. from
+                :func:`eagle.images.decode_image`); the geometry, the map and the boxes are then the original's.
 
         Raises:
             ValueError: if ``image`` is not an ``H × W × 3`` uint8 array.
         """
         watch = _Stopwatch()
-        tensor, geometry = preprocess(image, **self._preprocess)
+        tensor, geometry = self._prepare(image, original_size)
         watch.lap("preprocess")
         features = np.asarray(self.embedder(tensor[None]), dtype=np.float32)[0]
         watch.lap("embed")
         patch_scores = self.index.search(features).reshape(self.grid)
         score = float(patch_scores.max())
         watch.lap("search")
-        amap, valid = anomaly_map(patch_scores, geometry, sigma=self.settings.gaussian_sigma)
+        crop_size = (geometry.crop_h, geometry.crop_w)
+        crop_map = crop_anomaly_map(patch_scores, crop_size, sigma=self.settings.gaussian_sigma)
         watch.lap("map")
         anomalous = score >= self.tau
-        boxes = find_boxes(amap, valid, max_boxes=self.settings.max_boxes) if anomalous else []
+        boxes = find_boxes_in_original(crop_map, geometry, max_boxes=self.settings.max_boxes) if anomalous else []
         watch.lap("boxes")
         template = most_similar(global_descriptors(features)[0], self.bank.global_descriptors)
         watch.lap("retrieval")
@@ -480,8 +571,7 @@ class ExpertScorer:
             anomalous=anomalous,
             low_confidence=self.tau <= score <= self.s_max,
             patch_scores=patch_scores,
-            anomaly_map=amap,
-            valid_mask=valid,
+            crop_map=crop_map,
             boxes=boxes,
             template_index=template,
             template_name=self.reference_name(template),

@@ -26,9 +26,6 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 __all__ = ["EAGLE_ATTENTION", "AttentionEdit", "AttentionEditError", "edited_attention", "language_config_key"]
 
@@ -77,6 +74,8 @@ def _eagle_attention_forward(
     attention_mask: torch.Tensor | None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     edits = _EDITS.get(id(module))
     if not edits:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -95,6 +94,11 @@ def _eagle_attention_forward(
 
 
 def _register() -> None:
+    # transformers is imported here, not at module import: ``mllm.caas`` (and through it ``mllm.loading``) stays a
+    # torch-only import until an edit is actually installed.
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
     if EAGLE_ATTENTION not in AttentionInterface._global_mapping:
         AttentionInterface.register(EAGLE_ATTENTION, _eagle_attention_forward)
         AttentionMaskInterface.register(EAGLE_ATTENTION, sdpa_mask)

@@ -6,18 +6,30 @@ readings of Eq. 9 are supported, each implemented without eager attention and wi
 
 ``logit`` (the reference code)
     Pre-softmax logits ``QK^T/sqrt(d)`` to visual keys × (1+α) — exactly the same as scaling the visual tokens'
-    KEY vectors by (1+α) (RoPE is a rotation, so it commutes). A forward hook on each layer's ``k_proj`` scales its
-    output at visual positions of the prompt; the KV cache then holds the scaled keys, so decode steps see them too
-    while the newly generated tokens are never scaled.
+    final KEY vectors by (1+α). The scale is applied to the key as the attention function sees it, minus RoPE:
+    after ``k_proj`` and after any per-head key normalisation, before RoPE (a rotation, so it commutes with the
+    scale). A forward hook on the module whose output is that key — ``k_norm`` where the attention has one (the
+    Qwen3 language models of Qwen3-VL, InternVL3.5 and MiniCPM-V 4.5: ``k_norm(k_proj(x).view(..., heads,
+    head_dim))``, an RMSNorm that would normalise a scale applied to ``k_proj``'s output away), ``k_proj``
+    otherwise — scales it at visual positions of the prompt. The KV cache then holds the scaled keys, so decode
+    steps see them too while the newly generated tokens are never scaled.
 ``weight`` (Eq. 9 with rows renormalised)
     Post-softmax weights to visual keys × (1+α), rows renormalised — the same as adding ``ln(1+α)`` to those
     logits. Installed as an additive ``position_bias`` through the attention function registered by
     :mod:`mllm.attention_edits`; the bias covers every visual key, cached ones included.
 ``weight_raw`` (Eq. 9 literally, rows not renormalised)
     Post-softmax weights × (1+α) without renormalising — the same as scaling the visual tokens' VALUE vectors by
-    (1+α). A forward hook on each layer's ``v_proj``.
+    (1+α). A forward hook on each layer's ``v_proj`` (no attention layout normalises values).
 
 Hooks on module outputs also work for bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` projections.
+
+Attention layouts. The hooks are exact only for attention modules whose structure is known
+(:data:`ATTENTION_LAYOUTS`): transformers' own attention classes with separate ``q_proj`` / ``k_proj`` /
+``v_proj`` / ``o_proj`` and nothing else (Qwen2.5-VL, LLaVA-1.5's Llama, LLaVA-NeXT's Mistral, InternVL3's Qwen2),
+or the same plus per-head ``q_norm`` / ``k_norm`` (Qwen3-VL, InternVL3.5 and MiniCPM-V 4.5's Qwen3). Anything
+else — fused QKV, another key normalisation, an attention class from remote code — is refused with
+:class:`CAASLayoutError`: by :func:`check_caas_support` when the model is loaded with CAAS enabled, and by
+:func:`apply_caas` itself, never silently ignored.
 
 Example:
     >>> config = CAASConfig(mode="logit", alpha=0.6)
@@ -37,13 +49,16 @@ from typing import TYPE_CHECKING, Literal, get_args
 import torch
 from torch import nn
 
-from mllm.attention_edits import AttentionEdit, edited_attention
+from mllm.attention_edits import AttentionEdit, AttentionEditError, edited_attention, language_config_key
 
 if TYPE_CHECKING:
     from eagle.settings import CAASSettings
 
 __all__ = [
+    "ATTENTION_LAYOUTS",
+    "AttentionLayout",
     "CAASError",
+    "CAASLayoutError",
     "CAASConfig",
     "CAASMode",
     "CAASPolicy",
@@ -53,6 +68,8 @@ __all__ = [
     "image_token_runs",
     "apply_caas",
     "apply_caas_if",
+    "attention_layout",
+    "check_caas_support",
 ]
 
 CAASMode = Literal["logit", "weight", "weight_raw"]
@@ -62,6 +79,49 @@ CAASPolicy = Literal["auto", "on", "off"]
 
 class CAASError(ValueError):
     """CAAS cannot be configured or installed as asked (bad setting, layer range, mask or model layout)."""
+
+
+class CAASLayoutError(CAASError):
+    """The model's attention modules are not laid out as any of :data:`ATTENTION_LAYOUTS`: CAAS would be wrong."""
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """One attention-module structure the CAAS hooks know.
+
+    Attributes:
+        name: Short description, for messages.
+        modules: The exact set of direct child module names of the attention module.
+        key_output: The child whose output is the key as the attention function receives it, before RoPE (and
+            before the KV cache): where ``logit`` mode scales.
+        value_output: The child whose output is the value: where ``weight_raw`` mode scales.
+        models: The model families known to use it (documentation only).
+    """
+
+    name: str
+    modules: frozenset[str]
+    key_output: str
+    value_output: str
+    models: str
+
+
+ATTENTION_LAYOUTS: tuple[AttentionLayout, ...] = (
+    AttentionLayout(
+        name="q_proj/k_proj/v_proj/o_proj",
+        modules=frozenset({"q_proj", "k_proj", "v_proj", "o_proj"}),
+        key_output="k_proj",
+        value_output="v_proj",
+        models="Qwen2.5-VL, LLaVA-1.5 (Llama), LLaVA-NeXT (Mistral), InternVL3 (Qwen2)",
+    ),
+    AttentionLayout(
+        name="q_proj/k_proj/v_proj/o_proj + per-head q_norm/k_norm",
+        modules=frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}),
+        key_output="k_norm",
+        value_output="v_proj",
+        models="Qwen3-VL, InternVL3.5 and MiniCPM-V 4.5 (Qwen3)",
+    ),
+)
+"""The attention layouts CAAS supports (matched on the exact set of child modules of a transformers class)."""
 
 
 @dataclass(frozen=True)
@@ -232,11 +292,12 @@ def _cache_of(kwargs: dict) -> object | None:
 
 
 class _ProjectionScaler:
-    """Scales one projection's output rows at visual positions of the prompt by a constant factor.
+    """Scales one module's output rows (a key or value, ``[B, T, ...]``) at visual positions of the prompt.
 
     A pre-hook on the attention module reads how many positions the KV cache already holds for this layer (the
-    offset of the current chunk); the forward hook on the projection multiplies the rows whose absolute position is
-    visual. Generated tokens lie past the prompt and are never scaled.
+    offset of the current chunk) and the chunk's shape; the forward hook on the projection (``k_proj``, ``k_norm``
+    or ``v_proj``) multiplies the rows whose absolute position is visual. Generated tokens lie past the prompt and
+    are never scaled.
     """
 
     def __init__(self, mask: torch.Tensor, factor: float, layer_index: int) -> None:
@@ -244,22 +305,31 @@ class _ProjectionScaler:
         self.factor = factor
         self.layer_index = layer_index
         self.offset: int | None = None
+        self.chunk: tuple[int, int] | None = None
 
     def before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = _cache_of(kwargs)
         self.offset = int(cache.get_seq_length(self.layer_index)) if cache is not None else 0
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        self.chunk = tuple(hidden.shape[:2]) if isinstance(hidden, torch.Tensor) and hidden.ndim >= 2 else None
 
     def after_projection(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if self.offset is None:
             raise CAASError("a CAAS projection hook ran outside its attention module's forward")
         offset, self.offset = self.offset, None
+        chunk, self.chunk = self.chunk, None
+        if chunk is not None and tuple(output.shape[:2]) != chunk:
+            raise CAASLayoutError(
+                f"{type(module).__name__} returned shape {tuple(output.shape)}, expected [batch, tokens, ...] = "
+                f"{list(chunk)} first: this attention layout is not one CAAS knows"
+            )
         if offset >= self.mask.shape[1]:  # a decode step: only generated tokens, never visual
             return output
         if self.mask.device != output.device:
             self.mask = self.mask.to(output.device)
         visual = _positions(_rows_for(self.mask, output.shape[0]), offset, output.shape[1])
         scale = torch.where(visual, self.factor, 1.0).to(dtype=output.dtype)
-        return output * scale.unsqueeze(-1)
+        return output * scale.reshape(*scale.shape, *([1] * (output.ndim - 2)))
 
 
 class _VisualKeyBias(AttentionEdit):
@@ -279,24 +349,78 @@ class _VisualKeyBias(AttentionEdit):
 
 def _attention_module(layer: nn.Module, index: int) -> nn.Module:
     attention = getattr(layer, "self_attn", None)
-    if attention is None:
-        raise CAASError(f"decoder layer {index} ({type(layer).__name__}) has no `self_attn` module")
+    if not isinstance(attention, nn.Module):
+        raise CAASLayoutError(f"decoder layer {index} ({type(layer).__name__}) has no `self_attn` module")
     return attention
 
 
-def _projection(attention: nn.Module, name: str, index: int) -> nn.Module:
-    projection = getattr(attention, name, None)
-    if not isinstance(projection, nn.Module):
-        raise CAASError(f"attention of decoder layer {index} has no `{name}` projection (fused QKV is unsupported)")
-    return projection
+def _known_layouts() -> str:
+    return "; ".join(f"[{layout.name}] ({layout.models})" for layout in ATTENTION_LAYOUTS)
 
 
-def _check(decoder_layers: Sequence[nn.Module], config: CAASConfig, visual_mask: torch.Tensor) -> None:
+def attention_layout(attention: nn.Module) -> AttentionLayout:
+    """The :class:`AttentionLayout` of one decoder layer's attention module.
+
+    The module must be one of transformers' own attention classes (they dispatch through ``AttentionInterface``
+    and name their KV cache argument as CAAS expects) whose direct children are exactly one layout's ``modules``,
+    with no parameter of its own (e.g. attention sinks) and a module at ``key_output`` / ``value_output``.
+
+    Raises:
+        CAASLayoutError: anything else (the message names the class, its children and the known layouts).
+    """
+    cls = type(attention)
+    where = f"{cls.__module__}.{cls.__qualname__}"
+    children = {name for name, _ in attention.named_children()}
+    own_parameters = sorted(name for name, _ in attention.named_parameters(recurse=False))
+    layout = next((layout for layout in ATTENTION_LAYOUTS if children == layout.modules), None)
+    if layout is None:
+        problem = f"its sub-modules are {sorted(children)}"
+    elif own_parameters:
+        problem = f"it holds parameters of its own ({', '.join(own_parameters)})"
+    elif not cls.__module__.startswith("transformers."):
+        problem = "it is not one of transformers' own attention classes (remote code?)"
+    else:
+        return layout
+    raise CAASLayoutError(
+        f"CAAS does not know the attention layout of {where}: {problem}; expected a transformers attention with "
+        f"exactly one of these sets of sub-modules: {_known_layouts()}"
+    )
+
+
+def check_caas_support(model: nn.Module, decoder_layers: Sequence[nn.Module], config: CAASConfig) -> None:
+    """Check, without running the model, that :func:`apply_caas` with ``config`` is exact on ``model``.
+
+    Called when a model is loaded with CAAS enabled (``mllm.loading.load_mllm``), so an unsupported backbone fails
+    at start-up instead of silently running without CAAS.
+
+    Raises:
+        CAASLayoutError: a decoder layer of the range has no ``self_attn``, an attention layout CAAS does not know
+            (the message names the model class), or (``weight`` mode) attention that cannot be switched to the
+            editable SDPA function.
+        CAASError: the layer range exceeds the model's decoder layers.
+    """
+    _check_range(decoder_layers, config)
+    for index in config.layers:
+        try:
+            attention = _attention_module(decoder_layers[index], index)
+            attention_layout(attention)
+            if config.mode == "weight":
+                language_config_key(model, attention)
+        except (CAASLayoutError, AttentionEditError) as err:
+            raise CAASLayoutError(
+                f"CAAS ({config.mode} mode) cannot run on {type(model).__name__}, decoder layer {index}: {err}"
+            ) from None
+
+
+def _check_range(decoder_layers: Sequence[nn.Module], config: CAASConfig) -> None:
     if config.layer_end >= len(decoder_layers):
         raise CAASError(
             f"CAAS layers {config.layer_start}..{config.layer_end} exceed the model's {len(decoder_layers)} decoder "
             "layers; set EAGLE_CAAS__LAYER_START/LAYER_END for this model"
         )
+
+
+def _check_mask(visual_mask: torch.Tensor) -> None:
     if visual_mask.ndim != 2 or visual_mask.dtype != torch.bool:
         raise CAASError(
             f"visual_mask must be a bool [batch, tokens] tensor, got {visual_mask.dtype} {tuple(visual_mask.shape)}"
@@ -327,18 +451,21 @@ def apply_caas(
             tokens=config.tokens, query_image_index=...)``.
 
     Raises:
-        CAASError: layer range outside the model, bad mask, or a decoder layer without separate projections.
+        CAASError: layer range outside the model or bad mask.
+        CAASLayoutError: a decoder layer whose attention layout is not one of :data:`ATTENTION_LAYOUTS`.
     """
-    _check(decoder_layers, config, visual_mask)
+    check_caas_support(model, decoder_layers, config)
+    _check_mask(visual_mask)
     layers = {index: _attention_module(decoder_layers[index], index) for index in config.layers}
     with ExitStack() as stack:
         if config.mode == "weight":
             edit = _VisualKeyBias(visual_mask, math.log1p(config.alpha))
             stack.enter_context(edited_attention(model, dict.fromkeys(layers.values(), edit)))
         else:
-            name = "k_proj" if config.mode == "logit" else "v_proj"
             for index, attention in layers.items():
-                projection = _projection(attention, name, index)
+                layout = attention_layout(attention)
+                name = layout.key_output if config.mode == "logit" else layout.value_output
+                projection = getattr(attention, name)
                 cache_index = getattr(attention, "layer_idx", None)
                 scaler = _ProjectionScaler(visual_mask, config.factor, index if cache_index is None else cache_index)
                 handles = (

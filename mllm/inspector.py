@@ -29,7 +29,7 @@ from PIL import Image
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from mllm.answers import parse_answer
-from mllm.prompts import Setting, build_explanation_messages, build_prompt, render_inputs
+from mllm.prompts import Setting, build_explanation_messages, build_prompt, image_token_counts, render_inputs
 
 if TYPE_CHECKING:
     from eagle.settings import Settings
@@ -60,6 +60,8 @@ class MLLMAnswer:
         timings_ms: ``prepare`` (prompt + preprocessing), ``generate`` and ``total`` wall times in ms.
         setting: The prompt setting used.
         boxed_included: Whether the boxed query image was sent.
+        image_tokens: Visual tokens per image sent, in prompt order ((template), query, (boxed)); equal counts mean
+            every image reached the model at the same pixel budget.
     """
 
     letter: str | None
@@ -71,6 +73,7 @@ class MLLMAnswer:
     timings_ms: dict[str, float] = field(default_factory=dict)
     setting: Setting = "full"
     boxed_included: bool = False
+    image_tokens: list[int] = field(default_factory=list)
 
 
 class _Cancelled(StoppingCriteria):
@@ -117,7 +120,7 @@ class MLLMInspector:
         self,
         *,
         query: Image.Image,
-        template: Image.Image,
+        template: Image.Image | None,
         boxed: Image.Image | None,
         expert_anomalous: bool | None,
         setting: Setting,
@@ -127,7 +130,7 @@ class MLLMInspector:
 
         Args:
             query: The image under inspection.
-            template: The most similar normal reference (1-shot+ template).
+            template: The 1-shot+ normal template (``None``: no template block).
             boxed: The query with the expert's red boxes (sent only in ``visual``/``full`` when anomalous).
             expert_anomalous: The expert's verdict; ``None`` allowed for ``baseline``.
             setting: ``baseline``, ``visual``, ``textual`` or ``full``.
@@ -177,6 +180,7 @@ class MLLMInspector:
             },
             setting=setting,
             boxed_included=prompt.boxed_included,
+            image_tokens=image_token_counts(inputs["input_ids"], self.loaded.image_token_id),
         )
 
     def _caas_context(self, caas: CAASConfig, input_ids: torch.Tensor, prompt: Any) -> Any:
@@ -192,7 +196,7 @@ class MLLMInspector:
         self,
         *,
         query: Image.Image,
-        template: Image.Image,
+        template: Image.Image | None,
         boxed: Image.Image | None,
         expert_anomalous: bool | None,
         answer: MLLMAnswer,
@@ -208,7 +212,7 @@ class MLLMInspector:
 
         Args:
             query: The image under inspection (as given to :meth:`ask`).
-            template: The normal template image (as given to :meth:`ask`).
+            template: The normal template image or ``None`` (as given to :meth:`ask`).
             boxed: The boxed query image or ``None`` (as given to :meth:`ask`).
             expert_anomalous: The expert's verdict (as given to :meth:`ask`).
             answer: The first-turn answer (its raw text becomes the assistant turn).
@@ -270,7 +274,7 @@ class MLLMInspector:
         self,
         *,
         query: Image.Image,
-        template: Image.Image,
+        template: Image.Image | None,
         boxed: Image.Image | None,
         expert_anomalous: bool | None,
         setting: Setting,

@@ -28,7 +28,8 @@ from typing import Any, Literal
 
 import torch
 
-from eagle.settings import MLLMSettings
+from eagle.settings import CAASSettings, MLLMSettings
+from mllm.caas import CAASConfig, CAASError, CAASLayoutError, check_caas_support
 from mllm.presets import (
     ModelPreset,
     PresetError,
@@ -40,6 +41,7 @@ from mllm.presets import (
 )
 
 __all__ = [
+    "CAASUnsupportedError",
     "LoadedMLLM",
     "MLLMLoadError",
     "Quantization",
@@ -57,6 +59,14 @@ ProgressCallback = Callable[[float, str], None]
 
 class MLLMLoadError(RuntimeError):
     """The model could not be loaded; the message is one line that says what to do."""
+
+
+class CAASUnsupportedError(MLLMLoadError, CAASLayoutError):
+    """CAAS is enabled but the loaded model's attention layout (or depth) is not one CAAS supports.
+
+    Both an :class:`MLLMLoadError` (loading failed: callers that fall back to expert-only mode catch it) and a
+    :class:`mllm.caas.CAASError`.
+    """
 
 
 @dataclass
@@ -212,12 +222,17 @@ def _report(progress: ProgressCallback | None, fraction: float, message: str) ->
         progress(fraction, message)
 
 
-def load_mllm(settings: MLLMSettings, *, progress: ProgressCallback | None = None) -> LoadedMLLM:
+def load_mllm(
+    settings: MLLMSettings, *, progress: ProgressCallback | None = None, caas: CAASSettings | None = None
+) -> LoadedMLLM:
     """Load the preset's (or ``settings.model_id``'s) model and processor, frozen and ready for inference.
 
     Args:
         settings: The ``mllm`` settings group.
         progress: Optional ``progress(fraction, message)`` callback (e.g. a ``gr.Progress``).
+        caas: The ``caas`` settings group. Unless its policy is ``off``, the model's decoder layers in the CAAS
+            range must have an attention layout CAAS supports (:func:`mllm.caas.check_caas_support`), checked here
+            so an unsupported backbone fails at load time instead of running without CAAS. ``None``: no check.
 
     Returns:
         The :class:`LoadedMLLM`.
@@ -225,6 +240,8 @@ def load_mllm(settings: MLLMSettings, *, progress: ProgressCallback | None = Non
     Raises:
         MLLMLoadError: unknown preset, remote code not allowed, weights not found (one line on how to get them),
             bad device, out of memory, or a checkpoint that is not an image-text-to-text model.
+        CAASUnsupportedError: CAAS enabled (``caas.policy`` not ``off``) on a model whose attention layout (or
+            number of decoder layers) CAAS does not support; also a :class:`mllm.caas.CAASError`.
     """
     try:
         preset = get_preset(settings.preset, trust_remote_code=settings.trust_remote_code)
@@ -279,6 +296,8 @@ def load_mllm(settings: MLLMSettings, *, progress: ProgressCallback | None = Non
         decoder_layers = find_decoder_layers(model)
     except PresetError as err:
         raise MLLMLoadError(str(err)) from None
+    if caas is not None and caas.policy != "off":
+        _check_caas(model, decoder_layers, caas, model_id)
     max_pixels = settings.max_pixels if settings.max_pixels is not None else preset.max_pixels
     _report(progress, 1.0, f"Loaded {model_id}")
     return LoadedMLLM(
@@ -293,6 +312,18 @@ def load_mllm(settings: MLLMSettings, *, progress: ProgressCallback | None = Non
         decoder_layers=decoder_layers,
         max_pixels=max_pixels,
     )
+
+
+def _check_caas(model: Any, decoder_layers: torch.nn.ModuleList, caas: CAASSettings, model_id: str) -> None:
+    try:
+        check_caas_support(model, decoder_layers, CAASConfig.from_settings(caas))
+    except CAASError as err:
+        fix = (
+            "run it with EAGLE_CAAS__POLICY=off or use a preset whose attention layout CAAS supports"
+            if isinstance(err, CAASLayoutError)
+            else "or run it with EAGLE_CAAS__POLICY=off"
+        )
+        raise CAASUnsupportedError(f"{model_id} ({type(model).__name__}) cannot run CAAS: {err}; {fix}") from None
 
 
 def _require_bitsandbytes() -> None:

@@ -40,8 +40,9 @@ __all__ = [
 
 Family = Literal["qwen2.5-vl", "internvl", "llava", "llava-next", "minicpm-v"]
 
-# Qwen2.5-VL: one visual token per 28×28 pixels. 512 tokens per image (≈ 633×633 px) keeps the three-image
-# EAGLE prompt near 1.6k tokens: a 7B model in 4-bit then needs ≈ 7 GiB on the GPU, well inside 24 GB.
+# Qwen2.5-VL: one visual token per 28×28 pixels. 512 tokens per image (≈ 633×633 px): the reference code's
+# min_pixels = max_pixels for every image. The three-image EAGLE prompt stays near 1.6k tokens: a 7B model in
+# 4-bit then needs ≈ 7 GiB on the GPU, well inside 24 GB.
 _QWEN_PIXELS = 512 * 28 * 28
 _INTERNVL_TILE = 448  # InternVL3 tiles are 448×448 px, 256 visual tokens each.
 _LLAVA_NEXT_BASE = 336
@@ -269,10 +270,15 @@ def find_decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def apply_pixel_budget(preset: ModelPreset, model: torch.nn.Module, processor: Any, max_pixels: int | None) -> None:
-    """Bound the pixels (hence visual tokens) each image gets, in place, the way the preset's family allows.
+    """Give every image the same pixel budget (hence visual tokens), in place, the way the preset's family allows.
 
-    - ``qwen2.5-vl``: the image processor's ``longest_edge`` (= ``max_pixels``; one token per 28×28 px).
-    - ``internvl``: ``max_patches`` = number of 448-px tiles fitting the budget (at least 1).
+    Every image of a prompt (template, query, boxed query) goes through the same processor, so one budget per model
+    means one budget per image; pinning the lower bound too means a small image (an old bank's thumbnail) is
+    brought UP to the budget instead of reaching the model with fewer pixels than the query.
+
+    - ``qwen2.5-vl``: ``min_pixels = max_pixels = budget`` (the processor's ``shortest_edge`` and ``longest_edge``;
+      one token per 28×28 px), as the reference code loads Qwen2.5-VL (512·28·28).
+    - ``internvl``: ``min_patches = max_patches`` = number of 448-px tiles fitting the budget (at least 1).
     - ``llava-next``: only the any-resolution grid pinpoints within the budget are kept, in both the processor
       and the model config (they must agree or the feature count mismatches).
     - ``llava`` / ``minicpm-v``: fixed-size or model-managed input; the budget is not applicable (no-op).
@@ -290,21 +296,16 @@ def apply_pixel_budget(preset: ModelPreset, model: torch.nn.Module, processor: A
     if image_processor is None:
         return
     if preset.family == "qwen2.5-vl":
-        shortest = _size_field(image_processor.size, "shortest_edge") or 56 * 56
-        image_processor.size = {"shortest_edge": min(shortest, budget), "longest_edge": budget}
+        image_processor.size = {"shortest_edge": budget, "longest_edge": budget}
     elif preset.family == "internvl":
-        image_processor.max_patches = max(1, budget // (_INTERNVL_TILE * _INTERNVL_TILE))
+        tiles = max(1, budget // (_INTERNVL_TILE * _INTERNVL_TILE))
+        image_processor.min_patches = image_processor.max_patches = tiles
     elif preset.family == "llava-next":
         pinpoints = [list(p) for p in getattr(image_processor, "image_grid_pinpoints", None) or []]
         if pinpoints:
             kept = [p for p in pinpoints if p[0] * p[1] <= budget] or [min(pinpoints, key=lambda p: p[0] * p[1])]
             image_processor.image_grid_pinpoints = kept
             model.config.image_grid_pinpoints = kept
-
-
-def _size_field(size: Any, key: str) -> int | None:
-    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-    return value if isinstance(value, int) else None
 
 
 def estimate_weight_memory_gib(preset: ModelPreset, quantization: str) -> float:

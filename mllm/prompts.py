@@ -1,36 +1,45 @@
-"""The EAGLE prompt (paper appendix 6.3.1) for the ablation settings, rendered with the model's own chat template.
+"""The EAGLE prompt for the ablation settings: the reference code's payload, rendered with the model's chat template.
 
-Message layout — a system message, then one user message holding the images in order and one text::
+One user turn (no system message: the model's chat template adds its own default, as in the reference run), whose
+content is, in order::
 
-    system: SYSTEM_PROMPT (three images) or SYSTEM_PROMPT_TWO_IMAGES (no boxed image)
-    user:   [template image] [query image] ([boxed query image]) text
-            text = one line each: <prior, if any> / ANSWER_INSTRUCTION / QUESTION / "A. Yes" / "B. No"
+    INSTRUCTION                      the paper's fixed instruction (appendix 6.3.1), never rewritten
+    ANSWER_LINE                      "Answer with the option's letter from the given choices directly! "
+    TEMPLATE_TEXT, <template image>  the 1-shot+ normal template (omitted only when no template is given)
+    <query text>, <query image>      QUERY_TEXT (no textual prior) or QUERY_NORMAL_TEXT / QUERY_ANOMALOUS_TEXT
+    BOXED_TEXT, <boxed image>        only in ``visual``/``full`` and only when the expert says anomalous
+    QUESTION_LIST                    "Following is the question list: Question 1: <question>", options on own lines
 
-Settings (the paper's Table 3/4):
+Settings (the paper's Table 3/4) × the expert's verdict:
 
-============  ==========================  ==============================================
-setting       boxed query image           textual prior
-============  ==========================  ==============================================
-``baseline``  never                       none
-``visual``    only if expert anomalous    none
-``textual``   never                       anomalous: :data:`ABNORMAL_PRIOR_TEXT_ONLY`;
-                                          normal: :data:`NORMAL_PRIOR`
-``full``      only if expert anomalous    anomalous: :data:`ABNORMAL_PRIOR`; normal: :data:`NORMAL_PRIOR`
-============  ==========================  ==============================================
+============  ===============================  ======================  ======================
+setting       query text                       boxed image + sentence  verdict used
+============  ===============================  ======================  ======================
+``baseline``  :data:`QUERY_TEXT`               never                   no (may be ``None``)
+``visual``    :data:`QUERY_TEXT`               iff anomalous           yes
+``textual``   normal / anomalous query text    never                   yes
+``full``      normal / anomalous query text    iff anomalous           yes
+============  ===============================  ======================  ======================
 
-Wording decisions (the paper's texts are copied verbatim; where they would be false they are cut, never
-reworded):
+Every image reaches the model at the same pixel budget: the processor is pinned to the preset's budget
+(:func:`mllm.presets.apply_pixel_budget`) and the template is brought to the query's size when it has the query's
+shape (:func:`fit_template`), so template, query and boxed query (drawn on the query) get the same token grid.
 
-- Visual prompts are given only for images the expert predicts anomalous (paper 3.2). When no boxed image is
-  sent, the system text's list of images drops "and a query image with red bounding boxes"
-  (:data:`SYSTEM_PROMPT_TWO_IMAGES`) so it never promises three images.
-- The abnormal prior's second sentence points at the red box; in ``textual`` there is no boxed image, so only
-  its first sentence is sent (:data:`ABNORMAL_PRIOR_TEXT_ONLY`).
-- The paper prints the question tail as "... directly! Is there any defect in the object? A. Yes. B. No."; the
-  parts are sent on separate lines with the options as "A. Yes" / "B. No" (the dots between them are list
-  separators in the paper's one-line rendering).
-- The appendix labels its two textual prompts the wrong way round ("Normal Prompt" holds the anomalous text);
-  they are used by meaning.
+Where the strings come from (``docs/fidelity.md`` has the whole comparison):
+
+- The texts are the reference code's, character for character (``Eagle/bin/models/mllm_base.py``
+  ``processor_framework``/``create_prompt_qwen``; the template sentence from ``evaluation/eval_set.py``; the
+  question list as MMAD's ``parse_conversation`` formats it, joined and stripped as the reference does). The
+  instruction is the paper's (the reference's ``instruction_P``, with its line breaks).
+- The instruction mentions a template image, a query image and a boxed query image whatever is sent: it is the
+  paper's *fixed* instruction and the reference sends it unchanged too; the per-image sentences say what each
+  image is.
+- The reference builds the template block and then drops it (``eval_set.py`` never passes it on); EAGLE's 1-shot+
+  setting sends it, where it was built: before the query block.
+- The reference sends the boxed image without the textual prior whenever its boxes exist; the paper (3.2.3) gives
+  visual prompts only for images the expert calls anomalous, and so do we.
+- Images are numbered the way the reference renders them (``add_vision_id=True``: "Picture 1: " ...) where the
+  chat template supports it (Qwen); other templates ignore the flag.
 
 Example:
     >>> from PIL import Image
@@ -54,20 +63,24 @@ if TYPE_CHECKING:
     from mllm.loading import LoadedMLLM
 
 __all__ = [
-    "ABNORMAL_PRIOR",
-    "ABNORMAL_PRIOR_TEXT_ONLY",
-    "ANSWER_INSTRUCTION",
-    "NORMAL_PRIOR",
+    "ANSWER_LINE",
+    "BOXED_TEXT",
+    "INSTRUCTION",
     "OPTIONS",
+    "QUERY_ANOMALOUS_TEXT",
+    "QUERY_NORMAL_TEXT",
+    "QUERY_TEXT",
     "QUESTION",
+    "QUESTION_LIST",
     "SETTINGS",
-    "SYSTEM_PROMPT",
-    "SYSTEM_PROMPT_TWO_IMAGES",
+    "TEMPLATE_TEXT",
     "EaglePrompt",
     "PromptError",
     "Setting",
     "build_explanation_messages",
     "build_prompt",
+    "fit_template",
+    "image_token_counts",
     "render_inputs",
     "render_text",
 ]
@@ -75,30 +88,29 @@ __all__ = [
 Setting = Literal["baseline", "visual", "textual", "full"]
 SETTINGS: tuple[Setting, ...] = ("baseline", "visual", "textual", "full")
 
-_SYSTEM_HEAD = "You are my industrial image inspection assistant. You will receive multiple images simultaneously, "
-_SYSTEM_TAIL = (
-    "Based on the input images and the accompanying textual information, answer the given question. "
-    "The question is multiple-choice. Respond only with the letter of the correct option (e.g., A, B, C, or D). "
-    "Do not include explanations or extra text."
+INSTRUCTION = (
+    "\nYou are my industrial image inspection assistant. You will receive multiple images simultaneously, \n"
+    "including a template image, a query image, and a query image with red bounding boxes. Based on the input "
+    "images and the accompanying textual information, answer the given question. The question is multiple-choice. "
+    "\nRespond only with the letter of the correct option (e.g., A, B, C, or D). Do not include explanations or "
+    "extra text.\n"
 )
-SYSTEM_PROMPT = (
-    _SYSTEM_HEAD
-    + "including a template image, a query image, and a query image with red bounding boxes. "
-    + _SYSTEM_TAIL
+"""The paper's fixed instruction (appendix 6.3.1) as the reference code writes it (``instruction_P``)."""
+ANSWER_LINE = "Answer with the option's letter from the given choices directly! "
+TEMPLATE_TEXT = (
+    "Following is/are 1 image of normal sample, which can be used as a template to compare the image being queried."
 )
-"""The paper's system instruction, verbatim (sent when the boxed query image is included)."""
-SYSTEM_PROMPT_TWO_IMAGES = _SYSTEM_HEAD + "including a template image and a query image. " + _SYSTEM_TAIL
-"""The same instruction with the boxed image struck from the list (sent when no boxed image is included)."""
-
-ABNORMAL_PRIOR = (
-    "The query image is predicted as anomalous. "
+QUERY_TEXT = "Following is the query image:"
+QUERY_NORMAL_TEXT = "Following is the query image. The query image is predicted as normal."
+QUERY_ANOMALOUS_TEXT = "Following is the query image. The query image is predicted as anomalous."
+BOXED_TEXT = (
+    "Following is the query image with red bounding box. "
     "The position of the red bounding box on the query image is the predicted defect location."
 )
-ABNORMAL_PRIOR_TEXT_ONLY = "The query image is predicted as anomalous."
-NORMAL_PRIOR = "The query image is predicted as normal."
-ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices directly!"
 QUESTION = "Is there any defect in the object?"
 OPTIONS = ("A. Yes", "B. No")
+QUESTION_LIST = f"Following is the question list: Question 1: {QUESTION} \n" + "\n".join(OPTIONS)
+"""MMAD's question as the reference formats it: "Question 1: <q> " then one option per line, stripped."""
 
 _EXPLAIN_DEFECT = (
     "Now explain your answer in 2-3 short sentences of plain text (the letter-only rule does not apply to this "
@@ -124,12 +136,13 @@ class EaglePrompt:
     """A chat in the processor's message format plus the images its image placeholders stand for.
 
     Attributes:
-        messages: Chat messages (``{"role", "content": [{"type": "image"} | {"type": "text", "text"}]}``).
-        images: The images in placeholder order: template, query, (boxed query).
+        messages: One user message (``{"role": "user", "content": [{"type": "text", "text"} | {"type": "image"}]}``).
+        images: The images in placeholder order: (template), query, (boxed query).
         query_index: Position of the query image in ``images`` (CAAS query-only mode selects its tokens).
         setting: The ablation setting the prompt was built for.
         boxed_included: Whether the boxed query image is among ``images``.
-        prior: The textual prior sent, or ``None``.
+        template_included: Whether the template image is among ``images``.
+        query_text: The sentence introducing the query image (it carries the textual prior, if any).
     """
 
     messages: list[dict[str, Any]]
@@ -137,7 +150,8 @@ class EaglePrompt:
     query_index: int
     setting: Setting
     boxed_included: bool
-    prior: str | None = None
+    template_included: bool = True
+    query_text: str = QUERY_TEXT
 
 
 def _rgb(image: Any, name: str) -> Image.Image:
@@ -146,19 +160,40 @@ def _rgb(image: Any, name: str) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+TEMPLATE_ASPECT_TOLERANCE = 0.02
+"""Relative aspect-ratio difference under which the template is brought to the query's size."""
+
+
+def fit_template(template: Image.Image, query: Image.Image) -> Image.Image:
+    """The template at the query's size when both have the same shape (aspect ratios within 2 %), else as it is.
+
+    The processor brings every image to the same pixel budget, but its rounding to whole tokens depends on the
+    size it starts from (an upscaled 512-px thumbnail ends on another token grid than a downscaled 1024-px query).
+    Starting from the same size, the template, the query and the boxed query (drawn on the query) map onto the
+    same token grid. Resampling is bicubic.
+    """
+    if template.size == query.size:
+        return template
+    (tw, th), (qw, qh) = template.size, query.size
+    if min(tw, th, qw, qh) < 1 or abs(tw / th - qw / qh) > TEMPLATE_ASPECT_TOLERANCE * (qw / qh):
+        return template
+    return template.resize(query.size, Image.Resampling.BICUBIC)
+
+
 def build_prompt(
     *,
     query: Image.Image,
-    template: Image.Image,
+    template: Image.Image | None,
     boxed: Image.Image | None,
     expert_anomalous: bool | None,
     setting: Setting,
 ) -> EaglePrompt:
-    """Build the EAGLE message for one query image.
+    """Build the EAGLE message for one query image (see the module docstring for the layout).
 
     Args:
         query: The image under inspection.
-        template: The most similar normal reference image (the paper's 1-shot+ template).
+        template: The 1-shot+ normal template image; ``None`` sends no template block (0-shot). Brought to the
+            query's size when it has the query's shape (:func:`fit_template`).
         boxed: The query image with the expert's red boxes; needed by ``visual``/``full`` when the expert
             says anomalous, ignored otherwise.
         expert_anomalous: The expert's verdict (``s_img >= tau``); may be ``None`` only for ``baseline``.
@@ -174,27 +209,34 @@ def build_prompt(
         raise PromptError(f"unknown prompt setting {setting!r}; expected one of {', '.join(SETTINGS)}")
     if setting != "baseline" and expert_anomalous is None:
         raise PromptError(f"prompt setting {setting!r} needs the expert's verdict (expert_anomalous)")
-    images = [_rgb(template, "template"), _rgb(query, "query")]
     include_boxed = setting in ("visual", "full") and bool(expert_anomalous)
+    if include_boxed and boxed is None:
+        raise PromptError(f"prompt setting {setting!r} with an anomalous expert verdict needs the boxed image")
+    if setting in ("textual", "full"):
+        query_text = QUERY_ANOMALOUS_TEXT if expert_anomalous else QUERY_NORMAL_TEXT
+    else:
+        query_text = QUERY_TEXT
+    content: list[dict[str, Any]] = [{"type": "text", "text": INSTRUCTION}, {"type": "text", "text": ANSWER_LINE}]
+    images: list[Image.Image] = []
+    query_rgb = _rgb(query, "query")
+    if template is not None:
+        content += [{"type": "text", "text": TEMPLATE_TEXT}, {"type": "image"}]
+        images.append(fit_template(_rgb(template, "template"), query_rgb))
+    content += [{"type": "text", "text": query_text}, {"type": "image"}]
+    query_index = len(images)
+    images.append(query_rgb)
     if include_boxed:
-        if boxed is None:
-            raise PromptError(f"prompt setting {setting!r} with an anomalous expert verdict needs the boxed image")
+        content += [{"type": "text", "text": BOXED_TEXT}, {"type": "image"}]
         images.append(_rgb(boxed, "boxed"))
-    prior: str | None = None
-    if setting == "textual":
-        prior = ABNORMAL_PRIOR_TEXT_ONLY if expert_anomalous else NORMAL_PRIOR
-    elif setting == "full":
-        prior = ABNORMAL_PRIOR if expert_anomalous else NORMAL_PRIOR
-    lines = ([prior] if prior else []) + [ANSWER_INSTRUCTION, QUESTION, *OPTIONS]
-    system = SYSTEM_PROMPT if include_boxed else SYSTEM_PROMPT_TWO_IMAGES
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
-    content.append({"type": "text", "text": "\n".join(lines)})
-    messages = [
-        {"role": "system", "content": [{"type": "text", "text": system}]},
-        {"role": "user", "content": content},
-    ]
+    content.append({"type": "text", "text": QUESTION_LIST})
     return EaglePrompt(
-        messages=messages, images=images, query_index=1, setting=setting, boxed_included=include_boxed, prior=prior
+        messages=[{"role": "user", "content": content}],
+        images=images,
+        query_index=query_index,
+        setting=setting,
+        boxed_included=include_boxed,
+        template_included=template is not None,
+        query_text=query_text,
     )
 
 
@@ -219,8 +261,11 @@ def build_explanation_messages(prompt: EaglePrompt, answer_text: str, answer: st
 
 
 def render_text(processor: Any, messages: list[dict[str, Any]]) -> str:
-    """The chat as the model sees it: the processor's chat template with the generation prompt appended."""
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    """The chat as the model sees it: the processor's chat template with the generation prompt appended.
+
+    Images are numbered ("Picture 1: ") where the template supports it, as the reference renders them.
+    """
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, add_vision_id=True)
 
 
 def _count_images(messages: list[dict[str, Any]]) -> int:
@@ -236,7 +281,9 @@ def _count_images(messages: list[dict[str, Any]]) -> int:
 def render_inputs(loaded: LoadedMLLM, messages: list[dict[str, Any]], images: list[Image.Image]) -> BatchFeature:
     """Tokenise the chat and preprocess the images into model inputs on the model's device.
 
-    Floating-point tensors (``pixel_values``) take the model's dtype; integer tensors keep theirs.
+    Every image goes through the same processor settings, i.e. the preset's pixel budget (see
+    :func:`mllm.presets.apply_pixel_budget`). Floating-point tensors (``pixel_values``) take the model's dtype;
+    integer tensors keep theirs.
 
     Raises:
         PromptError: the number of images differs from the number of image placeholders in ``messages``.
@@ -251,3 +298,23 @@ def render_inputs(loaded: LoadedMLLM, messages: list[dict[str, Any]], images: li
             value = value.to(loaded.device)
             batch[key] = value.to(loaded.dtype) if value.is_floating_point() else value
     return batch
+
+
+def image_token_counts(input_ids: torch.Tensor, image_token_id: int) -> list[int]:
+    """Visual tokens per image of a one-row prompt, in image order (each image is one contiguous run).
+
+    Example:
+        >>> image_token_counts(torch.tensor([[5, 9, 9, 6, 9, 9, 7]]), 9)
+        [2, 2]
+    """
+    row = input_ids.reshape(-1) if input_ids.ndim == 1 or input_ids.shape[0] == 1 else input_ids[0]
+    is_image = (row == image_token_id).to(torch.int8).tolist()
+    counts: list[int] = []
+    previous = 0
+    for flag in is_image:
+        if flag and not previous:
+            counts.append(0)
+        if flag:
+            counts[-1] += 1
+        previous = flag
+    return counts

@@ -74,6 +74,7 @@ class FakePipeline:
     fail_after: int | None = None  # raise KeyboardInterrupt on this run_expert call (simulated kill)
     expert_calls: list[str] = field(default_factory=list)
     finish_calls: list[tuple[str, str | None, str | None]] = field(default_factory=list)
+    templates: list[tuple[str, str | None, tuple[int, ...] | None]] = field(default_factory=list)
     builds: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -117,9 +118,20 @@ class FakePipeline:
             timings_ms={"embed": 1.0, "search": 0.5},
         )
 
-    def finish(self, image, expert, bank, options: InspectOptions | None = None, *, image_name=None):
+    def finish(
+        self,
+        image,
+        expert,
+        bank,
+        options: InspectOptions | None = None,
+        *,
+        image_name=None,
+        template=None,
+        template_name=None,
+    ):
         options = options or InspectOptions()
         self.finish_calls.append((image_name, options.prompt_setting, options.caas))
+        self.templates.append((image_name, template_name, None if template is None else tuple(template.shape)))
         digest = int(hashlib.sha256(f"{image_name}|{options.prompt_setting}".encode()).hexdigest(), 16)
         if options.prompt_setting == "baseline":
             answer = ("yes", "no", "unknown")[digest % 3]
@@ -149,5 +161,6 @@ class FakePipeline:
             mllm_raw=answer,
             verdict=verdict,
             model_id="fake-mllm",
+            template=template_name if template is not None else self.banks.reference_name(bank, 0),
             timings_ms={**expert.timings_ms, "mllm_generate": 2.0},
         )

@@ -2,6 +2,7 @@ import io
 import stat
 import struct
 import zipfile
+from pathlib import PurePosixPath
 
 import pytest
 
@@ -10,6 +11,7 @@ from eagle.archives import (
     ArchiveError,
     ArchiveLimits,
     ArchiveTooLargeError,
+    describe_names,
     extract_zip,
     scan_zip,
 )
@@ -152,7 +154,8 @@ def test_ratio_is_checked_only_above_one_mib():
     ratio = info.file_size / info.compress_size
     with pytest.raises(ArchiveTooLargeError, match=rf"ratio of {ratio:.0f}:1; the limit is 200:1 \(zip-bomb guard\)"):
         scan_zip(big)
-    assert scan_zip(big, ArchiveLimits(max_ratio=ratio + 1))[0].file_size == RATIO_CHECK_MIN_BYTES + 1
+    relaxed = ArchiveLimits(max_ratio=ratio + 1, max_total_ratio=ratio + 1)
+    assert scan_zip(big, relaxed)[0].file_size == RATIO_CHECK_MIN_BYTES + 1
 
 
 def test_total_counts_every_entry_even_skipped_ones():
@@ -160,7 +163,7 @@ def test_total_counts_every_entry_even_skipped_ones():
     assert [i.filename for i in scan_zip(_zip(files), ArchiveLimits(max_total_bytes=12), suffixes={".png"})] == [
         "a.png"
     ]
-    with pytest.raises(ArchiveTooLargeError, match="expands to more than 11 bytes"):
+    with pytest.raises(ArchiveTooLargeError, match="expands to 12 bytes in 2 entries .*; the limit is 11 bytes"):
         scan_zip(_zip(files), ArchiveLimits(max_total_bytes=11), suffixes={".png"})
 
 
@@ -205,3 +208,103 @@ def test_extraction_never_writes_more_than_the_header_declares(tmp_path):
         extract_zip(forged, tmp_path)
     written = tmp_path / "a.png"
     assert not written.exists() or written.stat().st_size <= 3
+
+
+# -- limits in total (issue 11 §3) ----------------------------------------------------------------------------------
+def _many_zeros(count: int, size: int = 1024 * 1024) -> io.BytesIO:
+    """``count`` entries of ``size`` zero bytes each: every entry stays at the per-entry ratio threshold."""
+    buf = io.BytesIO()
+    chunk = b"\0" * size
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for i in range(count):
+            z.writestr(f"refs/{i:04d}.png", chunk)
+    buf.seek(0)
+    return buf
+
+
+def test_many_small_bomb_entries_are_refused_by_the_total_ratio_before_writing(tmp_path):
+    bomb = _many_zeros(300)  # 300 MiB declared from ~300 KB: each entry passes the per-entry check
+    assert len(bomb.getvalue()) < 1024 * 1024
+    out = tmp_path / "out"
+    with pytest.raises(ArchiveTooLargeError, match=r"ratio of \d+:1 over 300 entries") as err:
+        extract_zip(bomb, out)
+    assert not out.exists()
+    message = str(err.value)
+    assert "'refs/0000.png', 'refs/0001.png', 'refs/0002.png' and 297 more" in message
+    assert "refs/0003.png" not in message and "\n" not in message
+
+
+def test_many_small_entries_are_refused_by_limits_sized_for_them(tmp_path):
+    bomb = _many_zeros(300)
+    permissive_ratio = dict(max_ratio=1e9, max_total_ratio=1e9)
+    with pytest.raises(ArchiveTooLargeError, match="expands to 300.0 MiB in 300 entries"):
+        extract_zip(bomb, tmp_path / "a", ArchiveLimits(max_total_bytes=100 * 1024 * 1024, **permissive_ratio))
+    with pytest.raises(ArchiveTooLargeError, match="300 entries; the limit is 100"):
+        extract_zip(bomb, tmp_path / "b", ArchiveLimits(max_entries=100, **permissive_ratio))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_total_ratio_ignores_small_archives_and_honours_its_limit():
+    small = _zip({f"{i}.txt": b"a" * 1000 for i in range(50)})  # 50 KB of text compresses well: no bomb
+    assert len(scan_zip(small)) == 50
+    bomb = _many_zeros(3)
+    with pytest.raises(ArchiveTooLargeError, match="the limit is 100:1"):
+        scan_zip(bomb)
+    assert len(scan_zip(_many_zeros(3), ArchiveLimits(max_total_ratio=1e9))) == 3
+
+
+def test_entry_count_is_read_from_the_end_record_before_parsing(monkeypatch):
+    archive = _zip({f"{i}.png": b"x" for i in range(5)})
+    parsed = []
+    original = zipfile.ZipFile.__init__
+    monkeypatch.setattr(zipfile.ZipFile, "__init__", lambda self, *a, **k: parsed.append(1) or original(self, *a, **k))
+    with pytest.raises(ArchiveTooLargeError, match="5 entries; the limit is 4"):
+        scan_zip(archive, ArchiveLimits(max_entries=4))
+    assert parsed == []  # refused before zipfile built its list of entries
+    assert archive.tell() == 0  # a file object is left where it was
+
+
+def test_keep_selects_and_renames_entries(tmp_path):
+    archive = _zip({"bank/meta.json": b"{}", "bank/notes.txt": b"x", "other/meta.json": b"{}"})
+    prefix = PurePosixPath("bank")
+
+    def keep(path):
+        return path.relative_to(prefix) if path.parts[0] == "bank" and path.suffix == ".json" else None
+
+    files = extract_zip(archive, tmp_path / "out", keep=keep)
+    assert [p.relative_to(tmp_path / "out").as_posix() for p in files] == ["meta.json"]
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["meta.json"]
+    with pytest.raises(ArchiveError, match="unsafe path"):
+        extract_zip(_zip({"a.txt": b"x"}), tmp_path / "bad", keep=lambda p: PurePosixPath("../a.txt"))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_describe_names_lists_at_most_three():
+    assert describe_names([]) == ""
+    assert describe_names(["a"]) == "'a'"
+    assert describe_names(["a", "b", "c"]) == "'a', 'b', 'c'"
+    assert describe_names([str(i) for i in range(10)]) == "'0', '1', '2' and 7 more"
+
+
+def test_limits_from_settings():
+    from eagle.settings import Settings
+
+    limits = ArchiveLimits.from_settings(Settings(service={"max_archive_entries": 7, "max_archive_unpacked_mb": 3}))
+    assert limits.max_entries == 7 and limits.max_total_bytes == 3 * 1024 * 1024
+    assert limits.max_entry_bytes == 3 * 1024 * 1024 and limits.max_total_ratio == ArchiveLimits().max_total_ratio
+
+
+def test_the_apps_reference_upload_uses_the_same_limits(tmp_path):
+    from app.uploads import collect_reference_files
+    from eagle.settings import Settings
+
+    bomb = tmp_path / "refs.zip"
+    bomb.write_bytes(_many_zeros(300).getvalue())
+    with pytest.raises(ArchiveTooLargeError, match="300 entries"):
+        collect_reference_files([bomb], tmp_path / "work", limits=ArchiveLimits.from_settings(Settings()))
+    strict = ArchiveLimits.from_settings(Settings(service={"max_archive_entries": 2}))
+    small = tmp_path / "small.zip"
+    small.write_bytes(_zip({"a.png": b"1", "b.png": b"2", "c.png": b"3"}).getvalue())
+    with pytest.raises(ArchiveTooLargeError, match="3 entries; the limit is 2"):
+        collect_reference_files([small], tmp_path / "work", limits=strict)
+    assert not (tmp_path / "work").exists()

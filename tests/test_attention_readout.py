@@ -155,8 +155,9 @@ def test_maps_have_the_image_grid_and_hold_its_weights(pair):
     inputs = _inputs(sdpa, size=(56, 112))  # height 56, width 112
     maps = image_attention_maps(sdpa.model, sdpa.decoder_layers, inputs, sdpa.image_token_id, layers=LAYERS)
     is_qwen = "image_grid_thw" in inputs
-    # Qwen: 56×112 px → 4×8 patches of 14 px → merged 2×2 → 2×4 tokens; LLaVA: 16 tokens of a 56×56 crop → 4×4.
-    assert all(m.shape == ((2, 4) if is_qwen else (4, 4)) for m in maps.values())
+    # Qwen: 56×112 px is brought UP to the 112² budget (min = max pixels) → 84×168 px → 6×12 patches of 14 px →
+    # merged 2×2 → 3×6 tokens; LLaVA: 16 tokens of a 56×56 crop → 4×4.
+    assert all(m.shape == ((3, 6) if is_qwen else (4, 4)) for m in maps.values())
     start, end = image_token_runs(inputs["input_ids"][0], sdpa.image_token_id)[1]
     expected = _eager_last_row(eager, inputs)
     for layer in LAYERS:

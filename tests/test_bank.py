@@ -23,9 +23,9 @@ from expert.bank import (
     make_meta,
     save_bank,
 )
-from expert.dbt import Threshold
+from expert.dbt import compute_threshold
 
-N_REFS, GRID, DIM, M = 3, (4, 4), 8, 10
+N_REFS, GRID, DIM, M = 3, (28, 28), 1024, 10  # dims of the default backbone at crop 224 (check_meaning)
 
 
 def _images(seed: int = 0) -> list[np.ndarray]:
@@ -36,7 +36,8 @@ def _images(seed: int = 0) -> list[np.ndarray]:
 def _bank(seed: int = 0, settings: ExpertSettings | None = None) -> Bank:
     rng = np.random.default_rng(seed)
     settings = settings or ExpertSettings(weights="random")
-    threshold = Threshold(tau=5.0 + seed, s_max=6.0 + seed, method="k_sigma", params={"kappa": 3.0}, n_scores=2)
+    train_scores = np.array([4.5, 5.5], np.float32) + seed
+    threshold = compute_threshold(train_scores, "k_sigma", kappa=3.0)  # tau = 6.5 + seed, s_max = 5.5 + seed
     meta = make_meta(
         name=f"widget-{seed}",
         settings=settings,
@@ -52,24 +53,37 @@ def _bank(seed: int = 0, settings: ExpertSettings | None = None) -> Bank:
     )
     return Bank(
         memory_bank=rng.standard_normal((M, DIM)).astype(np.float32),
-        train_scores=np.array([4.5, 5.5], np.float32) + seed,
+        train_scores=train_scores,
         coreset_image_ids=rng.integers(0, N_REFS, M).astype(np.int64),
         global_descriptors=rng.standard_normal((N_REFS, DIM)).astype(np.float32),
         meta=meta,
     )
 
 
+def write_fake_onnx(path: Path, *, input_dims=("batch", 3, 224, 224), output_dims=("batch", 784, DIM)) -> Path:
+    """A tiny ONNX graph with the patch embedder's input/output signature (never run: loading checks shapes only)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["images"], ["patch_features"])],
+        "fake",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, list(input_dims))],
+        [helper.make_tensor_value_info("patch_features", TensorProto.FLOAT, list(output_dims))],
+    )
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
 @pytest.fixture
 def onnx_file(tmp_path) -> Path:
-    path = tmp_path / "exported.onnx"
-    path.write_bytes(b"\x08\x07fake-onnx-graph" * 100)
-    return path
+    return write_fake_onnx(tmp_path / "exported.onnx")
 
 
 @pytest.fixture
 def saved(tmp_path, onnx_file) -> Path:
     return save_bank(
-        _bank(), tmp_path / "banks" / "widget", onnx_source=onnx_file, reference_images=_images(), thumbnail=64
+        _bank(), tmp_path / "banks" / "widget", onnx_source=onnx_file, reference_images=_images(), reference_max_side=64
     )
 
 
@@ -81,14 +95,14 @@ def test_round_trip(saved, onnx_file):
         assert getattr(loaded, name).dtype == getattr(original, name).dtype
     assert loaded.directory == saved and loaded.notes == []
     assert loaded.meta.format_version == BANK_FORMAT_VERSION and len(loaded.meta.bank_id) == 16
-    assert loaded.tau == 5.0 and loaded.s_max == 6.0
+    assert loaded.tau == pytest.approx(6.5) and loaded.s_max == 5.5
     assert [r.name for r in loaded.meta.references] == ["a.png", "b.png", "c.png"]
     assert [r.skip_reason for r in loaded.meta.references] == [None, "too_few_unsampled", None]
     assert loaded.meta.counts.model_dump() == {
         "references": 3,
         "used_for_dbt": 2,
         "skipped": 1,
-        "patches": 48,
+        "patches": 3 * 784,
         "coreset": 10,
     }
     assert loaded.has_onnx and loaded.onnx_path.read_bytes() == onnx_file.read_bytes()
@@ -125,7 +139,8 @@ def test_meta_records_settings_and_versions(saved):
         "start_method": "center_farthest",
         "seed": 0,
     }
-    assert raw["distance"] == "sqeuclidean" and raw["threshold"]["min_unsampled_patches"] == 16
+    assert raw["distance"] == "sqeuclidean" and raw["threshold"]["min_unsampled_patches"] == 32
+    assert raw["threshold"]["search"] == "leave_own_out"
     assert {"torch", "timm", "faiss", "onnxruntime", "numpy", "eagle"} <= set(raw["versions"])
     assert raw["created_utc"].endswith("+00:00") and raw["warnings"] == []
 
@@ -159,7 +174,7 @@ def _leftovers(parent: Path) -> list[str]:
 
 def test_overwrite_replaces_the_bank_and_cleans_up(saved, onnx_file):
     save_bank(_bank(1), saved, onnx_source=onnx_file, reference_images=_images(1))
-    assert load_bank(saved).tau == 6.0
+    assert load_bank(saved).tau == pytest.approx(7.5)
     assert _leftovers(saved.parent) == []
 
 
@@ -288,7 +303,7 @@ def test_invalid_meta_field_is_named(saved):
 
 
 def test_nan_tau_in_meta_is_rejected(saved):
-    text = (saved / "meta.json").read_text().replace('"tau": 5.0', '"tau": NaN')
+    text = (saved / "meta.json").read_text().replace('"tau": 6.5', '"tau": NaN')
     (saved / "meta.json").write_text(text)
     with pytest.raises(BankError, match="invalid field 'threshold.tau'"):
         load_bank(saved)
@@ -320,7 +335,7 @@ def test_settings_mismatch_is_an_error(saved, change, message):
 
 def test_threshold_and_coreset_differences_are_not_fatal(saved, caplog):
     loaded = load_bank(saved, ExpertSettings(kappa=2.0, coreset_ratio=0.5))
-    assert loaded.tau == 5.0  # the bank's own tau
+    assert loaded.tau == pytest.approx(6.5)  # the bank's own tau
     assert len(loaded.notes) == 1 and "kappa: bank 3.0, running 2.0" in loaded.notes[0]
     assert "kappa" in caplog.text
     other = load_bank(saved, ExpertSettings(threshold_method="evt"))

@@ -1,25 +1,21 @@
 """CAAS (mllm.caas): each production mode equals an eager reference of Eq. 9, and nothing leaks outside it.
 
-The reference below is written for the tests only: an attention function that computes ``softmax(QKᵀ·s + mask)``
-explicitly and scales, per the paper, either the logits (``logit``) or the weights (``weight``: renormalised,
-``weight_raw``: not) to the visual keys in layers 9..15. The production modes never do that: they scale key or
-value projections with hooks, or add an SDPA bias. Models are the tiny random-weight Qwen2.5-VL and LLaVA-1.5,
-loaded through the production loader ``mllm.loading.load_mllm``.
+The reference (``tests/caas_reference.py``, tests only) is an attention function that computes
+``softmax(QKᵀ·s + mask)`` explicitly and scales, per the paper, either the logits (``logit``) or the weights
+(``weight``: renormalised, ``weight_raw``: not) to the visual keys in layers 9..15. The production modes never do
+that: they scale key or value projections with hooks, or add an SDPA bias. Models are the tiny random-weight
+Qwen2.5-VL and LLaVA-1.5, loaded through the production loader ``mllm.loading.load_mllm``; the Qwen3-VL (per-head
+``k_norm``) proofs are in ``tests/test_caas_knorm.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from eagle.settings import CAASSettings, MLLMSettings
+from eagle.settings import CAASSettings
 from mllm.caas import (
     CAASConfig,
     CAASError,
@@ -29,12 +25,19 @@ from mllm.caas import (
     should_apply,
     visual_token_mask,
 )
-from mllm.loading import LoadedMLLM, load_mllm
+from mllm.loading import LoadedMLLM
+from tests.caas_reference import (
+    MODES,
+    reference_caas,
+)
+from tests.caas_reference import assert_untouched as _assert_untouched
+from tests.caas_reference import check_against_reference as _check_against_reference
+from tests.caas_reference import forward as _forward
+from tests.caas_reference import generate as _generate
+from tests.caas_reference import hook_count as _hook_count
+from tests.caas_reference import load_tiny as _load
+from tests.caas_reference import prompt as _prompt
 from tests.fixtures_mllm import tiny_llava_dir, tiny_qwen_dir  # noqa: F401
-from tests.tiny_models import TINY_QWEN_MAX_PIXELS
-
-MODES = ("logit", "weight", "weight_raw")
-STEPS = 8
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,73 +49,6 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The eager reference (tests only)
-# ---------------------------------------------------------------------------------------------------------------
-
-REFERENCE = "caas_eager_reference_for_tests"
-_REFERENCE_STATE: dict = {}
-
-
-def _padded(mask: torch.Tensor, length: int, batch: int) -> torch.Tensor:
-    visual = torch.zeros(mask.shape[0], length, dtype=torch.bool)
-    keep = min(length, mask.shape[1])
-    visual[:, :keep] = mask[:, :keep]
-    return visual.repeat_interleave(batch // mask.shape[0], dim=0)[:, None, None, :]
-
-
-def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Eager attention with Eq. 9 applied literally in the chosen layers."""
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    logits = query @ key.transpose(-1, -2) * scaling  # A = QKᵀ/√d
-    config = _REFERENCE_STATE.get("config")
-    edited = config is not None and id(module) in _REFERENCE_STATE["modules"]
-    if edited:
-        visual = _padded(_REFERENCE_STATE["mask"], key.shape[-2], query.shape[0])
-        if config.mode == "logit":
-            logits = torch.where(visual, logits * (1 + config.alpha), logits)
-    if attention_mask is not None:
-        logits = logits + attention_mask[..., : key.shape[-2]]
-    weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    if edited and config.mode in ("weight", "weight_raw"):
-        weights = torch.where(visual, weights * (1 + config.alpha), weights)
-        if config.mode == "weight":
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-    return (weights @ value).transpose(1, 2).contiguous(), weights
-
-
-AttentionInterface.register(REFERENCE, _reference_attention)
-AttentionMaskInterface.register(REFERENCE, eager_mask)
-
-
-@contextlib.contextmanager
-def reference_caas(loaded: LoadedMLLM, config: CAASConfig | None, mask: torch.Tensor | None):
-    """Run the text model through the eager reference (with CAAS per ``config``, or none)."""
-    modules = {id(loaded.decoder_layers[i].self_attn) for i in config.layers} if config else set()
-    _REFERENCE_STATE.update(config=config, mask=mask, modules=modules)
-    previous = loaded.model.config.text_config._attn_implementation
-    loaded.model.set_attn_implementation({"text_config": REFERENCE})
-    try:
-        yield
-    finally:
-        loaded.model.set_attn_implementation({"text_config": previous})
-        _REFERENCE_STATE.clear()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Models and prompts
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _load(directory, preset: str, **overrides) -> LoadedMLLM:
-    settings = MLLMSettings(
-        preset=preset, model_id=str(directory), device="cpu", quantization="fp32", max_pixels=TINY_QWEN_MAX_PIXELS
-    )
-    return load_mllm(settings.model_copy(update=overrides))
-
-
 @pytest.fixture(scope="module")
 def qwen(tiny_qwen_dir) -> LoadedMLLM:  # noqa: F811
     return _load(tiny_qwen_dir, "qwen2.5-vl-7b")
@@ -121,60 +57,6 @@ def qwen(tiny_qwen_dir) -> LoadedMLLM:  # noqa: F811
 @pytest.fixture(scope="module")
 def llava(tiny_llava_dir) -> LoadedMLLM:  # noqa: F811
     return _load(tiny_llava_dir, "llava-1.5-7b")
-
-
-def _images(count: int, seed: int, size=(64, 64)) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8)) for _ in range(count)]
-
-
-def _prompt(loaded: LoadedMLLM, images_per_row: list[int], texts: list[str] | None = None) -> dict:
-    """A batch of chat prompts (left-padded), each with the given number of images followed by a question."""
-    processor = loaded.processor
-    processor.tokenizer.padding_side = "left"
-    texts = texts or ["Is there any defect in the object?"] * len(images_per_row)
-    prompts, images = [], []
-    for row, (count, text) in enumerate(zip(images_per_row, texts, strict=True)):
-        content = [{"type": "image"}] * count + [{"type": "text", "text": text}]
-        messages = [{"role": "user", "content": content}]
-        prompts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
-        images.extend(_images(count, seed=row))
-    return dict(processor(text=prompts, images=images, return_tensors="pt", padding=True))
-
-
-def _generate(loaded: LoadedMLLM, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.inference_mode():
-        out = loaded.model.generate(
-            **inputs,
-            max_new_tokens=STEPS,
-            min_new_tokens=STEPS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    return out.sequences, torch.stack(out.logits, dim=1)  # [B, STEPS, vocab]
-
-
-def _forward(loaded: LoadedMLLM, inputs: dict, **kwargs):
-    with torch.inference_mode():
-        return loaded.model(**inputs, **kwargs)
-
-
-def _hook_count(loaded: LoadedMLLM) -> int:
-    """Hooks installed by EAGLE's modules (transformers installs output-recording hooks of its own)."""
-    hooks = []
-    for layer in loaded.decoder_layers:
-        attention = layer.self_attn
-        hooks += [*attention._forward_pre_hooks.values(), *attention._forward_hooks.values()]
-        hooks += [
-            hook for name in ("q_proj", "k_proj", "v_proj") for hook in getattr(attention, name)._forward_hooks.values()
-        ]
-    return sum(getattr(hook, "__module__", "").startswith("mllm.") for hook in hooks)
-
-
-def _assert_untouched(loaded: LoadedMLLM) -> None:
-    assert _hook_count(loaded) == 0
-    assert loaded.model.config.text_config._attn_implementation == "sdpa"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,19 +140,6 @@ def test_visual_token_mask_errors():
 # ---------------------------------------------------------------------------------------------------------------
 # Production == eager reference (logits within 1e-4, identical greedy tokens over 8 steps, KV cache)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _check_against_reference(loaded: LoadedMLLM, inputs: dict, config: CAASConfig, mask: torch.Tensor) -> None:
-    base_tokens, base_logits = _generate(loaded, inputs)
-    with apply_caas(loaded.model, loaded.decoder_layers, config, mask):
-        tokens, logits = _generate(loaded, inputs)
-    with reference_caas(loaded, config, mask):
-        ref_tokens, ref_logits = _generate(loaded, inputs)
-    _assert_untouched(loaded)
-    assert torch.equal(tokens, ref_tokens)
-    assert (logits - ref_logits).abs().max().item() < 1e-4
-    # ... and the edit is real: far above the tolerance.
-    assert (logits - base_logits).abs().max().item() > 1e-2
 
 
 @pytest.mark.parametrize("tokens", ["all", "query"])

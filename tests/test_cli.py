@@ -88,6 +88,8 @@ def test_build_bank_summary_matches_the_saved_bank(built):
     assert [r.name for r in bank.meta.references] == ["000.png", "001.png", "002.png", "003.png"]
     assert set(summary["seconds"]) == {"embed", "coreset", "dbt", "save"}
     assert summary["warnings"] == bank.meta.warnings and "only 4 reference images" in summary["warnings"][0]
+    # 4 references at kappa = 3: tau > s_max by construction, and the build says so with the reason.
+    assert any(w.startswith("CAAS band empty") and "is certain at kappa = 3" in w for w in summary["warnings"])
 
 
 def test_build_bank_aborts_on_unreadable_files_by_default_and_builds_nothing(env, data, tmp_path):

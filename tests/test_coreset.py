@@ -36,9 +36,7 @@ def _reference_replay(features: np.ndarray, selected: np.ndarray, k: int, starts
         rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
         start_idx = np.sort(rng.choice(n, size=min(starts, n), replace=False))
     else:
-        to_mean = np.linalg.norm(z - z.mean(axis=0), axis=1)
-        order = np.argsort(to_mean, kind="stable")
-        start_idx = np.concatenate([[order[0]], [i for i in order[::-1] if i != order[0]][: min(starts, n) - 1]])
+        start_idx = _reference_starts(z, min(starts, n), method)
     dist = np.linalg.norm(z[:, None, :] - z[None, start_idx, :], axis=2).mean(axis=1)
     exact = 0
     for step, idx in enumerate(selected):
@@ -49,6 +47,19 @@ def _reference_replay(features: np.ndarray, selected: np.ndarray, k: int, starts
         dist = np.minimum(dist, np.linalg.norm(z - z[idx], axis=1))
         dist[idx] = -np.inf
     return None, exact
+
+
+def _reference_starts(z: np.ndarray, count: int, method: str) -> np.ndarray:
+    """The start rule recomputed by brute force in float64 on the projected features ``z``.
+
+    ``center_farthest`` (EAGLE's reference ``_pick_start_points``): c = argmin of the Euclidean distance to
+    the mean, then the ``count - 1`` rows farthest from the patch c. ``mean_farthest``: farthest from the mean.
+    """
+    to_mean = np.linalg.norm(z - z.mean(axis=0), axis=1)
+    c = int(np.argmin(to_mean))
+    reach = np.linalg.norm(z - z[c], axis=1) if method == "center_farthest" else to_mean
+    farthest = [i for i in np.argsort(-reach, kind="stable") if i != c][: count - 1]
+    return np.array([c, *farthest], dtype=np.int64)
 
 
 def _low_dimensional(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -66,7 +77,7 @@ def _covering_radius(features: np.ndarray, selected: np.ndarray) -> float:
     return float(np.sqrt(np.maximum(d2.min(axis=1), 0)).max())
 
 
-@pytest.mark.parametrize("method", ["center_farthest", "random"])
+@pytest.mark.parametrize("method", ["center_farthest", "mean_farthest", "random"])
 @pytest.mark.parametrize(("d", "k"), [(48, 16), (200, 64), (300, 128)])
 def test_every_step_is_the_greedy_argmax_of_a_float64_reference(method, d, k):
     feats = _clustered(600, d, seed=3) if k == 128 else _gaussian(600, d, seed=3)
@@ -76,13 +87,61 @@ def test_every_step_is_the_greedy_argmax_of_a_float64_reference(method, d, k):
     assert exact >= len(got) - 4  # only float32 near-ties may pick another argmax
 
 
-def test_center_farthest_starts_are_nearest_and_farthest_from_the_mean():
+def test_center_farthest_starts_are_nearest_the_mean_and_farthest_from_that_patch():
     feats = _gaussian(300, 8, seed=1)
     space = cs._ProjectedSpace.build(feats, 128, seed=0)  # 128 >= 8: no projection
     starts = cs._starting_points(space, 10, "center_farthest", 0)
+    c = int(np.argmin(np.linalg.norm(feats - feats.mean(axis=0), axis=1)))
+    assert starts[0] == c
+    to_c = np.linalg.norm(feats - feats[c], axis=1)
+    np.testing.assert_array_equal(starts[1:], np.argsort(-to_c)[:9])  # farthest first, c itself excluded
+
+
+def test_mean_farthest_starts_are_nearest_and_farthest_from_the_mean():
+    feats = _gaussian(300, 8, seed=1)
+    space = cs._ProjectedSpace.build(feats, 128, seed=0)
+    starts = cs._starting_points(space, 10, "mean_farthest", 0)
     to_mean = np.linalg.norm(feats - feats.mean(axis=0), axis=1)
     assert starts[0] == np.argmin(to_mean)
-    assert set(starts[1:].tolist()) == set(np.argsort(to_mean)[-9:].tolist())
+    np.testing.assert_array_equal(starts[1:], np.argsort(-to_mean)[:9])
+
+
+@pytest.mark.parametrize("method", ["center_farthest", "mean_farthest"])
+@pytest.mark.parametrize(("n", "d", "k", "seed"), [(500, 256, 128, 0), (400, 64, 16, 3), (60, 300, 128, 7)])
+def test_start_points_match_a_float64_brute_force_of_the_rule_in_the_projected_space(method, n, d, k, seed):
+    """Distances are measured after the random projection, as the reference picks its starts on the
+    projected features; the centring and principal-axis rotation of our space change no distance."""
+    feats = _clustered(n, d, seed=seed)
+    space = cs._ProjectedSpace.build(feats, k, seed=seed)
+    got = cs._starting_points(space, 10, method, seed)
+    z = feats.astype(np.float64) @ random_projection(d, k, seed).astype(np.float64)
+    np.testing.assert_array_equal(got, _reference_starts(z, 10, method))
+
+
+def test_the_two_start_rules_differ_on_clustered_data():
+    """Farthest from the central PATCH is not farthest from the MEAN: the rules pick different starts."""
+    feats = _clustered(600, 32, clusters=5, seed=2)
+    space = cs._ProjectedSpace.build(feats, 16, seed=0)
+    center = cs._starting_points(space, 10, "center_farthest", 0)
+    mean = cs._starting_points(space, 10, "mean_farthest", 0)
+    assert center[0] == mean[0]
+    assert set(center[1:].tolist()) != set(mean[1:].tolist())
+
+
+def test_start_points_edge_counts():
+    feats = _gaussian(5, 4, seed=9)
+    space = cs._ProjectedSpace.build(feats, 128, seed=0)
+    for method in ("center_farthest", "mean_farthest"):
+        one = cs._starting_points(space, 1, method, 0)
+        assert one.tolist() == [int(np.argmin(np.linalg.norm(feats - feats.mean(axis=0), axis=1)))]
+        every = cs._starting_points(space, 5, method, 0)
+        assert sorted(every.tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_default_start_method_is_the_reference_rule():
+    import inspect
+
+    assert inspect.signature(greedy_coreset).parameters["start_method"].default == "center_farthest"
 
 
 @pytest.mark.parametrize("n, ratio", [(1000, 0.1), (997, 0.25), (50, 0.01), (7, 1.0), (1, 0.1)])
@@ -109,7 +168,7 @@ def test_single_row_and_tiny_ratio():
 
 def test_deterministic_for_a_seed():
     feats = _clustered(800, 64)
-    for method in ("center_farthest", "random"):
+    for method in ("center_farthest", "mean_farthest", "random"):
         a = greedy_coreset(feats, ratio=0.1, start_method=method, seed=11)
         b = greedy_coreset(feats.copy(), ratio=0.1, start_method=method, seed=11)
         np.testing.assert_array_equal(a, b)

@@ -1,4 +1,4 @@
-"""DBT: leave-own-out scores against brute force, each tau method against its formula, degenerate cases."""
+"""DBT: leave-own-out and whole-bank scores against brute force, each tau method against its formula, edge cases."""
 
 from __future__ import annotations
 
@@ -9,20 +9,28 @@ from scipy import stats
 from eagle.settings import ExpertSettings
 from expert.coreset import greedy_coreset
 from expert.dbt import (
+    DBT_SEARCHES,
+    DEFAULT_MIN_UNSAMPLED,
     EVT_MIN_SCORES,
     THRESHOLD_METHODS,
     DBTError,
+    Threshold,
     check_reference_count,
     compute_threshold,
+    empty_band_warning,
     fit_gev,
     leave_own_out_scores,
     skip_reasons,
     threshold_params,
+    training_scores,
 )
 
 
-def _brute_force_scores(features: np.ndarray, coreset_idx: np.ndarray, distance: str, min_unsampled: int):
-    """The definition, literally: per image, unsampled patches vs the coreset minus that image's entries."""
+def _brute_force_scores(
+    features: np.ndarray, coreset_idx: np.ndarray, distance: str, min_unsampled: int, search: str = "leave_own_out"
+):
+    """The definition, literally: per image, unsampled patches vs the coreset minus that image's entries
+    (``leave_own_out``, the reference code) or vs the whole coreset (``whole_bank``, paper Algorithm 1)."""
     n, p, d = features.shape
     flat = features.reshape(n * p, d).astype(np.float64)
     owner = np.arange(n * p) // p
@@ -31,7 +39,7 @@ def _brute_force_scores(features: np.ndarray, coreset_idx: np.ndarray, distance:
     scores, used = [], []
     for i in range(n):
         queries = flat[(owner == i) & ~in_coreset]
-        bank = flat[coreset_idx[owner[coreset_idx] != i]]
+        bank = flat[coreset_idx[owner[coreset_idx] != i]] if search == "leave_own_out" else flat[coreset_idx]
         if len(queries) < min_unsampled or len(bank) == 0:
             used.append(False)
             continue
@@ -60,7 +68,44 @@ def test_leave_own_out_matches_brute_force(small_case, distance):
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
 
 
-def test_upper_bound_pruning_is_exact_and_prunes(monkeypatch):
+@pytest.mark.parametrize("distance", ["sqeuclidean", "euclidean"])
+def test_whole_bank_matches_brute_force(small_case, distance):
+    coreset = greedy_coreset(small_case.reshape(-1, 16), ratio=0.25, projection_dim=8)
+    scores, used = training_scores(small_case, coreset, search="whole_bank", distance=distance, min_unsampled=1)
+    want_scores, want_used = _brute_force_scores(small_case, coreset, distance, 1, "whole_bank")
+    np.testing.assert_array_equal(used, want_used)
+    assert scores.dtype == np.float32 and used.all()
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+    # The whole bank holds the leave-own-out bank, so no score can be larger, and with the own entries
+    # near by some are strictly smaller.
+    own_out, _ = training_scores(small_case, coreset, search="leave_own_out", distance=distance, min_unsampled=1)
+    assert (scores <= own_out * (1 + 1e-6)).all() and (scores < own_out * (1 - 1e-3)).any()
+
+
+def test_leave_own_out_scores_is_training_scores_with_the_reference_search(small_case):
+    coreset = greedy_coreset(small_case.reshape(-1, 16), ratio=0.25, projection_dim=8)
+    a = leave_own_out_scores(small_case, coreset, min_unsampled=1)
+    b = training_scores(small_case, coreset, min_unsampled=1)  # default search: leave_own_out
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_default_min_unsampled_is_the_reference_value_32():
+    import inspect
+
+    assert DEFAULT_MIN_UNSAMPLED == 32 == ExpertSettings().min_unsampled_patches
+    for function in (training_scores, leave_own_out_scores):
+        assert inspect.signature(function).parameters["min_unsampled"].default == 32
+    assert ExpertSettings().dbt_search == "leave_own_out"
+
+
+def test_unknown_search_is_a_clear_error(small_case):
+    with pytest.raises(DBTError, match="unknown DBT search 'paper'"):
+        training_scores(small_case, np.arange(10), search="paper", min_unsampled=1)
+
+
+@pytest.mark.parametrize("search", DBT_SEARCHES)
+def test_upper_bound_pruning_is_exact_and_prunes(monkeypatch, search):
     """D > 128 (projected candidate search): exact scores while only a few patches are searched exactly."""
     from expert import dbt
 
@@ -69,15 +114,15 @@ def test_upper_bound_pruning_is_exact_and_prunes(monkeypatch):
     feats = (base[None] + 0.3 * rng.standard_normal((8, 49, 160))).astype(np.float32)
     coreset = greedy_coreset(feats.reshape(-1, 160), ratio=0.1)
     searched = []
-    original = dbt._LeaveOwnOutScorer._exact
+    original = dbt._TrainingScorer._exact
     monkeypatch.setattr(
-        dbt._LeaveOwnOutScorer,
+        dbt._TrainingScorer,
         "_exact",
         lambda self, q, i, own: (searched.append(len(q)), original(self, q, i, own))[1],
     )
     monkeypatch.setattr(dbt, "_FIRST_BATCH", 8)
-    scores, used = leave_own_out_scores(feats, coreset, min_unsampled=1)
-    want, want_used = _brute_force_scores(feats, coreset, "sqeuclidean", 1)
+    scores, used = training_scores(feats, coreset, search=search, min_unsampled=1)
+    want, want_used = _brute_force_scores(feats, coreset, "sqeuclidean", 1, search)
     np.testing.assert_array_equal(used, want_used)
     np.testing.assert_allclose(scores, want, rtol=1e-5)
     assert sum(searched) < 0.5 * (feats.shape[0] * feats.shape[1] - len(coreset))
@@ -111,6 +156,17 @@ def test_image_owning_the_whole_coreset_is_skipped(small_case):
     np.testing.assert_array_equal(used, [True, False, True, True])
     assert skip_reasons(4, 49, coreset, min_unsampled=1) == {1: "no_other_coreset"}
     np.testing.assert_allclose(scores, _brute_force_scores(small_case, coreset, "sqeuclidean", 1)[0], rtol=1e-5)
+
+
+def test_whole_bank_never_skips_for_owning_the_coreset(small_case):
+    """The paper's whole-bank search always has something to compare with: only too few patches skip."""
+    coreset = np.arange(49, 49 + 10)  # every entry comes from image 1
+    assert skip_reasons(4, 49, coreset, min_unsampled=1, search="whole_bank") == {}
+    scores, used = training_scores(small_case, coreset, search="whole_bank", min_unsampled=1)
+    assert used.all()
+    want, _ = _brute_force_scores(small_case, coreset, "sqeuclidean", 1, "whole_bank")
+    np.testing.assert_allclose(scores, want, rtol=1e-5)
+    assert skip_reasons(4, 49, coreset, min_unsampled=40, search="whole_bank") == {1: "too_few_unsampled"}
 
 
 def test_single_reference_image_is_a_clear_error():
@@ -259,3 +315,34 @@ def test_reference_count_rules():
         check_reference_count(1, minimum=2, recommended=20)
     assert "20 or more" in check_reference_count(5, minimum=2, recommended=20)
     assert check_reference_count(20, minimum=2, recommended=20) is None
+
+
+# ------------------------------------------------------------------------------------------- CAAS band
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 10])
+def test_k_sigma_with_at_most_ten_scores_always_empties_the_caas_band(n):
+    """max of n scores <= mean + sigma * sqrt(n - 1) <= mean + 3 sigma = tau: the band [tau, s_max] is empty."""
+    rng = np.random.default_rng(n)
+    for _ in range(50):
+        threshold = compute_threshold(rng.gamma(2.0, size=n), "k_sigma", kappa=3.0)
+        assert threshold.tau > threshold.s_max
+        warning = empty_band_warning(threshold)
+        assert warning.startswith(f"CAAS band empty (tau {threshold.tau:.3g} > s_max {threshold.s_max:.3g})")
+        assert "CAAS never turns on" in warning
+        assert f"with {n} DBT training scores this is certain at kappa = 3" in warning
+        assert f"at most mean + {np.sqrt(n - 1):.3g} sigma" in warning and "use 11 or more reference" in warning
+        assert "\n" not in warning
+
+
+def test_band_warning_is_absent_when_the_band_exists_and_generic_for_other_causes():
+    assert empty_band_warning(compute_threshold(SCORES, "quantile")) is None  # a quantile never exceeds the max
+    many = np.random.default_rng(0).standard_normal(400)
+    many[0] = 10.0  # one far outlier: tau = mean + 3 sigma < s_max
+    assert empty_band_warning(compute_threshold(many, "k_sigma")) is None
+    above = Threshold(tau=5.0, s_max=4.0, method="mad", params={"mad_k": 3.0}, n_scores=30)
+    assert empty_band_warning(above).endswith("the mad threshold lies above every DBT training score")
+    more = Threshold(tau=5.0, s_max=4.0, method="k_sigma", params={"kappa": 3.0}, n_scores=11)
+    assert "certain" not in empty_band_warning(more)  # sqrt(10) > 3: not forced by the bound
+    equal = Threshold(tau=4.0, s_max=4.0, method="k_sigma", params={"kappa": 3.0}, n_scores=10)
+    assert empty_band_warning(equal) is None  # tau == s_max: a one-point band, CAAS still possible

@@ -86,3 +86,26 @@ def test_embed_images_refuses_empty_input(onnx_embedder):
         embed_images(onnx_embedder, [])
     with pytest.raises(ValueError, match="batch_size"):
         embed_images(onnx_embedder, [np.zeros((8, 8, 3), np.uint8)], batch_size=0)
+
+
+def test_large_batches_are_split_on_cpu_with_the_same_features(onnx_path, onnx_embedder):
+    from expert.embedder import CPU_MAX_BATCH
+
+    assert onnx_embedder.max_batch == CPU_MAX_BATCH  # bounded onnxruntime arena on CPU
+    images = [make_good_image(224, 240, np.random.default_rng(20 + i)) for i in range(3)]
+    inputs = np.stack([preprocess(image)[0] for image in images])
+    one_at_a_time = OnnxEmbedder(onnx_path, intra_op_threads=2, max_batch=1)
+    got = one_at_a_time(inputs)
+    assert got.shape == (3, 784, 1024) and got.dtype == np.float32 and got.flags.c_contiguous
+    assert relative_error(got, onnx_embedder(inputs)) < 1e-5
+    with pytest.raises(ValueError, match="max_batch"):
+        OnnxEmbedder(onnx_path, max_batch=0)
+
+
+def test_export_targets_the_pinned_opset(onnx_path):
+    import onnx
+
+    from expert.embedder import ONNX_OPSET
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    assert {o.domain: o.version for o in model.opset_import}[""] == ONNX_OPSET

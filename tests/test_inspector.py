@@ -30,7 +30,8 @@ IMAGES = {"query": _image(2), "template": _image(1), "boxed": _image(3)}
 
 @pytest.fixture(scope="module")
 def settings():
-    return Settings(mllm={"max_new_tokens": 6, "explanation_max_new_tokens": 12})
+    # 56·56 px per image (min = max): every 64-px test image is one 2×2 token grid
+    return Settings(mllm={"max_new_tokens": 6, "explanation_max_new_tokens": 12, "max_pixels": 56 * 56})
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,7 @@ def test_ask_returns_the_greedy_reply_parsed(inspector, setting, anomalous, imag
     inputs = render_inputs(inspector.loaded, prompt.messages, prompt.images)
     assert answer.n_input_tokens == inputs["input_ids"].shape[1]
     assert int((inputs["input_ids"] == inspector.loaded.image_token_id).sum()) == 4 * images
+    assert answer.image_tokens == [4] * images  # one budget for every image of the prompt
     assert answer.boxed_included == (images == 3) and answer.setting == setting and not answer.caas_applied
     assert set(answer.timings_ms) == {"prepare", "generate", "total"}
     assert all(value >= 0 for value in answer.timings_ms.values())

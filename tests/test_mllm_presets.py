@@ -120,7 +120,8 @@ def test_pixel_budget_per_family(tiny_qwen_dir):
     processor = AutoProcessor.from_pretrained(tiny_qwen_dir)
     model = torch.nn.Module()
     apply_pixel_budget(get_preset("qwen2.5-vl-7b"), model, processor, 28 * 28 * 9)
-    assert processor.image_processor.size == {"shortest_edge": 28 * 28, "longest_edge": 28 * 28 * 9}
+    # min_pixels = max_pixels = budget: every image, small or large, reaches the model at the same budget
+    assert processor.image_processor.size == {"shortest_edge": 28 * 28 * 9, "longest_edge": 28 * 28 * 9}
 
     class _Processor:
         pass
@@ -138,7 +139,7 @@ def test_pixel_budget_per_family(tiny_qwen_dir):
     internvl.image_processor = _Processor()
     internvl.image_processor.max_patches = 12
     apply_pixel_budget(get_preset("internvl3-8b"), model, internvl, 5 * 448 * 448 + 1)
-    assert internvl.image_processor.max_patches == 5
+    assert internvl.image_processor.max_patches == internvl.image_processor.min_patches == 5
     apply_pixel_budget(get_preset("internvl3-8b"), model, internvl, 1000)
     assert internvl.image_processor.max_patches == 1
 

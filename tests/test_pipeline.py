@@ -134,7 +134,11 @@ def test_mllm_disabled_means_expert_only_and_a_clear_error(built):
 def with_mllm(built, tiny_qwen_dir):
     pipeline, *_ = built
     settings = pipeline_settings(
-        pipeline.settings.data_dir, model_id=str(tiny_qwen_dir), max_new_tokens=4, explanation_max_new_tokens=12
+        pipeline.settings.data_dir,
+        model_id=str(tiny_qwen_dir),
+        max_new_tokens=4,
+        explanation_max_new_tokens=12,
+        max_pixels=112 * 112,  # every image pinned to 4×4 tokens: the tiny model stays fast on the CPU host
     )
     return Pipeline(settings)
 
@@ -157,6 +161,31 @@ def test_expert_only_request_skips_the_model(with_mllm, synthetic_root):
     good, _ = _test_images(synthetic_root)
     result = with_mllm.inspect(good[0], "widget", InspectOptions(use_mllm=False))
     assert result.mode == "expert-only" and result.mllm_answer is None
+
+
+def test_an_external_template_replaces_the_retrieved_one(with_mllm, synthetic_root, monkeypatch):
+    """The evaluation hands MMAD's own template to ``finish``: the model sees it and the record names it."""
+    from mllm.inspector import MLLMInspector
+
+    good, _ = _test_images(synthetic_root)
+    image = load_image(good[0], max_pixels=10**8)
+    expert = with_mllm.run_expert(image, "widget")
+    template = np.full((48, 64, 3), 7, np.uint8)
+    seen = []
+    real_ask = MLLMInspector.ask
+
+    def spy(self, **kwargs):
+        seen.append((np.asarray(kwargs["template"]).copy(), kwargs["query"].size))
+        return real_ask(self, **kwargs)
+
+    monkeypatch.setattr(MLLMInspector, "ask", spy)
+    options = InspectOptions(prompt_setting="full", caas="off", explain=False)
+    result = with_mllm.finish(image, expert, "widget", options, template=template, template_name="MMAD/x/good/000.png")
+    assert result.template == "MMAD/x/good/000.png" and np.array_equal(result.images.template, template)
+    assert np.array_equal(seen[0][0], template)
+    retrieved = with_mllm.finish(image, expert, "widget", options)
+    assert retrieved.template == with_mllm.banks.reference_name("widget", expert.template_index)
+    assert not np.array_equal(seen[1][0], template)
 
 
 @pytest.mark.parametrize(

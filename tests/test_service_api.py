@@ -7,6 +7,7 @@ fake so that every error path, the queue (429) and graceful shutdown can be driv
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import logging
 import threading
@@ -70,7 +71,7 @@ def inspect(
 
 
 # -- health, auth ------------------------------------------------------------------------------------------------
-def test_healthz_readyz_openapi_are_public(live):
+def test_healthz_readyz_are_public_and_the_schema_needs_the_token(live):
     server, _, _ = live
     with server.client(token=None) as anonymous:
         health = anonymous.get("/healthz")
@@ -79,7 +80,12 @@ def test_healthz_readyz_openapi_are_public(live):
         ready = anonymous.get("/readyz")
         assert ready.status_code == 200
         assert ready.json() == {"ready": True, "checks": {"banks": True, "worker": True, "warm_up": True}}
-        schema = anonymous.get("/openapi.json").json()
+        for path in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"):
+            assert_error(anonymous.get(path), 401, "unauthorized")
+    with server.client() as authorised:
+        schema = authorised.get("/openapi.json").json()
+        docs = authorised.get("/docs")
+        assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert {
         "/v1/inspect",
         "/v1/banks",
@@ -105,6 +111,8 @@ PROTECTED = [
     ("DELETE", "/v1/banks/widget"),
     ("GET", "/metrics"),
     ("GET", "/v1/nonexistent"),
+    ("GET", "/openapi.json"),
+    ("GET", "/docs"),
 ]
 
 
@@ -506,3 +514,120 @@ def test_soak_600_requests_zero_errors_bounded_memory(tmp_path):
     assert growth_mb < 40, f"RSS grew by {growth_mb:.1f} MiB over 600 requests"
     inspected = sum(1 for t in range(4) for i in range(150) if (i + 1000 * t) % 10 != 9) + 54
     assert AuditLog(service.audit.path).count() == inspected  # every inspection audited exactly once
+
+
+# -- the audit log records every inspection request (issue 11 §4) ------------------------------------------------------
+def _rows(service, response: httpx.Response) -> list[dict]:
+    return [r for r in service.audit.query() if r["run_id"] == response.headers["x-request-id"]]
+
+
+def _one_error_row(service, response: httpx.Response, code: str) -> dict:
+    rows = _rows(service, response)
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert row["status"] == "error" and row["error_code"] == code and row["source"] == "api", row
+    assert row["error_message"] and row["score"] is None and row["verdict"] is None
+    return row
+
+
+def test_every_failed_inspection_leaves_exactly_one_audit_row(live, client):
+    server, pipeline, service = live
+    garbage = b"this is text, not a picture" * 10
+    row = _one_error_row(service, assert_error_resp(inspect(client, garbage, name="a.png"), 422), "invalid_image")
+    assert row["bank"] == "widget" and row["image_name"] == "a.png"
+    assert row["image_sha256"] == hashlib.sha256(garbage).hexdigest()
+
+    empty = inspect(client, b"", name="e.png")
+    assert _one_error_row(service, assert_error_resp(empty, 422), "invalid_image")["image_name"] == "e.png"
+
+    huge = png_bytes(250, 200)
+    row = _one_error_row(service, assert_error_resp(inspect(client, huge), 422), "image_too_large")
+    assert row["image_sha256"] == hashlib.sha256(huge).hexdigest() and "50000 pixels" in row["error_message"]
+
+    too_big = inspect(client, png_bytes() + b"\0" * (1024 * 1024 + 10))
+    row = _one_error_row(service, assert_error_resp(too_big, 413), "upload_too_large")
+    assert row["image_sha256"] == "" and "MiB" in row["error_message"]
+
+    _one_error_row(service, assert_error_resp(inspect(client, png_bytes(), bank="nope"), 404), "bank_not_found")
+    _one_error_row(service, assert_error_resp(inspect(client, png_bytes(), alpha="-1"), 422), "invalid_request")
+
+    pipeline.fail_with = RuntimeError("secret internal detail /srv/eagle/x.py")
+    try:
+        crashed = inspect(client, png_bytes(seed=9))
+    finally:
+        pipeline.fail_with = None
+    row = _one_error_row(service, assert_error_resp(crashed, 500), "internal_error")
+    assert "secret" not in row["error_message"] and row["bank"] == "widget"
+
+    with server.client(token=None) as anonymous:  # not an inspection request of anyone: no row
+        refused = anonymous.post("/v1/inspect", files={"image": ("a.png", png_bytes())}, data={"bank": "widget"})
+    assert refused.status_code == 401 and _rows(service, refused) == []
+
+    for row in service.audit.query():  # never the image bytes
+        assert all(not isinstance(value, bytes) for value in row.values())
+
+
+def assert_error_resp(response: httpx.Response, status: int) -> httpx.Response:
+    assert response.status_code == status, (response.status_code, response.text[:300])
+    return response
+
+
+def test_streamed_upload_over_the_limit_is_audited(live, client):
+    _, _, service = live
+
+    def chunks():
+        yield b'--xyz\r\nContent-Disposition: form-data; name="bank"\r\n\r\nwidget\r\n'
+        yield b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        for _ in range(20):
+            yield b"\0" * (128 * 1024)
+        yield b"\r\n--xyz--\r\n"
+
+    streamed = client.post(
+        "/v1/inspect", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=xyz"}
+    )
+    _one_error_row(service, assert_error_resp(streamed, 413), "upload_too_large")
+
+
+@pytest.mark.parametrize("size", [1000, 100_000])
+def test_a_file_part_without_a_file_name_gets_a_clear_4xx(live, client, size):
+    _, _, service = live
+    data = png_bytes() + b"\0" * size  # httpx drops an empty file name: the part arrives as a text field
+    response = client.post("/v1/inspect", files={"image": ("", data, "image/png")}, data={"bank": "widget"})
+    body = assert_error(response, 422, "invalid_request")
+    assert "file name" in body["error"]["message"] and "64KB" not in body["error"]["message"]
+    _one_error_row(service, response, "invalid_request")
+
+
+def test_simultaneous_requests_fill_exactly_one_running_plus_the_queue(tmp_path):
+    pipeline = FakePipeline()
+    pipeline.gate = threading.Event()
+    app = create_app(pipeline, make_settings(tmp_path, queue_size=2))
+    service = app.state.service
+    server = LiveServer(app).start()
+    results: list[httpx.Response] = []
+    barrier = threading.Barrier(3)
+
+    def run(seed: int) -> None:
+        with server.client() as c:
+            barrier.wait(10)
+            results.append(inspect(c, png_bytes(seed=seed)))
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while service.worker.depth + service.worker.busy < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [r.status_code for r in results] == []  # none refused: 1 running + 2 waiting
+        with server.client() as c:
+            refused = inspect(c, png_bytes(seed=3))
+        assert_error(refused, 429, "queue_full")
+        _one_error_row(service, refused, "queue_full")
+        pipeline.gate.set()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(r.status_code for r in results) == [200, 200, 200]
+    finally:
+        pipeline.gate.set()
+        server.stop()

@@ -122,7 +122,7 @@ def test_archive_bomb_and_count_limits(tmp_path):
         scan_archive(_zip_path(tmp_path, {"z.png": b"\0" * (4 * 1024 * 1024)}), ArchiveLimits())
     with pytest.raises(ArchiveTooLarge, match="entries"):
         scan_archive(_zip_path(tmp_path, {f"{i}.png": b"x" for i in range(6)}), ArchiveLimits(max_entries=5))
-    with pytest.raises(ArchiveTooLarge, match="more than 10 bytes"):
+    with pytest.raises(ArchiveTooLarge, match="expands to 12 bytes in 2 entries .*; the limit is 10 bytes"):
         scan_archive(_zip_path(tmp_path, {"a.png": b"123456", "b.png": b"123456"}), ArchiveLimits(max_total_bytes=10))
     with pytest.raises(InvalidArchive, match="not a readable zip"):
         (tmp_path / "t.zip").write_bytes(b"PK\x03\x04 broken")
@@ -224,6 +224,22 @@ def test_worker_runs_in_order_and_refuses_when_full():
     assert worker.shutdown(10)
     with pytest.raises(ShuttingDown):
         worker.submit(task, 4)
+
+
+def test_worker_admits_one_running_plus_capacity_even_before_the_first_is_picked_up():
+    gate = threading.Event()
+    worker = InferenceWorker(capacity=2)
+    worker.start()
+    with worker._cond:  # three requests arrive together: the thread cannot pick up the first one yet
+        futures = [worker.submit(gate.wait, 10) for _ in range(3)]
+        assert worker.depth == 3 and not worker.busy
+        with pytest.raises(QueueFull, match="2 waiting"):
+            worker.submit(gate.wait, 10)
+        assert worker.refusal() is not None
+    gate.set()
+    assert all(f.result(10) for f in futures)
+    assert worker.rejected == 1 and worker.refusal() is None
+    assert worker.shutdown(10)
 
 
 def test_worker_shutdown_drains_accepted_tasks_and_propagates_errors():

@@ -7,9 +7,10 @@ processor and generation config — that loads with ``AutoModelForImageTextToTex
 ``AutoProcessor.from_pretrained(dir)``, i.e. through the same production path as a hub id
 (``mllm.loading.load_mllm`` with ``model_id=<dir>``).
 
-The architectures are the real ones (Qwen2.5-VL, LLaVA-1.5), only narrow: 16 decoder layers of width 64 by
-default, so the paper's CAAS layer range 9..15 exists. Images are kept small: a 64×64 image becomes 4 visual
-tokens in the tiny Qwen (56×56 after its 28-pixel rounding), a LLaVA image always 16 (56×56 crop, 14-px patches).
+The architectures are the real ones (Qwen2.5-VL, Qwen3-VL — whose attention has per-head ``q_norm``/``k_norm`` —
+and LLaVA-1.5), only narrow: 16 decoder layers of width 64 by default, so the paper's CAAS layer range 9..15
+exists. Images are kept small: one visual token per 28×28 px in the tiny Qwen2.5-VL (at most 16 per image), per
+32×32 px in the tiny Qwen3-VL (at most 16), and always 16 in LLaVA (56×56 crop, 14-px patches).
 
 Example:
     >>> from pathlib import Path
@@ -37,6 +38,9 @@ from transformers import (
     Qwen2Tokenizer,
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 
 __all__ = [
@@ -46,8 +50,11 @@ __all__ = [
     "LLAVA_SPECIAL_TOKENS",
     "TINY_QWEN_MIN_PIXELS",
     "TINY_QWEN_MAX_PIXELS",
+    "TINY_QWEN3_MIN_PIXELS",
+    "TINY_QWEN3_MAX_PIXELS",
     "TINY_LLAVA_IMAGE_SIZE",
     "make_tiny_qwen2_5_vl",
+    "make_tiny_qwen3_vl",
     "make_tiny_llava",
 ]
 
@@ -101,6 +108,8 @@ LLAVA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<image>", "<pad>")
 
 TINY_QWEN_MIN_PIXELS = 28 * 28
 TINY_QWEN_MAX_PIXELS = 112 * 112  # at most 4×4 = 16 visual tokens per image
+TINY_QWEN3_MIN_PIXELS = 32 * 32
+TINY_QWEN3_MAX_PIXELS = 128 * 128  # Qwen3-VL: 16-px patches merged 2×2, one token per 32×32 px: at most 16 tokens
 TINY_LLAVA_IMAGE_SIZE = 56  # 4×4 patches of 14 px = 16 visual tokens per image
 
 
@@ -237,6 +246,96 @@ def make_tiny_qwen2_5_vl(directory: Path, *, num_layers: int = 16, hidden: int =
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(**pixels),
         video_processor=Qwen2VLVideoProcessor(**pixels),
+        tokenizer=tokenizer,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(directory)
+    return directory
+
+
+def make_tiny_qwen3_vl(directory: Path, *, num_layers: int = 16, hidden: int = 64, seed: int = 0) -> Path:
+    """Write a random-weight Qwen3-VL with its tokenizer and processors into ``directory``.
+
+    Unlike Qwen2.5-VL, every decoder attention has per-head RMSNorms ``q_norm`` / ``k_norm`` right after
+    ``q_proj`` / ``k_proj`` (the Qwen3 language model of Qwen3-VL, InternVL3.5 and MiniCPM-V 4.5), the vision
+    tower uses 16-px patches (one visual token per 32×32 px) and feeds "deepstack" features into the first decoder
+    layers. The tokenizer and chat template are the tiny Qwen ones (the image placeholder is the same
+    ``<|vision_start|><|image_pad|><|vision_end|>``).
+
+    Args:
+        directory: Target directory (created; existing files are overwritten).
+        num_layers: Decoder layers of the language model.
+        hidden: Width of the language model (a multiple of 16: 4 heads of ``hidden // 4``; interleaved M-RoPE
+            splits ``head_dim // 2`` into 3 sections).
+        seed: Seed of the random weights; the same seed gives the same weights.
+
+    Returns:
+        ``directory``, loadable by ``AutoModelForImageTextToText`` / ``AutoProcessor``.
+    """
+    if hidden % 16:
+        raise ValueError(f"hidden must be a multiple of 16, got {hidden}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _qwen_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    heads = 4
+    head_dim = hidden // heads
+    half = head_dim // 2
+    mrope_section = [half - 2 * (half // 3), half // 3, half // 3]
+    patch = 16
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": _round_up(len(tokenizer)),
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": 2,
+            "head_dim": head_dim,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 5_000_000.0,
+                "mrope_section": mrope_section,
+                "mrope_interleaved": True,
+            },
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": patch,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": hidden,
+            "num_position_embeddings": 64,  # a square: an 8×8 learned grid, resampled to each image
+            "deepstack_visual_indexes": [0],
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    _seed_weights(model, seed)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+        do_sample=False,
+    )
+    model.save_pretrained(directory)
+
+    size = {"shortest_edge": TINY_QWEN3_MIN_PIXELS, "longest_edge": TINY_QWEN3_MAX_PIXELS}
+    common = {"size": size, "patch_size": patch, "merge_size": 2, "temporal_patch_size": 2}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**common),
+        video_processor=Qwen3VLVideoProcessor(**common),
         tokenizer=tokenizer,
         chat_template=QWEN_CHAT_TEMPLATE,
     )

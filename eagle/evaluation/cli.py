@@ -4,6 +4,7 @@ Example:
     $ eagle eval --dataset mvtec --root /data/mvtec --out runs/mvtec
     $ eagle eval --dataset visa --root /data/VisA --settings full,full+caas --shard 0/4 --out runs/visa-0
     $ eagle eval-merge runs/visa-0 runs/visa-1 runs/visa-2 runs/visa-3 --out runs/visa
+    $ eagle eval --dataset mvtec --root /shared/mvtec --out /shared/runs/mvtec --executor ray --address auto
 """
 
 from __future__ import annotations
@@ -52,6 +53,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--no-mllm", action="store_true", help="Expert-only: skip the MLLM, compute expert metrics only.")
     run.add_argument("--out", type=Path, default=None, help="Output folder (default eagle-eval/<dataset>).")
     run.add_argument("--shard", default="0/1", help="Run shard i of n (0-based), e.g. 0/4; merge with eval-merge.")
+    run.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local (default): this process; ray: one task per class builds its bank, actors inspect the images "
+        "(see docs/evaluation.md, 'On a Ray cluster').",
+    )
+    run.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster for --executor ray (auto, ray://head:10001, host:6379; default RAY_ADDRESS, else a "
+        "Ray instance started on this machine).",
+    )
+    run.add_argument("--actors", type=int, default=None, help="Ray inspection actors (default: fill the cluster).")
+    run.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=None,
+        help="GPUs each Ray actor reserves (default 1 where the cluster has GPUs and EAGLE_MLLM__DEVICE is not cpu).",
+    )
     run.add_argument("--limit", type=int, default=None, help="At most N test images per class (a stable sample).")
     run.add_argument(
         "--pixel-size",
@@ -125,6 +146,10 @@ def run_eval(args: argparse.Namespace, settings: Settings) -> int:
         config = build_config(args)
     except (EvalConfigError, ShardError) as err:
         raise CommandError(str(err)) from None
+    executor = getattr(args, "executor", "local")
+    ray_args = {name: getattr(args, name, None) for name in ("address", "actors", "gpus_per_actor")}
+    if executor != "ray" and any(value is not None for value in ray_args.values()):
+        raise CommandError("--address, --actors and --gpus-per-actor need --executor ray")
     settings.data_dir = bank_root(config)
     if args.model:
         settings.mllm.preset = args.model
@@ -133,7 +158,12 @@ def run_eval(args: argparse.Namespace, settings: Settings) -> int:
     from eagle.pipeline import MLLMUnavailableError, Pipeline, ReferenceImagesError
 
     try:
-        runner = EvalRunner(Pipeline(settings), settings, config)
+        if executor == "ray":
+            from eagle.evaluation.ray_executor import RayEvalRunner, RayOptions
+
+            runner = RayEvalRunner(settings, config, options=RayOptions(**ray_args))
+        else:
+            runner = EvalRunner(Pipeline(settings), settings, config)
         report = runner.run()
     except (DatasetError, EvalConfigError, RecordsError, ReportError, MLLMUnavailableError) as err:
         raise CommandError(str(err)) from None

@@ -17,7 +17,8 @@ Layouts (``<root>`` is ``--root``):
   to ``{"mask_path", "similar_templates", "random_templates", "conversation": [{"Question", "Answer",
   "Options", "type"}]}``. The class is the first two path parts (``MVTec-AD/bottle``); the label comes from
   the ``Anomaly Detection`` question's answer (``Yes`` = anomalous). References: ``<dataset>/<class>/train/good``
-  when it exists, otherwise every normal template listed for the class.
+  when it exists, otherwise every normal template listed for the class. The MLLM's 1-shot+ template of an image
+  is its ``similar_templates[0]`` (the reference evaluation's choice), not the bank's retrieval.
 * ``folder``: ``good/`` and ``bad/`` (sub-folders of ``bad/`` name the defect types), optional ``reference/``
   with the normal images for the bank and optional ``masks/`` mirroring ``bad/``; one class, or one class per
   sub-folder of ``<root>``. Without ``reference/``, half of ``good/`` (chosen by a stable hash of the file
@@ -66,7 +67,8 @@ class EvalSample:
         label: 1 anomalous, 0 normal.
         defect_type: ``good`` for normal images, else the defect's name.
         mask_path: pixel ground truth (non-zero = defect), ``None`` when the data set has none.
-        template_paths: normal templates the data set pairs with this image (MMAD ``similar_templates``).
+        template_paths: normal templates the data set pairs with this image (MMAD ``similar_templates``, in
+            MMAD's order); the evaluation shows the first as the 1-shot+ template, as the reference code does.
         question: the data set's own yes/no question text (MMAD), for the record.
     """
 

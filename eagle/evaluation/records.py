@@ -77,6 +77,15 @@ class AnswerRecord(_Record):
     mllm_raw: str | None = None
     caas_applied: bool = False
     model_id: str | None = None
+    template_source: Literal["mmad_similar_templates", "retrieval"] | None = Field(
+        None,
+        description="Where the 1-shot+ template came from: MMAD's own similar_templates entry for the image (MMAD, "
+        "as the reference evaluation) or the bank's retrieval of its most similar reference (other data sets).",
+    )
+    template_path: str | None = Field(
+        None, description="The template used: its path relative to the data set root (MMAD) or the reference's name."
+    )
+    template_reason: str | None = Field(None, description="Why this template was used (one line).")
     timings_ms: dict[str, float] = Field(default_factory=dict)
 
 

@@ -62,6 +62,40 @@ class EvalConfigError(ValueError):
     """The evaluation cannot start as asked (bad settings list, an output folder from another run, …)."""
 
 
+MMAD_TEMPLATE_REASON = "MMAD's own 1-shot+ template for this image (similar_templates[0]), as the reference evaluation"
+RETRIEVAL_REASON = "the bank's most similar normal reference (global-descriptor retrieval)"
+
+
+@dataclass(frozen=True)
+class TemplateChoice:
+    """The template one test image is shown with, and why (recorded with every answer).
+
+    Attributes:
+        source: ``mmad_similar_templates`` or ``retrieval``.
+        reason: One line saying why.
+        image: The template (RGB uint8) when it does not come from the bank; ``None`` for retrieval.
+        path: The template's path relative to the data set root (MMAD); ``None`` for retrieval.
+    """
+
+    source: str
+    reason: str
+    image: np.ndarray | None = field(default=None, repr=False, compare=False)
+    path: str | None = None
+
+    def finish_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``Pipeline.finish`` (none for retrieval: the pipeline retrieves)."""
+        if self.image is None:
+            return {}
+        return {"template": self.image, "template_name": self.path}
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
 @dataclass(frozen=True)
 class SettingSpec:
     """One evaluation setting: a prompt setting plus a CAAS policy (``+caas`` → ``auto``, else ``off``)."""
@@ -357,11 +391,13 @@ class EvalRunner:
                 writer.append(self._error(sample, "mask", err))
                 return
             writer.append(record)
-        for spec in self.specs:
-            if (sample.rel_path, spec.name) in done.answers:
-                continue
+        pending = [spec for spec in self.specs if (sample.rel_path, spec.name) not in done.answers]
+        choice = self._template_for(sample) if pending else None
+        for spec in pending:
             t2 = time.perf_counter()
-            result = self.pipeline.finish(image, expert, bank, spec.options, image_name=sample.rel_path)
+            result = self.pipeline.finish(
+                image, expert, bank, spec.options, image_name=sample.rel_path, **choice.finish_kwargs()
+            )
             answer_timings = {k: float(v) for k, v in result.timings_ms.items() if k.startswith("mllm_")}
             answer_timings["finish"] = (time.perf_counter() - t2) * 1000
             writer.append(
@@ -376,9 +412,36 @@ class EvalRunner:
                     mllm_raw=result.mllm_raw,
                     caas_applied=result.caas_applied,
                     model_id=result.model_id,
+                    template_source=choice.source,
+                    template_path=choice.path or getattr(result, "template", None),
+                    template_reason=choice.reason,
                     timings_ms=answer_timings,
                 )
             )
+
+    def _template_for(self, sample: EvalSample) -> TemplateChoice:
+        """The 1-shot+ template for ``sample``: MMAD's ``similar_templates[0]`` on MMAD, else the bank's retrieval.
+
+        The reference evaluation reads MMAD's own template list (``similar_templates``) for every MMAD image; on
+        MVTec-AD / VisA / folder layouts there is no such list and the bank retrieves its most similar reference.
+        An MMAD image without a usable listed template falls back to retrieval, and the reason says so.
+        """
+        from eagle.images import ImageError, load_image
+
+        if self.dataset.kind != "mmad":
+            return TemplateChoice("retrieval", RETRIEVAL_REASON)
+        if not sample.template_paths:
+            return TemplateChoice(
+                "retrieval", f"mmad.json lists no similar_templates for this image; {RETRIEVAL_REASON}"
+            )
+        path = sample.template_paths[0]
+        rel = _relative(path, self.dataset.root)
+        try:
+            image = load_image(path, max_pixels=self.settings.max_image_pixels, name=rel)
+        except ImageError as err:
+            log.warning("%s: MMAD template unusable, falling back to retrieval: %s", sample.rel_path, err)
+            return TemplateChoice("retrieval", f"MMAD template {rel} unusable ({err}); " + RETRIEVAL_REASON)
+        return TemplateChoice("mmad_similar_templates", MMAD_TEMPLATE_REASON, image=image, path=rel)
 
     # ------------------------------------------------------------------ the loop
     def plan(self) -> dict[str, list[EvalSample]]:
@@ -406,28 +469,38 @@ class EvalRunner:
             if not self.mllm_enabled:
                 log.warning("MLLM disabled: computing the expert's metrics only")
             log.info("%d of %d images to evaluate (%d already done)", remaining, total, total - remaining)
-            cache = BankCache(
-                self.pipeline,
-                self.settings.expert,
-                manifest=config.out / "banks.json",
-                progress=config.progress,
-                prune=config.bank_dir is None,  # a shared --bank-dir may hold banks other runs still use
-            )
-            bar = tqdm(total=total, initial=total - remaining, unit="img", desc="eval", disable=not config.progress)
-            try:
-                with RecordWriter(self.records_path) as writer:
-                    for class_name, samples in todo.items():
-                        if not samples:
-                            continue
-                        bar.set_postfix_str(class_name, refresh=False)
-                        bank = cache.get(class_name, self.dataset.train[class_name], root=self.dataset.root)
-                        for sample in samples:
-                            self._process(sample, bank, done, writer)
-                            bar.update(1)
-            finally:
-                bar.close()
+            self._execute(todo, done, total=total)
         if not report:
             return None
         result = build_report([config.out])
         write_report(result, config.out, plots=config.plots)
         return result
+
+    def _execute(self, todo: dict[str, list[EvalSample]], done: RecordSet, *, total: int) -> None:
+        """Evaluate ``todo`` (per class, the images not yet done) in this process, appending to the records.
+
+        The Ray executor (:mod:`eagle.evaluation.ray_executor`) overrides this with the same per-image
+        :meth:`_process` fanned out over a cluster.
+        """
+        config = self.config
+        remaining = sum(len(s) for s in todo.values())
+        cache = BankCache(
+            self.pipeline,
+            self.settings.expert,
+            manifest=config.out / "banks.json",
+            progress=config.progress,
+            prune=config.bank_dir is None,  # a shared --bank-dir may hold banks other runs still use
+        )
+        bar = tqdm(total=total, initial=total - remaining, unit="img", desc="eval", disable=not config.progress)
+        try:
+            with RecordWriter(self.records_path) as writer:
+                for class_name, samples in todo.items():
+                    if not samples:
+                        continue
+                    bar.set_postfix_str(class_name, refresh=False)
+                    bank = cache.get(class_name, self.dataset.train[class_name], root=self.dataset.root)
+                    for sample in samples:
+                        self._process(sample, bank, done, writer)
+                        bar.update(1)
+        finally:
+            bar.close()

@@ -3,8 +3,10 @@
 Not a test. For each reference count N (``--sizes``, default 50 and 200) on the synthetic MVTec-like set
 (tests/synthetic.py) at the 224 input, with the same seeded random-weight WideResNet-50-2 on both sides:
 
-* ours: build split into embedding (ONNX export + onnxruntime), coreset, DBT and save (atomic write); per-image
-  inference: torch vs ONNX embedding (batch 1), faiss search, and the whole ``ExpertScorer.score``;
+* ours: build split into embedding (onnxruntime, with the ONNX graph from a cache that a separate ``warm``
+  run filled first, as ``eagle warm-cache`` does; ``--cold-export`` exports inside each run instead), coreset,
+  DBT and save (atomic write); per-image inference: torch vs ONNX embedding (batch 1), faiss search, and the
+  whole ``ExpertScorer.score``;
 * anomalib ``PatchcoreModel`` (its torch model, no Lightning trainer): fit = feature extraction + its
   k-center-greedy coreset (10 %); per-image ``forward`` (features + k-NN + anomaly map);
 * image AUROC of both on the synthetic test set, and each run's peak RSS.
@@ -34,9 +36,9 @@ the virtualenv, so the venv's torch, timm, numpy win)::
 
 Usage::
 
-    .venv/bin/python bench/expert.py                 # sizes 50,200; ~15-25 min on 2 idle cores
-    .venv/bin/python bench/expert.py --quick         # N=20, few images: a 3-minute smoke run
-    .venv/bin/python bench/expert.py --sizes 50 --no-anomalib
+    .venv/bin/python bench/bench_expert.py                 # sizes 50,200; ~15-25 min on 2 idle cores
+    .venv/bin/python bench/bench_expert.py --quick         # N=20, few images: a 3-minute smoke run
+    .venv/bin/python bench/bench_expert.py --sizes 50 --no-anomalib
 """
 
 from __future__ import annotations
@@ -105,8 +107,22 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------------- ours
-def worker_ours(category: Path, n_refs: int, repeats: int) -> dict:
+def worker_warm(cache_dir: Path) -> dict:
+    """Export the graph into ``cache_dir`` (what ``eagle warm-cache`` does), in a process of its own."""
+    from eagle.settings import ExpertSettings
+    from expert.onnx_cache import ExportKey, OnnxCache
+    from expert.weights import load_backbone
+
+    settings = ExpertSettings(weights="random", seed=SEED)
+    t0 = time.perf_counter()
+    backbone, info = load_backbone(settings)
+    OnnxCache(cache_dir).get(ExportKey.create(settings.backbone, info.checksum, crop=settings.crop), backbone)
+    return {"impl": "warm-cache", "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_ours(category: Path, n_refs: int, repeats: int, onnx_cache: Path | None = None) -> dict:
     import numpy as np
+    import torch
     from sklearn.metrics import roc_auc_score
 
     from eagle.settings import ExpertSettings
@@ -119,6 +135,11 @@ def worker_ours(category: Path, n_refs: int, repeats: int) -> dict:
     refs, names, queries, labels = read_split(category, n_refs)
     settings = ExpertSettings(weights="random", seed=SEED)
     backbone, info = load_backbone(settings)
+    if onnx_cache is not None:
+        # As the pipeline does: the graph comes from the (warm) cache, the weights were needed only for their
+        # checksum and are not held during the build; the loader runs only if the graph must be exported.
+        del backbone
+        backbone = lambda: load_backbone(settings)[0]  # noqa: E731
     started: dict[str, float] = {}
     seconds: dict[str, float] = {}
 
@@ -138,10 +159,13 @@ def worker_ours(category: Path, n_refs: int, repeats: int) -> dict:
             out_dir=Path(tmp) / "b",
             name="bench",
             progress=progress,
+            onnx_cache=onnx_cache,
         )
         seconds["total_with_save"] = time.perf_counter() - t0
         seconds["build"] = seconds["embed"] + seconds["coreset"] + seconds["dbt"]
         rss_build = peak_rss_mb()
+        if not isinstance(backbone, torch.nn.Module):
+            backbone = backbone()  # for the torch-vs-ONNX embedding comparison below (after the build's RSS)
         scorer = load_expert(bank.directory, settings)  # ONNX runtime
         scores, per_stage = [], {}
         full = []
@@ -254,12 +278,21 @@ def machine_info() -> dict:
     )
 
 
-def run_worker(kind: str, category: Path, n_refs: int, repeats: int, *, max_rss_gb: float, env: dict) -> dict:
+def run_worker(
+    kind: str,
+    category: Path,
+    n_refs: int,
+    repeats: int,
+    *,
+    max_rss_gb: float,
+    env: dict,
+    onnx_cache: Path | None = None,
+) -> dict:
     """Run one (implementation, N) in its own process; kill it if its RSS passes ``max_rss_gb``."""
     import psutil
 
     command = [sys.executable, __file__, "--worker", kind, "--data", str(category), "--n", str(n_refs)]
-    command += ["--repeats", str(repeats)]
+    command += ["--repeats", str(repeats)] + (["--onnx-cache", str(onnx_cache)] if onnx_cache else [])
     print(f"--- {kind}, N={n_refs} ...", flush=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -298,7 +331,7 @@ def ratios(ours: dict, theirs: dict) -> dict:
         "build_speedup": theirs["build_s"]["build"] / ours["build_s"]["build"],
         "inference_speedup": theirs["inference"]["score"]["median_ms"] / ours["inference"]["score_onnx"]["median_ms"],
         "auroc_diff": ours["auroc"] - theirs["auroc"],
-        "peak_rss_ratio": ours["peak_rss_mb"]["end"] / theirs["peak_rss_mb"]["end"],
+        "peak_rss_ratio": ours["peak_rss_mb"]["after_build"] / theirs["peak_rss_mb"]["after_build"],
     }
 
 
@@ -308,6 +341,9 @@ def print_table(report: dict) -> None:
     header += f"{'score ms':>10}{'emb torch':>10}{'emb onnx':>10}{'search':>8}{'AUROC':>7}{'RSS MB':>8}"
     print(header)
     for row in report["runs"]:
+        if row.get("impl") == "warm-cache" and "error" not in row:
+            print(f"{'(warm-cache: ONNX export ' + format(row['seconds'], '.1f') + ' s, once, own process)':<40}")
+            continue
         if "error" in row:
             print(f"{row['impl']:<9}{row['n_refs']:>5}  failed: {row['error']}")
             continue
@@ -344,7 +380,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"Do not set MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} for the runs (see the module docstring).",
     )
-    parser.add_argument("--worker", choices=["eagle", "anomalib"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--cold-export",
+        action="store_true",
+        help="Export the ONNX graph inside each EAGLE run (no cache) instead of taking it from a cache warmed first.",
+    )
+    parser.add_argument("--worker", choices=["eagle", "anomalib", "warm"], help=argparse.SUPPRESS)
+    parser.add_argument("--onnx-cache", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=10, help=argparse.SUPPRESS)
@@ -354,8 +396,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.manual_seed(SEED)
-        fn = worker_ours if args.worker == "eagle" else worker_anomalib
-        print(json.dumps(fn(args.data, args.n, args.repeats)))
+        if args.worker == "warm":
+            print(json.dumps(worker_warm(args.onnx_cache)))
+        elif args.worker == "eagle":
+            print(json.dumps(worker_ours(args.data, args.n, args.repeats, args.onnx_cache)))
+        else:
+            print(json.dumps(worker_anomalib(args.data, args.n, args.repeats)))
         return 0
 
     sizes = [int(s) for s in (args.sizes or ("20" if args.quick else "50,200")).split(",")]
@@ -366,8 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         category = make_data(Path(tmp), max(sizes), n_good, n_bad)
         runs, pairs = [], {}
+        cache = None if args.cold_export else Path(tmp) / "onnx-cache"
+        if cache is not None:  # as `eagle warm-cache` / the app's start-up do: the graph is exported once
+            runs.append(run_worker("warm", category, 0, 0, max_rss_gb=args.max_rss_gb, env=env, onnx_cache=cache))
         for n in sizes:
-            ours = run_worker("eagle", category, n, repeats, max_rss_gb=args.max_rss_gb, env=env)
+            ours = run_worker("eagle", category, n, repeats, max_rss_gb=args.max_rss_gb, env=env, onnx_cache=cache)
             runs.append(ours)
             if not args.no_anomalib:
                 theirs = run_worker("anomalib", category, n, repeats, max_rss_gb=args.max_rss_gb, env=env)
@@ -386,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             "weights": "random (seed 0), same on both sides",
             "test_images": {"good": n_good, "defective": 3 * n_bad},
             "quick": args.quick,
+            "onnx_graph": "exported in each EAGLE run" if args.cold_export else "from a cache warmed once beforehand",
         },
         "runs": runs,
         "ratios": pairs,
