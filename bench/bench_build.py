@@ -47,6 +47,7 @@ MMAP_THRESHOLD = 1 << 20
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
+import bench_expert  # noqa: E402
 import machine as bench_machine  # noqa: E402
 
 
@@ -138,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="4 and 8 references: a smoke run.")
     parser.add_argument("--anomalib", action="store_true", help="Also run anomalib's fit (bench_expert.py worker).")
     parser.add_argument("--out", type=Path, default=None, help="Result file (default bench/results/build-<date>.json).")
-    parser.add_argument(
-        "--worker", choices=["repeat", "rss-warm", "rss-cold", "first-verdict"], help=argparse.SUPPRESS
-    )
+    parser.add_argument("--worker", choices=["repeat", "rss-warm", "rss-cold", "first-verdict"], help=argparse.SUPPRESS)
     parser.add_argument(
         "--only",
         default=None,
@@ -163,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {
         "benchmark": "bank builds: first vs second (ONNX export cache) and peak RSS",
         "date_utc": started.isoformat(timespec="seconds"),
-        "machine": bench_machine.machine_info(("torch", "onnxruntime", "onnxscript", "faiss-cpu", "numpy", "anomalib")),
+        "machine": bench_machine.machine_info(
+            ("torch", "onnxruntime", "onnxscript", "faiss-cpu", "numpy", "anomalib"),
+            fallback=bench_expert._bench_deps_version,  # anomalib lives in .bench-deps, outside the venv
+        ),
         "note": "shared 2-core machine: timings are noisy, compare ratios measured in the same run",
         "worker_env": env,
         "settings": {"refs": refs, "rss_refs": rss_refs, "weights": "random (seed 0)", "crop": 224},
@@ -187,8 +189,6 @@ def main(argv: list[str] | None = None) -> int:
             report[kind] = result
             print(f"    {json.dumps(result)}", flush=True)
         if args.anomalib:
-            import bench_expert
-
             print(f"--- anomalib, {rss_refs} references ...", flush=True)
             theirs = bench_expert.run_worker("anomalib", category, rss_refs, 3, max_rss_gb=12.0, env=env)
             report["anomalib"] = {k: theirs.get(k) for k in ("version", "n_refs", "build_s", "peak_rss_mb", "error")}

@@ -158,9 +158,7 @@ def onnx_input_shape(path: str | Path) -> list[int | str]:
     return [d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in dims]
 
 
-def export_onnx(
-    module: torch.nn.Module, path: str | Path, *, input_size: int = 224, opset: int = ONNX_OPSET
-) -> Path:
+def export_onnx(module: torch.nn.Module, path: str | Path, *, input_size: int = 224, opset: int = ONNX_OPSET) -> Path:
     """Export the patch embedder to one self-contained ONNX file with a dynamic batch dimension.
 
     Uses the dynamo exporter (the legacy one cannot export ``adaptive_avg_pool1d``) with a batch-2 example
