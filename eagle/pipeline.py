@@ -281,8 +281,20 @@ class Pipeline:
     # ------------------------------------------------------------------ inspection
     def _view_limits(self) -> dict[str, int]:
         """What a query image is decoded and shown at: enough for the expert's resize and the MLLM's budget."""
-        mllm_budget = self.settings.mllm.max_pixels if self.mllm_enabled else None
-        return {"min_short_side": self.settings.expert.resize, "min_pixels": mllm_budget or 0}
+        return {"min_short_side": self.settings.expert.resize, "min_pixels": self._mllm_pixel_budget()}
+
+    def _mllm_pixel_budget(self) -> int:
+        """Pixels per image the MLLM gets (the setting, else the preset's); 0 in expert-only mode."""
+        if not self.mllm_enabled:
+            return 0
+        if self.settings.mllm.max_pixels is not None:
+            return self.settings.mllm.max_pixels
+        from mllm.presets import PresetError, get_preset
+
+        try:
+            return get_preset(self.settings.mllm.preset).max_pixels or 0
+        except PresetError:
+            return 0  # the load reports the unknown preset; the view falls back to its own bound
 
     def view(self, image: np.ndarray | DecodedImage) -> np.ndarray:
         """The bounded picture of a query (RGB uint8) that the MLLM sees and the boxes and heatmap are drawn on.

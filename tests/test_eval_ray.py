@@ -241,3 +241,17 @@ def test_cli_options(monkeypatch: pytest.MonkeyPatch, data_root: Path, tmp_path:
     with pytest.raises(CommandError, match="need --executor ray"):
         cli.run_eval(args, Settings(expert={"weights": "random"}))
     assert build_parser().parser.parse_args(base).executor == "local"
+
+
+def test_an_unreachable_cluster_address_fails_fast_with_its_name():
+    """``ray.init`` retries an unreachable address for minutes; the executor refuses it at once instead."""
+    from eagle.evaluation.ray_executor import _check_reachable
+
+    start = time.monotonic()
+    with pytest.raises(EvalConfigError, match=r"cannot reach the Ray cluster at '127\.0\.0\.1:1'"):
+        _check_reachable("127.0.0.1:1")
+    with pytest.raises(EvalConfigError, match="ray://127.0.0.1:1"):
+        _check_reachable("ray://127.0.0.1:1")
+    assert time.monotonic() - start < 5
+    _check_reachable("auto")  # left to Ray
+    _check_reachable(None)

@@ -12,6 +12,7 @@ import pytest
 from eagle.images import ImageError, load_image
 from eagle.pipeline import MLLMUnavailableError, Pipeline, ReferenceImagesError
 from eagle.records import InspectOptions
+from eagle.settings import Settings
 from tests.fixtures_pipeline import pipeline_settings, split_test_images
 
 
@@ -239,3 +240,13 @@ def test_a_missing_model_falls_back_with_a_clear_message(built, tmp_path):
         broken.load_mllm()
     assert "expert-only mode" in broken.mllm_status()
     assert broken.ready()["mllm"] is False
+
+
+def test_query_views_keep_the_presets_pixel_budget(tmp_path):
+    """A large query is decoded reduced, but never below what the MLLM preset's budget needs (512·28·28 px)."""
+    qwen = Pipeline(Settings(data_dir=tmp_path, mllm={"enabled": True, "preset": "qwen2.5-vl-7b"}))
+    assert qwen._view_limits()["min_pixels"] == 512 * 28 * 28
+    pinned = Pipeline(Settings(data_dir=tmp_path, mllm={"enabled": True, "max_pixels": 256 * 28 * 28}))
+    assert pinned._view_limits()["min_pixels"] == 256 * 28 * 28
+    expert_only = Pipeline(Settings(data_dir=tmp_path, mllm={"enabled": False}))
+    assert expert_only._view_limits()["min_pixels"] == 0

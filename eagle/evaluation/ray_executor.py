@@ -107,6 +107,26 @@ class RayOptions:
             raise EvalConfigError("CPUs per actor and per bank task must not be negative")
 
 
+def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
+    """Fail fast when a cluster address names a host:port that does not answer (``ray.init`` retries for minutes).
+
+    ``auto``, ``local`` and ``None`` are left to Ray. Raises :class:`EvalConfigError` naming the address.
+    """
+    if not address or address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise EvalConfigError(
+            f"cannot reach the Ray cluster at {address!r}: {err}; check --address (ray://HEAD:10001 or HEAD:6379)"
+        ) from None
+
+
 def connect(options: RayOptions) -> Any:
     """Connect to (or start) Ray as ``options`` say, unless this process is already connected; return ``ray``."""
     ray = import_ray()
@@ -118,6 +138,7 @@ def connect(options: RayOptions) -> Any:
     if options.address is None and not os.environ.get("RAY_ADDRESS"):
         kwargs["include_dashboard"] = False  # a private instance for this run: no dashboard needed
         log.info("starting a local Ray instance (pass --address to use a cluster)")
+    _check_reachable(options.address or os.environ.get("RAY_ADDRESS"))
     try:
         ray.init(address=options.address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:
