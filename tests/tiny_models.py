@@ -177,6 +177,20 @@ def _qwen_tokenizer() -> Qwen2Tokenizer:
     return tokenizer
 
 
+def _save_qwen_model(config, ids: dict[str, int], seed: int, directory: Path) -> None:
+    """Build a Qwen-family model from ``config`` with seeded random weights and greedy decoding; save it."""
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    _seed_weights(model, seed)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+        do_sample=False,
+    )
+    model.save_pretrained(directory)
+
+
 def make_tiny_qwen2_5_vl(directory: Path, *, num_layers: int = 16, hidden: int = 64, seed: int = 0) -> Path:
     """Write a random-weight Qwen2.5-VL with its tokenizer and processors into ``directory``.
 
@@ -231,16 +245,7 @@ def make_tiny_qwen2_5_vl(directory: Path, *, num_layers: int = 16, hidden: int =
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    _seed_weights(model, seed)
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
-        do_sample=False,
-    )
-    model.save_pretrained(directory)
+    _save_qwen_model(config, ids, seed, directory)
 
     pixels = {"min_pixels": TINY_QWEN_MIN_PIXELS, "max_pixels": TINY_QWEN_MAX_PIXELS}
     processor = Qwen2_5_VLProcessor(
@@ -320,16 +325,7 @@ def make_tiny_qwen3_vl(directory: Path, *, num_layers: int = 16, hidden: int = 6
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    _seed_weights(model, seed)
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
-        do_sample=False,
-    )
-    model.save_pretrained(directory)
+    _save_qwen_model(config, ids, seed, directory)
 
     size = {"shortest_edge": TINY_QWEN3_MIN_PIXELS, "longest_edge": TINY_QWEN3_MAX_PIXELS}
     common = {"size": size, "patch_size": patch, "merge_size": 2, "temporal_patch_size": 2}
