@@ -1,12 +1,14 @@
 """What the app's buttons do, as plain functions of the pipeline (no layout here; see :mod:`app.ui`).
 
-Every handler turns known errors into :class:`gradio.Error` with a one-line message (shown as a toast,
-never a stack trace) and logs unexpected ones with their traceback before showing a generic message.
+Every handler turns known errors into :class:`gradio.Error` with a one-line message (shown as a toast, never a
+stack trace): the same :class:`eagle.errors.EagleError` messages the API and the watcher report, through
+:func:`eagle.errors.describe`. Unexpected errors are logged with their traceback and shown as a generic line.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect as pyinspect
 import logging
 import tempfile
 from collections.abc import Callable, Iterator
@@ -17,19 +19,41 @@ import gradio as gr
 
 from app.plots import dbt_histogram, score_gauge
 from app.uploads import collect_reference_files
-from eagle.archives import ArchiveError, ArchiveLimits
-from eagle.banks import BankError, BankNameError
-from eagle.images import ImageError
-from eagle.pipeline import MLLMUnavailableError, Pipeline
+from eagle.archives import ArchiveLimits
+from eagle.errors import describe
+from eagle.pipeline import Pipeline
 from eagle.records import InspectionResult, InspectOptions
 
 log = logging.getLogger(__name__)
 
-USER_ERRORS = (ImageError, ArchiveError, BankError, BankNameError, MLLMUnavailableError, FileNotFoundError, ValueError)
+GENERIC_ERROR = "Something went wrong; the server log has the details."
+
+
+def _as_gradio_error(err: Exception, where: str) -> gr.Error:
+    info = describe(err)
+    if info is None:
+        log.exception("unexpected error in %s", where)
+        return gr.Error(GENERIC_ERROR, print_exception=False)
+    return gr.Error(info.message, print_exception=False)
 
 
 def user_facing(func: Callable) -> Callable:
-    """Show known errors as one-line messages; log anything else and show a generic line."""
+    """Show known errors (:class:`~eagle.errors.EagleError` and the mapped expert/MLLM errors) as one line.
+
+    Generator handlers (streamed outputs) are wrapped as generators, so an error while streaming is caught too.
+    """
+    if pyinspect.isgeneratorfunction(func):
+
+        @functools.wraps(func)
+        def streaming(*args, **kwargs):
+            try:
+                yield from func(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as err:  # noqa: BLE001 - the UI must never show a traceback
+                raise _as_gradio_error(err, func.__name__) from None
+
+        return streaming
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -37,11 +61,8 @@ def user_facing(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except gr.Error:
             raise
-        except USER_ERRORS as err:
-            raise gr.Error(str(err), print_exception=False) from None
-        except Exception:  # noqa: BLE001 - the UI must never show a traceback
-            log.exception("unexpected error in %s", func.__name__)
-            raise gr.Error("Something went wrong; the server log has the details.", print_exception=False) from None
+        except Exception as err:  # noqa: BLE001 - the UI must never show a traceback
+            raise _as_gradio_error(err, func.__name__) from None
 
     return wrapper
 
@@ -187,12 +208,9 @@ def inspect(
         raise gr.Error("Upload, paste or take a picture to inspect.", print_exception=False)
     use_mllm = bool(use_mllm) and pipeline.mllm_enabled
     if use_mllm and not pipeline.mllm_loaded():
+        # A failed load raises MLLMUnavailableError, shown as its message: the pipeline decides, as for the API.
         progress(0.1, desc="loading the multimodal model (first inspection only)")
-        try:
-            pipeline.load_mllm(progress=lambda stage, fraction: progress(fraction, desc=f"loading model: {stage}"))
-        except MLLMUnavailableError as err:
-            gr.Warning(f"MLLM unavailable, inspecting with the expert only: {err}")
-            use_mllm = False
+        pipeline.load_mllm(progress=lambda stage, fraction: progress(fraction, desc=f"loading model: {stage}"))
     progress(0.5, desc="inspecting")
     options = InspectOptions(
         prompt_setting=prompt_setting,
@@ -203,7 +221,7 @@ def inspect(
         attention_map=bool(attention) and use_mllm,
     )
     path = Path(image_path)
-    image = pipeline.decode(path, image_name=path.name)
+    image = pipeline.decode(path, image_name=path.name)  # the FILE: image_sha256 is its bytes' hash, as in the API
     result = pipeline.inspect(image, bank, options, image_name=path.name)
     outputs = _render(result, pipeline)
     yield outputs
@@ -236,8 +254,3 @@ def _render(result: InspectionResult, pipeline: Pipeline) -> tuple:
         {k: round(v, 1) for k, v in result.timings_ms.items()},
         f"{len(result.boxes)} box(es); template: {result.template}{note}",
     )
-
-
-def blank_outputs() -> tuple:
-    """Outputs before anything was inspected."""
-    return ("", None, None, None, None, "", "", None, {}, "")

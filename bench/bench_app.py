@@ -42,10 +42,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 import machine as bench_machine  # noqa: E402
-from test_app_browser import CHROMIUM, CHROMIUM_FLAGS, _free_port  # noqa: E402  (one browser set-up for test and bench)
+
+from tests.test_app_browser import CHROMIUM, CHROMIUM_FLAGS, _free_port  # noqa: E402  (one browser set-up for test and bench)
 
 VIEWPORT = {"width": 1400, "height": 1600}
 BANK = "bench"
@@ -539,7 +540,8 @@ def main() -> int:
         return 2
     signal.signal(signal.SIGTERM, _raise_on_sigterm)  # so the finally blocks stop the apps and the browser
     from playwright.sync_api import sync_playwright
-    from synthetic import make_mvtec_like
+
+    from tests.synthetic import make_mvtec_like
 
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="eagle-bench-app-") as tmp:

@@ -45,7 +45,6 @@ RESULTS_DIR = REPO / "bench" / "results"
 MMAP_THRESHOLD = 1 << 20
 
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 import bench_expert  # noqa: E402
 import machine as bench_machine  # noqa: E402
@@ -171,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"refs": refs, "rss_refs": rss_refs, "weights": "random (seed 0)", "crop": 224},
         "load_average_before": load_before,
     }
-    from synthetic import make_mvtec_like
+    from tests.synthetic import make_mvtec_like
 
     with tempfile.TemporaryDirectory(prefix="eagle-bench-build-") as tmp:
         root = Path(tmp)

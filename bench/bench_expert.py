@@ -63,14 +63,13 @@ SEED = 0
 MMAP_THRESHOLD = 1 << 20
 
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 import machine as bench_machine  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- data
 def make_data(root: Path, n_train: int, n_test_good: int, n_bad_per_type: int) -> Path:
-    from synthetic import make_mvtec_like
+    from tests.synthetic import make_mvtec_like
 
     return (
         make_mvtec_like(root, n_train=n_train, n_test_good=n_test_good, n_test_bad_per_type=n_bad_per_type, seed=SEED)
@@ -127,9 +126,10 @@ def worker_ours(category: Path, n_refs: int, repeats: int, onnx_cache: Path | No
 
     from eagle.settings import ExpertSettings
     from expert.backbone import build_patch_embedder
+    from expert.build import build_bank
     from expert.embedder import OnnxEmbedder, TorchEmbedder
-    from expert.model import build_bank, load_expert
     from expert.preprocess import preprocess
+    from expert.scorer import load_expert
     from expert.weights import load_backbone
 
     refs, names, queries, labels = read_split(category, n_refs)

@@ -26,7 +26,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def main() -> int:
@@ -45,14 +44,13 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
-    from synthetic import make_mvtec_like
-
+    from eagle.evaluation.aggregate import build_report
     from eagle.evaluation.bankcache import BankCache
     from eagle.evaluation.records import RECORDS_FILE, read_records
-    from eagle.evaluation.report import build_report
     from eagle.evaluation.runner import EvalConfig, EvalRunner, bank_root
     from eagle.pipeline import Pipeline
     from eagle.settings import Settings
+    from tests.synthetic import make_mvtec_like
 
     work = Path(tempfile.mkdtemp(prefix="eagle-bench-eval-"))
     data = make_mvtec_like(

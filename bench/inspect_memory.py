@@ -41,7 +41,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))  # this checkout's packages, whatever the environment has installed
 import machine as bench_machine  # noqa: E402
@@ -78,7 +77,8 @@ def make_inputs(folder: Path, names: list[str]) -> dict[str, Path]:
     """Write one test image per case (a defective synthetic part scaled up to the case's size)."""
     import cv2
     import numpy as np
-    from synthetic import add_defect, make_good_image
+
+    from tests.synthetic import add_defect, make_good_image
 
     rng = np.random.default_rng(7)
     part, _ = add_defect(make_good_image(300, 400, rng), "scratch", rng)
@@ -103,8 +103,8 @@ def make_inputs(folder: Path, names: list[str]) -> dict[str, Path]:
 def build_bank(data_dir: Path) -> float:
     """Build the bank ``bench`` from the synthetic train set (in a child process); returns seconds."""
     code = (
-        "import sys; from pathlib import Path; sys.path.insert(0, 'tests');"
-        "from synthetic import make_mvtec_like; from eagle.pipeline import Pipeline;"
+        "import sys; from pathlib import Path;"
+        "from tests.synthetic import make_mvtec_like; from eagle.pipeline import Pipeline;"
         "from eagle.settings import Settings;"
         "root = make_mvtec_like(Path(sys.argv[1]) / 'synthetic', n_train=6, n_test_good=0, n_test_bad_per_type=0);"
         "Pipeline(Settings()).build_bank(sorted((root / 'widget/train/good').glob('*.png')), 'bench')"
@@ -182,7 +182,7 @@ def child(image: Path, path_kind: str, repeats: int) -> None:
             png = annotated_png_base64(result)
             return {"boxes": [b.model_dump() for b in result.boxes], "image_size": result.image_size, "png": len(png)}
     else:
-        from expert.model import load_expert
+        from expert.scorer import load_expert
 
         scorer = load_expert(settings.banks_dir / "bench", settings.expert)
         try:

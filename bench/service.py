@@ -37,7 +37,7 @@ import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # `tests.synthetic`, and this checkout's packages
 TOKEN = "bench-token-0123456789abcdef"
 
 
@@ -189,7 +189,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "service_expert_only_cpu.json")
     args = parser.parse_args()
 
-    from synthetic import make_mvtec_like
+    from tests.synthetic import make_mvtec_like
 
     work = Path(tempfile.mkdtemp(prefix="eagle-bench-"))
     root = make_mvtec_like(work / "mvtec", n_train=12, n_test_good=6, n_test_bad_per_type=2)

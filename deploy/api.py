@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import shutil
 import threading
@@ -62,16 +61,20 @@ from deploy.errors import (
     QueueFull,
     ServiceError,
     UploadTooLarge,
-    domain_error,
     error_body,
 )
 from deploy.jobs import JOB_ID_PATTERN, BankBuildJobs, JobStatus, jsonable
-from deploy.limits import FORM_LIMITS, check_image_pixels, mib_to_bytes, validate_bank_name
+from deploy.limits import FORM_LIMITS, check_image_pixels, mib_to_bytes
 from deploy.metrics import CONTENT_TYPE, ServiceMetrics
 from deploy.middleware import BodyLimit, FailureAudit, RequestGate
 from deploy.worker import InferenceWorker
 from eagle.archives import ArchiveLimits
-from eagle.records import InspectionResult, InspectOptions
+from eagle.banks import validate_bank_name
+from eagle.errors import EagleError, as_eagle_error, one_line
+from eagle.images import image_sha256
+from eagle.pipeline import InspectionPipeline
+from eagle.records import CAASPolicy, InspectionResult, InspectOptions, PromptSetting
+from eagle.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +145,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (413, "Upload or archive too large."),
         (422, "Invalid field, image, bank name or archive."),
         (429, "Queue full; see Retry-After."),
-        (503, "Not ready or shutting down."),
+        (503, "Not ready, shutting down, or the MLLM asked for cannot be loaded (mllm_unavailable)."),
     )
 }
 
@@ -151,8 +154,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 class Service:
     """Everything the endpoints share; ``app.state.service``."""
 
-    pipeline: Any
-    settings: Any
+    pipeline: InspectionPipeline
+    settings: Settings
     worker: InferenceWorker
     jobs: BankBuildJobs
     audit: AuditLog
@@ -172,8 +175,8 @@ class Service:
 
 
 def create_app(
-    pipeline: Any,
-    settings: Any,
+    pipeline: InspectionPipeline,
+    settings: Settings,
     *,
     audit: AuditLog | None = None,
     worker: InferenceWorker | None = None,
@@ -186,7 +189,7 @@ def create_app(
     inspection and build (up to ``settings.service.shutdown_timeout_s``) before the audit log is closed.
 
     Args:
-        pipeline: an ``eagle.pipeline.Pipeline`` (or any object with its contract).
+        pipeline: an :class:`eagle.pipeline.Pipeline`, or any :class:`~eagle.pipeline.InspectionPipeline`.
         settings: ``eagle.settings.Settings``.
         audit: the audit log; default ``settings.service.audit_path`` or ``<data_dir>/audit.sqlite3``.
         worker: the inference worker; default one with ``settings.service.queue_size`` waiting slots.
@@ -263,16 +266,17 @@ def create_app(
 
 
 # -- errors --------------------------------------------------------------------------------------------------------
-def _error_response(request: Request, err: ServiceError) -> JSONResponse:
+def _error_response(request: Request, err: EagleError) -> JSONResponse:
     service: Service = request.app.state.service
     service.metrics.errors.inc(code=err.code)
     request_id = getattr(request.state, "request_id", None)
-    return JSONResponse(error_body(err.code, str(err), request_id=request_id), err.status, headers=err.headers)
+    headers = getattr(err, "headers", None)
+    return JSONResponse(error_body(err.code, one_line(err), request_id=request_id), err.http_status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    @app.exception_handler(EagleError)
+    async def _eagle_error(request: Request, exc: EagleError) -> JSONResponse:
         return _error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
@@ -289,9 +293,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 400 and str(exc.detail).startswith("Part exceeded maximum size"):
             err = InvalidRequest(f"a form field is larger than {SMALL_BODY_BYTES // 1024} KiB; {FILE_PART_HINT}")
         else:
-            err = ServiceError(_http_message(request, exc), headers=dict(exc.headers or {}))
-            err.status = exc.status_code
-            err.code = HTTP_STATUS_CODES.get(exc.status_code, "http_error")
+            err = ServiceError(
+                _http_message(request, exc),
+                headers=dict(exc.headers or {}),
+                code=HTTP_STATUS_CODES.get(exc.status_code, "http_error"),
+                http_status=exc.status_code,
+            )
         return _error_response(request, err)
 
 
@@ -391,8 +398,8 @@ def _v1_router(service: Service) -> APIRouter:
         request: Request,
         image: Annotated[UploadFile, File(description="The image (png, jpg, bmp, tif, webp).")],
         bank: Annotated[str, Form(max_length=64, description="Bank name.")],
-        prompt_setting: Annotated[Literal["baseline", "visual", "textual", "full"] | None, Form()] = None,
-        caas: Annotated[Literal["auto", "off", "on"] | None, Form()] = None,
+        prompt_setting: Annotated[PromptSetting | None, Form()] = None,
+        caas: Annotated[CAASPolicy | None, Form()] = None,
         alpha: Annotated[float | None, Form(ge=0.0, le=100.0, allow_inf_nan=False)] = None,
         explain: Annotated[bool | None, Form()] = None,
         use_mllm: Annotated[bool, Form(description="False: expert only for this request.")] = True,
@@ -405,11 +412,11 @@ def _v1_router(service: Service) -> APIRouter:
         audit["bank"] = bank
         name = _clean_name(image_name or image.filename)
         audit["image_name"] = name
-        validate_bank_name(bank, pipeline.banks)
+        validate_bank_name(bank)
         if not await run_in_threadpool(pipeline.banks.exists, bank):
             raise BankNotFound(f"no bank named {bank!r}")
         data = await image.read()
-        audit["image_sha256"] = hashlib.sha256(data).hexdigest()
+        audit["image_sha256"] = image_sha256(data)
         if not data:
             raise InvalidImage(f"image {name!r} is empty (0 bytes)" if name else "the image is empty (0 bytes)")
         check_image_pixels(data, max_pixels=settings.max_image_pixels, name=name)
@@ -431,10 +438,8 @@ def _v1_router(service: Service) -> APIRouter:
             raise
         try:
             result = await asyncio.shield(asyncio.wrap_future(future))
-        except FileNotFoundError:
-            raise BankNotFound(f"no bank named {bank!r}") from None
         except Exception as exc:
-            mapped = domain_error(exc)
+            mapped = as_eagle_error(exc)
             if mapped is None:
                 raise
             raise mapped from None
@@ -459,7 +464,7 @@ def _v1_router(service: Service) -> APIRouter:
         archive: Annotated[UploadFile, File(description="Zip of normal (defect-free) images.")],
         overwrite: Annotated[bool, Form(description="Rebuild an existing bank.")] = False,
     ) -> JSONResponse:
-        validate_bank_name(name, pipeline.banks)
+        validate_bank_name(name)
         job_id, staged = service.jobs.staging_path()
         try:
             await run_in_threadpool(_copy_upload, archive, staged)
@@ -484,7 +489,7 @@ def _v1_router(service: Service) -> APIRouter:
 
     @router.delete("/banks/{name}", response_model=Deleted, tags=["banks"], summary="Delete a bank")
     async def delete_bank(name: str) -> Deleted:
-        validate_bank_name(name, pipeline.banks)
+        validate_bank_name(name)
         if service.jobs.active_for(name):
             raise BankBusy(f"bank {name!r} is being built; delete it when the job has finished")
         if not await run_in_threadpool(pipeline.banks.exists, name):
@@ -528,7 +533,7 @@ def _warm_up(service: Service) -> None:
             try:
                 pipeline.load_mllm()
                 logger.info("MLLM loaded")
-            except Exception as exc:  # noqa: BLE001 - readyz reports it; inspections may still run expert-only
+            except Exception as exc:  # noqa: BLE001 - readyz reports it; use_mllm=false inspections still run
                 logger.error("MLLM not loaded: %s", " ".join(str(exc).split()))
     finally:
         service.warm.set()
@@ -538,11 +543,11 @@ def _inspect_task(
     service: Service,
     data: bytes,
     bank: str,
-    options: Any,
+    options: InspectOptions,
     name: str | None,
     run_id: str,
     audit: dict[str, Any] | None = None,
-) -> Any:
+) -> InspectionResult:
     """Run on the inference worker: inspect, then audit and count.
 
     Auditing here, not in the request handler, logs accepted work even if the client has gone away; a failure
@@ -553,13 +558,13 @@ def _inspect_task(
         result = service.pipeline.inspect(data, bank, options, image_name=name)
     except Exception as exc:
         latency_ms = (time.perf_counter() - start) * 1000.0
-        err = BankNotFound(f"no bank named {bank!r}") if isinstance(exc, FileNotFoundError) else domain_error(exc)
-        code, message = (err.code, str(err)) if err is not None else ("internal_error", INTERNAL_ERROR_AUDIT)
+        err = as_eagle_error(exc)
+        code, message = (err.code, one_line(err)) if err is not None else ("internal_error", INTERNAL_ERROR_AUDIT)
         service.audit.record_failure(
             run_id=run_id,
             source="api",
             image_name=name,
-            image_sha256=hashlib.sha256(data).hexdigest(),
+            image_sha256=image_sha256(data),
             bank=bank,
             error_code=code,
             error_message=message,

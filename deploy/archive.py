@@ -2,10 +2,10 @@
 
 The rules (unsafe names, links, encryption, compression methods, entry count, sizes, zip-bomb ratio) live in
 :mod:`eagle.archives` alone; this adapter runs :func:`eagle.archives.scan_zip` on the image entries while the
-upload request is still open, so a bad archive is answered at once instead of becoming a failed job, turns its
-errors into service errors (:class:`~eagle.archives.ArchiveTooLargeError` → 413 ``archive_too_large``, any
-other :class:`~eagle.archives.ArchiveError` → 422 ``invalid_archive``, through
-:func:`deploy.errors.domain_error`) and adds the service's own rule: the archive must hold images. The job then
+upload request is still open, so a bad archive is answered at once instead of becoming a failed job (the errors
+carry their own codes: :class:`~eagle.archives.ArchiveTooLargeError` → 413 ``archive_too_large``, any other
+:class:`~eagle.archives.ArchiveError` → 422 ``invalid_archive``) and adds the service's own rule: the archive
+must hold images. The job then
 extracts with :func:`eagle.archives.extract_zip`, which applies the same rules and counts the bytes inflated.
 
 Example:
@@ -29,8 +29,8 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from deploy.errors import InvalidArchive, domain_error
-from eagle.archives import ArchiveError, ArchiveLimits, scan_zip
+from deploy.errors import InvalidArchive
+from eagle.archives import ArchiveLimits, scan_zip
 from eagle.images import IMAGE_EXTENSIONS
 
 
@@ -41,12 +41,7 @@ def scan_archive(path: Path, limits: ArchiveLimits) -> list[zipfile.ZipInfo]:
         InvalidArchive: not a zip, unsafe names, links, encryption, unsupported compression, or no images.
         ArchiveTooLarge: too many entries, an entry or the total too large, or too compressible.
     """
-    try:
-        images = scan_zip(path, limits, suffixes=set(IMAGE_EXTENSIONS))
-    except ArchiveError as err:
-        mapped = domain_error(err)
-        assert mapped is not None  # deploy.errors maps every ArchiveError
-        raise mapped from None
+    images = scan_zip(path, limits, suffixes=set(IMAGE_EXTENSIONS))
     if not images:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise InvalidArchive(f"the archive holds no images (looked for {extensions})")

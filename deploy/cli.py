@@ -107,16 +107,15 @@ def run_serve(args: argparse.Namespace, settings: Any) -> int:
 def run_watch(args: argparse.Namespace, settings: Any) -> int:
     """``eagle watch``."""
     from deploy.audit import AuditLog, default_audit_path
-    from deploy.errors import InvalidBankName
-    from deploy.limits import validate_bank_name
     from deploy.watch import FolderWatcher, WatcherBusyError
+    from eagle.banks import BankNameError, validate_bank_name
 
     if args.no_mllm:
         settings.mllm.enabled = False
     _apply(settings.service, watch_poll_s=args.poll)
     try:
         validate_bank_name(args.bank)
-    except InvalidBankName as err:
+    except BankNameError as err:
         raise _fail(str(err)) from None
     if not args.in_dir.is_dir():
         raise _fail(f"--in {str(args.in_dir)!r} is not a directory")

@@ -18,20 +18,24 @@ import collections
 import datetime as dt
 import json
 import logging
-import os
 import re
 import shutil
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from deploy.archive import scan_archive
-from deploy.errors import BankBusy, BankExists, InvalidArchive, QueueFull, ServiceError, ShuttingDown, domain_error
+from deploy.errors import BankBusy, BankExists, InvalidArchive, QueueFull, ShuttingDown
+from eagle import atomic
 from eagle.archives import ArchiveLimits, extract_zip
+from eagle.errors import describe
 from eagle.images import IMAGE_EXTENSIONS
+
+if TYPE_CHECKING:
+    from eagle.pipeline import InspectionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +95,7 @@ class BankBuildJobs:
 
     def __init__(
         self,
-        pipeline: Any,
+        pipeline: InspectionPipeline,
         jobs_dir: Path,
         *,
         limits: ArchiveLimits,
@@ -238,13 +242,12 @@ class BankBuildJobs:
             self._update(job_id, state="succeeded", finished=_now(), progress=1.0, result=jsonable(summary))
             logger.info("bank %r built by job %s", status.bank, job_id)
         except Exception as exc:  # noqa: BLE001 - every failure becomes the job's status
-            mapped = domain_error(exc)
-            if mapped is None:
+            info = describe(exc)
+            if info is None:
                 logger.exception("bank build job %s for %r failed unexpectedly", job_id, status.bank)
                 error = JobError(code="internal_error", message="the build failed unexpectedly; see the service log")
             else:
-                assert isinstance(mapped, ServiceError)
-                error = JobError(code=mapped.code, message=str(mapped))
+                error = JobError(code=info.code, message=info.message)
                 logger.warning("bank build job %s for %r failed: %s", job_id, status.bank, error.message)
             self._update(job_id, state="failed", finished=_now(), error=error)
         finally:
@@ -268,9 +271,7 @@ class BankBuildJobs:
 
     def _persist(self, status: JobStatus) -> None:
         target = self.jobs_dir / f"{status.id}.json"
-        tmp = target.with_suffix(".json.tmp")
-        tmp.write_text(status.model_dump_json(indent=2), encoding="utf-8")
-        os.replace(tmp, target)
+        atomic.write_text(target, status.model_dump_json(indent=2))
 
     def _recover(self) -> None:
         for path in sorted(self.jobs_dir.glob("*.json")):

@@ -1,4 +1,6 @@
-"""Input limits checked before any work is queued: upload size, image pixels (from the header), bank names.
+"""Input limits checked before any work is queued: upload size and image pixels (from the header).
+
+Bank names are checked by the one rule of :func:`eagle.banks.validate_bank_name`, not here.
 
 Body sizes are enforced by FastAPI's own per-route ``max_body_size`` (a 413 before the body is read when
 ``Content-Length`` is too large, or as soon as a streamed body passes the limit); this module computes those
@@ -19,18 +21,15 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from PIL import Image
 
-from deploy.errors import ImageTooLarge, InvalidBankName
+from deploy.errors import ImageTooLarge
 
 MIB = 1024 * 1024
 FORM_LIMITS: dict[str, int] = {"max_files": 1, "max_fields": 16, "max_part_size": 64 * 1024}
 """Multipart limits for every form endpoint: one file, a few short text fields."""
-
-BANK_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-"""The bank-name rule of ``eagle.banks`` (letters, digits, ``._-``; no separators; at most 64 characters)."""
 
 
 def mib_to_bytes(mib: int | float) -> int:
@@ -84,25 +83,6 @@ def check_image_pixels(data: bytes, *, max_pixels: int, name: str | None = None)
         label = f"image {name!r}" if name else "image"
         raise ImageTooLarge(f"{label} has {size.describe()}; the limit is {max_pixels} (EAGLE_MAX_IMAGE_PIXELS)")
     return size
-
-
-def validate_bank_name(name: Any, store: Any | None = None) -> str:
-    """Return ``name`` if it is a valid bank name, else raise :class:`~deploy.errors.InvalidBankName`.
-
-    The service's own rule (:data:`BANK_NAME_PATTERN`) is checked first; when a bank ``store`` is given its
-    ``path()`` validation (``eagle.banks.BankStore.path``) must agree, so the two can never drift apart.
-    """
-    if not isinstance(name, str) or not BANK_NAME_PATTERN.fullmatch(name) or name in {".", ".."}:
-        shown = name if isinstance(name, str) else type(name).__name__
-        raise InvalidBankName(
-            f"invalid bank name {shown!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    if store is not None:
-        try:
-            store.path(name)
-        except ValueError as err:  # eagle.banks.BankNameError is a ValueError
-            raise InvalidBankName(" ".join(str(err).split())) from None
-    return name
 
 
 def _tiny_png() -> bytes:

@@ -1,9 +1,4 @@
-"""Prometheus metrics of the service, rendered in the text exposition format (version 0.0.4).
-
-``prometheus_client`` is not a dependency of EAGLE, so the few metric kinds needed (counter, gauge,
-histogram, with labels) are implemented here, thread-safe, following the format specification: ``# HELP`` and
-``# TYPE`` lines, label values escaped (backslash, double quote, newline), histogram buckets cumulative with
-a ``+Inf`` bucket equal to ``_count``.
+"""Prometheus metrics of the service, through ``prometheus_client`` (text exposition format 0.0.4).
 
 :class:`ServiceMetrics` holds what the service exposes:
 
@@ -15,6 +10,11 @@ a ``+Inf`` bucket equal to ``_count``.
 * ``eagle_bank_jobs{state}``;
 * ``eagle_gpu_memory_allocated_bytes{device}`` / ``eagle_gpu_memory_reserved_bytes{device}`` when torch is
   already loaded and sees a CUDA device (torch is never imported just for metrics).
+
+Each :class:`ServiceMetrics` has its own ``CollectorRegistry`` (several services in one process, e.g. tests,
+never share counts). Counters and histograms are ``prometheus_client``'s; :class:`Registry` only lets callers
+pass labels as keywords (``errors.inc(code="queue_full")``) and adds gauges read from a callback at scrape
+time (``prometheus_client``'s ``set_function`` cannot label them). The ``*_created`` series are off, as before.
 
 Example:
     >>> registry = Registry()
@@ -30,11 +30,17 @@ from __future__ import annotations
 
 import math
 import sys
-import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+import prometheus_client
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
+
+prometheus_client.disable_created_metrics()  # no ``*_created`` series: the exposition stays as it was
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.001,
@@ -55,198 +61,70 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 )
 """Seconds; from a fast expert-only stage on a GPU to a slow CPU-only MLLM answer."""
 
-LabelValues = tuple[str, ...]
+GaugeCallback = Callable[[], Iterable[tuple[dict[str, Any], float]]]
+"""Returns ``(labels, value)`` per series, at scrape time."""
 
 
-def escape_label_value(value: str) -> str:
-    r"""Escape a label value for the text format: ``\`` → ``\\``, ``"`` → ``\"``, newline → ``\n``."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class Counter:
+    """A ``prometheus_client`` counter whose labels are passed as keywords."""
 
-
-def format_value(value: float) -> str:
-    """Format a sample value the way Prometheus parses it (``+Inf``, ``-Inf``, ``NaN``, else ``repr``)."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
-
-
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{name}="{escape_label_value(value)}"' for name, value in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-class _Metric:
-    kind = "untyped"
-
-    def __init__(self, name: str, help_text: str, label_names: Sequence[str] = ()) -> None:
-        self.name = name
-        self.help = help_text
-        self.label_names = tuple(label_names)
-        self._lock = threading.Lock()
-
-    def _key(self, labels: dict[str, Any]) -> LabelValues:
-        if set(labels) != set(self.label_names):
-            raise ValueError(f"{self.name} takes labels {self.label_names}, got {tuple(labels)}")
-        return tuple(str(labels[name]) for name in self.label_names)
-
-    def header(self) -> list[str]:
-        help_text = self.help.replace("\\", "\\\\").replace("\n", "\\n")
-        return [f"# HELP {self.name} {help_text}", f"# TYPE {self.name} {self.kind}"]
-
-    def samples(self) -> list[str]:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-
-class Counter(_Metric):
-    """A monotonically increasing count per label combination."""
-
-    kind = "counter"
-
-    def __init__(self, name: str, help_text: str, label_names: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, label_names)
-        self._values: dict[LabelValues, float] = {}
+    def __init__(self, metric: prometheus_client.Counter) -> None:
+        self.metric = metric
 
     def inc(self, amount: float = 1.0, **labels: Any) -> None:
         """Add ``amount`` (≥ 0) to the series named by ``labels``."""
-        if amount < 0:
-            raise ValueError("a counter only goes up")
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, **labels: Any) -> float:
-        """Current value of one series (0 if never incremented)."""
-        with self._lock:
-            return self._values.get(self._key(labels), 0.0)
-
-    def samples(self) -> list[str]:
-        """The exposition lines of every series."""
-        with self._lock:
-            items = sorted(self._values.items())
-        return [f"{self.name}{_labels(self.label_names, key)} {format_value(v)}" for key, v in items]
+        (self.metric.labels(**labels) if labels else self.metric).inc(amount)
 
 
-class Gauge(_Metric):
-    """A value that goes up and down; either set explicitly or read from a callback at render time."""
+class Histogram:
+    """A ``prometheus_client`` histogram whose labels are passed as keywords."""
 
-    kind = "gauge"
-
-    def __init__(
-        self,
-        name: str,
-        help_text: str,
-        label_names: Sequence[str] = (),
-        callback: Callable[[], Iterable[tuple[dict[str, Any], float]]] | None = None,
-    ) -> None:
-        super().__init__(name, help_text, label_names)
-        self._values: dict[LabelValues, float] = {}
-        self._callback = callback
-
-    def set(self, value: float, **labels: Any) -> None:
-        """Set the series named by ``labels``."""
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = float(value)
-
-    def samples(self) -> list[str]:
-        """The exposition lines of every series (from the callback when there is one)."""
-        if self._callback is not None:
-            items = sorted((self._key(labels), float(value)) for labels, value in self._callback())
-        else:
-            with self._lock:
-                items = sorted(self._values.items())
-        return [f"{self.name}{_labels(self.label_names, key)} {format_value(v)}" for key, v in items]
-
-
-class Histogram(_Metric):
-    """Observations counted into cumulative ``le`` buckets, with ``_sum`` and ``_count``."""
-
-    kind = "histogram"
-
-    def __init__(
-        self, name: str, help_text: str, label_names: Sequence[str] = (), buckets: Sequence[float] = LATENCY_BUCKETS
-    ) -> None:
-        super().__init__(name, help_text, label_names)
-        if list(buckets) != sorted(set(buckets)):
-            raise ValueError("histogram buckets must be strictly increasing")
-        self.buckets = tuple(float(b) for b in buckets)
-        self._series: dict[LabelValues, list[float]] = {}  # per-bucket counts (not cumulative), then sum, count
+    def __init__(self, metric: prometheus_client.Histogram) -> None:
+        self.metric = metric
 
     def observe(self, value: float, **labels: Any) -> None:
         """Record one observation (e.g. seconds) in the series named by ``labels``."""
-        key = self._key(labels)
-        index = next((i for i, bound in enumerate(self.buckets) if value <= bound), len(self.buckets))
-        with self._lock:
-            series = self._series.setdefault(key, [0.0] * (len(self.buckets) + 3))
-            series[index] += 1
-            series[-2] += value
-            series[-1] += 1
+        (self.metric.labels(**labels) if labels else self.metric).observe(value)
 
-    def count(self, **labels: Any) -> int:
-        """Observations recorded in one series."""
-        with self._lock:
-            series = self._series.get(self._key(labels))
-        return int(series[-1]) if series else 0
 
-    def samples(self) -> list[str]:
-        """The exposition lines of every series."""
-        with self._lock:
-            items = sorted((key, list(series)) for key, series in self._series.items())
-        lines: list[str] = []
-        for key, series in items:
-            cumulative = 0.0
-            for bound, n in zip((*self.buckets, math.inf), series[: len(self.buckets) + 1], strict=True):
-                cumulative += n
-                le = f'le="{format_value(bound)}"'
-                lines.append(f"{self.name}_bucket{_labels(self.label_names, key, le)} {format_value(cumulative)}")
-            lines.append(f"{self.name}_sum{_labels(self.label_names, key)} {format_value(series[-2])}")
-            lines.append(f"{self.name}_count{_labels(self.label_names, key)} {format_value(series[-1])}")
-        return lines
+class _CallbackGauge(Collector):
+    """A gauge whose series are read from ``callback`` at each scrape."""
+
+    def __init__(self, name: str, help_text: str, labels: Sequence[str], callback: GaugeCallback) -> None:
+        self.name, self.help, self.labels, self.callback = name, help_text, list(labels), callback
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.name, self.help, labels=self.labels)
+        for labels, value in sorted(self.callback(), key=lambda item: sorted(item[0].items())):
+            family.add_metric([str(labels[name]) for name in self.labels], float(value))
+        yield family
 
 
 class Registry:
-    """An ordered set of metrics rendered together."""
+    """A ``prometheus_client.CollectorRegistry`` and the metrics registered in it, rendered together."""
 
     def __init__(self) -> None:
-        self._metrics: dict[str, _Metric] = {}
-
-    def _add(self, metric: _Metric) -> Any:
-        if metric.name in self._metrics:
-            raise ValueError(f"metric {metric.name} registered twice")
-        self._metrics[metric.name] = metric
-        return metric
+        self.collectors = prometheus_client.CollectorRegistry()
 
     def counter(self, name: str, help_text: str, labels: Sequence[str] = ()) -> Counter:
-        """Register and return a :class:`Counter`."""
-        return self._add(Counter(name, help_text, labels))
+        """Register and return a counter (``name`` ends in ``_total``)."""
+        return Counter(prometheus_client.Counter(name, help_text, list(labels), registry=self.collectors))
 
-    def gauge(
-        self,
-        name: str,
-        help_text: str,
-        labels: Sequence[str] = (),
-        callback: Callable[[], Iterable[tuple[dict[str, Any], float]]] | None = None,
-    ) -> Gauge:
-        """Register and return a :class:`Gauge` (read from ``callback`` at render time when given)."""
-        return self._add(Gauge(name, help_text, labels, callback))
+    def gauge(self, name: str, help_text: str, labels: Sequence[str] = (), *, callback: GaugeCallback) -> None:
+        """Register a gauge read from ``callback`` at scrape time."""
+        self.collectors.register(_CallbackGauge(name, help_text, labels, callback))
 
     def histogram(
         self, name: str, help_text: str, labels: Sequence[str] = (), buckets: Sequence[float] = LATENCY_BUCKETS
     ) -> Histogram:
-        """Register and return a :class:`Histogram`."""
-        return self._add(Histogram(name, help_text, labels, buckets))
+        """Register and return a histogram (cumulative ``le`` buckets, ``_sum`` and ``_count``)."""
+        return Histogram(
+            prometheus_client.Histogram(name, help_text, list(labels), buckets=buckets, registry=self.collectors)
+        )
 
     def render(self) -> str:
         """All metrics in the text exposition format, ending with a newline."""
-        lines: list[str] = []
-        for metric in self._metrics.values():
-            lines.extend(metric.header())
-            lines.extend(metric.samples())
-        return "\n".join(lines) + "\n"
+        return prometheus_client.generate_latest(self.collectors).decode("utf-8")
 
 
 def gpu_memory() -> list[tuple[dict[str, Any], float, float]]:

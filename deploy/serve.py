@@ -14,14 +14,20 @@ builds finish, and the audit log is closed.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 from deploy.auth import check_bind
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from eagle.pipeline import InspectionPipeline
+    from eagle.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-def build_app(settings: Any, *, pipeline: Any = None, warm_up: bool = True) -> Any:
+def build_app(settings: Settings, *, pipeline: InspectionPipeline | None = None, warm_up: bool = True) -> FastAPI:
     """The service's ASGI application for ``settings`` (a new :class:`eagle.pipeline.Pipeline` unless given).
 
     Raises:
@@ -37,7 +43,7 @@ def build_app(settings: Any, *, pipeline: Any = None, warm_up: bool = True) -> A
     return create_app(pipeline, settings, warm_up=warm_up)
 
 
-def serve(settings: Any, *, pipeline: Any = None) -> None:
+def serve(settings: Settings, *, pipeline: InspectionPipeline | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully (see the module docstring).
 
     Raises:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -46,13 +45,18 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from deploy.annotate import annotated_image, encode_png
 from deploy.audit import AuditLog, utc_now
-from deploy.errors import BankNotFound, ServiceError, domain_error
+from deploy.errors import BankNotFound
 from deploy.limits import check_image_pixels
-from eagle.images import IMAGE_EXTENSIONS
+from eagle import atomic
+from eagle.errors import ErrorInfo, describe, one_line
+from eagle.images import IMAGE_EXTENSIONS, image_sha256
+
+if TYPE_CHECKING:
+    from eagle.pipeline import InspectionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +116,7 @@ class FolderWatcher:
 
     def __init__(
         self,
-        pipeline: Any,
+        pipeline: InspectionPipeline,
         in_dir: Path,
         out_dir: Path,
         bank: str,
@@ -292,7 +296,7 @@ class FolderWatcher:
         run_id, name = match.group("run"), match.group("name")
         attempts = self._count_attempt(run_id)
         data = claimed.read_bytes()
-        sha256 = hashlib.sha256(data).hexdigest()
+        sha256 = image_sha256(data)
         if attempts > self.max_attempts:
             message = f"the process stopped {attempts - 1} times while inspecting this input"
             return self._fail(claimed, run_id, name, sha256, "crashed", message, None)
@@ -302,17 +306,17 @@ class FolderWatcher:
             result = self.pipeline.inspect(data, self.bank, self.options, image_name=name)
             picture = encode_png(annotated_image(result))
         except Exception as exc:  # noqa: BLE001 - every failure is recorded and the input kept in failed/
-            mapped = domain_error(exc)
-            if mapped is None:
+            info = describe(exc)
+            if info is None:
                 logger.exception("unexpected error inspecting %s", name)
-                mapped = ServiceError(f"unexpected error: {type(exc).__name__}: {' '.join(str(exc).split())}")
+                info = ErrorInfo("internal_error", 500, f"unexpected error: {type(exc).__name__}: {one_line(exc)}")
             latency_ms = (time.perf_counter() - start) * 1000.0
-            return self._fail(claimed, run_id, name, sha256, mapped.code, str(mapped), latency_ms)
+            return self._fail(claimed, run_id, name, sha256, info.code, info.message, latency_ms)
         latency_ms = (time.perf_counter() - start) * 1000.0
         stem = self._output_stem(name, run_id)
         record = {**result.model_dump(mode="json"), "run_id": run_id, "input_name": name}
-        _write_atomic(self.out_dir / f"{stem}.annotated.png", picture)
-        _write_atomic(self.out_dir / f"{stem}.json", json.dumps(record, indent=2).encode("utf-8"))
+        atomic.write_bytes(self.out_dir / f"{stem}.annotated.png", picture)
+        atomic.write_bytes(self.out_dir / f"{stem}.json", json.dumps(record, indent=2).encode("utf-8"))
         audited = self.audit.record(result, source="watch", run_id=run_id, latency_ms=latency_ms)
         destination = self._move(claimed, self.done_dir, name, run_id)
         logger.info("%s: %s (score %.4g, tau %.4g) -> %s", name, result.verdict, result.score, result.tau, destination)
@@ -339,7 +343,7 @@ class FolderWatcher:
             "error": {"code": code, "message": message},
         }
         path = self.out_dir / f"{stem}.error.json"
-        _write_atomic(path, json.dumps(record, indent=2).encode("utf-8"))
+        atomic.write_bytes(path, json.dumps(record, indent=2).encode("utf-8"))
         audited = self.audit.record_failure(
             run_id=run_id,
             source="watch",
@@ -368,7 +372,7 @@ class FolderWatcher:
         if destination.exists():
             destination = folder / f"{Path(name).stem}.{run_id[:8]}{Path(name).suffix}"
         os.rename(claimed, destination)
-        _fsync_dir(folder)
+        atomic.fsync_dir(folder)
         with contextlib.suppress(FileNotFoundError):
             (self.processing_dir / f".{run_id}.attempts").unlink()
         return destination
@@ -380,7 +384,7 @@ class FolderWatcher:
             count = int(path.read_text(encoding="ascii").strip() or 0) + 1
         except (FileNotFoundError, ValueError):
             count = 1
-        _write_atomic(path, str(count).encode("ascii"))
+        atomic.write_bytes(path, str(count).encode("ascii"))
         return count
 
 
@@ -389,22 +393,3 @@ def _record_run_id(path: Path) -> str | None:
         return json.loads(path.read_text(encoding="utf-8")).get("run_id")
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

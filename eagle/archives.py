@@ -51,6 +51,8 @@ from pathlib import Path, PurePosixPath
 from struct import error as struct_error
 from typing import Any, BinaryIO
 
+from eagle.errors import EagleError
+
 SUPPORTED_COMPRESSION = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA})
 """Compression methods the standard library inflates (anything else, e.g. AES or deflate64, is refused)."""
 
@@ -107,12 +109,16 @@ class ArchiveLimits:
 DEFAULT_LIMITS = ArchiveLimits()
 
 
-class ArchiveError(ValueError):
+class ArchiveError(EagleError, ValueError):
     """The archive is unreadable or unsafe; the message names the entry at fault."""
+
+    code, http_status = "invalid_archive", 422
 
 
 class ArchiveTooLargeError(ArchiveError):
     """The archive breaks a size, entry-count or compression-ratio limit (zip-bomb guard)."""
+
+    code, http_status = "archive_too_large", 413
 
 
 def scan_zip(

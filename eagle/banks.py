@@ -37,13 +37,23 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from eagle.archives import ArchiveLimits, describe_names, extract_zip, scan_zip
+from eagle.errors import EagleError
 from eagle.settings import ExpertSettings
 from expert.bank import META_FILE, ONNX_FILE, TENSORS_FILE, BankError, is_bank_file, read_meta
 
 if TYPE_CHECKING:
-    from expert.model import ExpertScorer
+    from expert.scorer import ExpertScorer
 
-__all__ = ["BankError", "BankNameError", "BankStore", "BankSummary", "probe_expert"]
+__all__ = [
+    "BANK_NAME_PATTERN",
+    "BankError",
+    "BankNameError",
+    "BankNotFoundError",
+    "BankStore",
+    "BankSummary",
+    "probe_expert",
+    "validate_bank_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +61,21 @@ BANK_ZIP_LIMITS = ArchiveLimits(max_entries=20_000, max_entry_bytes=ArchiveLimit
 """Caps for importing a bank zip: one file (the memory bank grows with the references) may take the whole total;
 the total ratio and entry count are the rules of :class:`eagle.archives.ArchiveLimits` for every zip."""
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+BANK_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""The bank-name rule, matched with ``fullmatch``: 1-64 letters, digits, ``._-``, starting with a letter or digit
+(and no ``..`` anywhere, see :func:`validate_bank_name`). Every front end checks names with that function."""
 
 
-class BankNameError(ValueError):
+class BankNameError(EagleError, ValueError):
     """A bank name that is not allowed (it would escape the data directory or is not portable)."""
+
+    code, http_status = "invalid_bank_name", 422
+
+
+class BankNotFoundError(EagleError, FileNotFoundError):
+    """No saved bank has that name."""
+
+    code, http_status = "bank_not_found", 404
 
 
 @dataclass(frozen=True)
@@ -79,13 +99,34 @@ class BankSummary:
     build_warnings: tuple[str, ...] = ()  # meta.json "warnings" (e.g. few references, an empty CAAS band)
 
 
-def validate_bank_name(name: str) -> str:
-    """Return ``name`` if it is a valid bank name, else raise :class:`BankNameError`."""
-    if not isinstance(name, str) or not _NAME.match(name) or name in {".", ".."} or ".." in name:
+def is_valid_bank_name(name: object) -> bool:
+    """Whether ``name`` follows the bank-name rule (:data:`BANK_NAME_PATTERN`, no ``..``)."""
+    return isinstance(name, str) and BANK_NAME_PATTERN.fullmatch(name) is not None and ".." not in name
+
+
+def validate_bank_name(name: object) -> str:
+    r"""Return ``name`` if it is a valid bank name, else raise :class:`BankNameError`: the one rule for every front end.
+
+    Example:
+        >>> validate_bank_name("line-3.bolts")
+        'line-3.bolts'
+        >>> for bad in ("a..b", "bolts\n", ".hidden", "a/b"):
+        ...     try:
+        ...         validate_bank_name(bad)
+        ...     except BankNameError as err:
+        ...         print(repr(bad), err.code)
+        'a..b' invalid_bank_name
+        'bolts\n' invalid_bank_name
+        '.hidden' invalid_bank_name
+        'a/b' invalid_bank_name
+    """
+    if not is_valid_bank_name(name):
+        shown = name if isinstance(name, str) else type(name).__name__
         raise BankNameError(
-            f"invalid bank name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"invalid bank name {shown!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            "(no '..')"
         )
-    return name
+    return name  # type: ignore[return-value]
 
 
 class BankStore:
@@ -115,36 +156,12 @@ class BankStore:
         path = self.path(name)
         if not (path / META_FILE).is_file():
             known = ", ".join(s.name for s in self.list()) or "none yet"
-            raise FileNotFoundError(f"no bank named {name!r} (saved banks: {known})")
+            raise BankNotFoundError(f"no bank named {name!r} (saved banks: {known})")
         return path
 
     def summary(self, name: str) -> BankSummary:
         """The :class:`BankSummary` of a saved bank."""
-        path = self._require(name)
-        meta = read_meta(path)
-        low = meta.counts.references < self.settings.recommended_references
-        return BankSummary(
-            name=name,
-            bank_id=meta.bank_id,
-            created=meta.created_utc,
-            n_references=meta.counts.references,
-            n_patches=meta.counts.patches,
-            coreset_size=meta.counts.coreset,
-            coreset_ratio=meta.coreset.ratio,
-            threshold_method=meta.threshold.method,
-            tau=meta.threshold.tau,
-            s_max=meta.threshold.s_max,
-            backbone=meta.backbone.id,
-            weights_source=meta.backbone.weights,
-            distance=meta.distance,
-            build_warnings=tuple(meta.warnings),
-            warning=(
-                f"built from {meta.counts.references} references; {self.settings.recommended_references}+ are "
-                "recommended for a reliable threshold"
-            )
-            if low
-            else None,
-        )
+        return summarize_bank(self._require(name), self.settings, name=name)
 
     def list(self) -> list[BankSummary]:
         """Every readable bank, newest first (unreadable directories are skipped)."""
@@ -152,7 +169,7 @@ class BankStore:
             return []
         summaries = []
         for child in self.root.iterdir():
-            if child.is_dir() and _NAME.match(child.name) and (child / META_FILE).is_file():
+            if child.is_dir() and is_valid_bank_name(child.name) and (child / META_FILE).is_file():
                 try:
                     summaries.append(self.summary(child.name))
                 except (BankError, ValueError, OSError):
@@ -166,7 +183,8 @@ class BankStore:
         :meth:`forget` is called (rebuild, import, delete).
 
         Raises:
-            FileNotFoundError: no such bank. BankError: unreadable, built with other settings, or unable to score.
+            BankNotFoundError: no such bank (a ``FileNotFoundError``).
+            BankError: unreadable, built with other settings, or unable to score.
         """
         with self._lock:
             scorer = self._cache.get(name)
@@ -329,7 +347,7 @@ def open_expert(path: Path, settings: ExpertSettings, *, label: str) -> ExpertSc
     Raises:
         BankError: the bank is invalid, incompatible with ``settings``, or cannot score.
     """
-    from expert.model import load_expert
+    from expert.scorer import load_expert
 
     try:
         scorer = load_expert(path, settings)
@@ -339,6 +357,37 @@ def open_expert(path: Path, settings: ExpertSettings, *, label: str) -> ExpertSc
         raise BankError(f"{label}: the feature extractor cannot be loaded ({_one_line(err)})") from None
     probe_expert(scorer, label=label)
     return scorer
+
+
+def summarize_bank(path: Path, settings: ExpertSettings, *, name: str | None = None) -> BankSummary:
+    """The :class:`BankSummary` of the bank directory ``path`` (in a store or anywhere, e.g. ``build-bank --out``).
+
+    ``name`` defaults to the bank's own name in its meta.json.
+    """
+    meta = read_meta(path)
+    low = meta.counts.references < settings.recommended_references
+    return BankSummary(
+        name=name or meta.name,
+        bank_id=meta.bank_id,
+        created=meta.created_utc,
+        n_references=meta.counts.references,
+        n_patches=meta.counts.patches,
+        coreset_size=meta.counts.coreset,
+        coreset_ratio=meta.coreset.ratio,
+        threshold_method=meta.threshold.method,
+        tau=meta.threshold.tau,
+        s_max=meta.threshold.s_max,
+        backbone=meta.backbone.id,
+        weights_source=meta.backbone.weights,
+        distance=meta.distance,
+        build_warnings=tuple(meta.warnings),
+        warning=(
+            f"built from {meta.counts.references} references; {settings.recommended_references}+ are "
+            "recommended for a reliable threshold"
+        )
+        if low
+        else None,
+    )
 
 
 def probe_expert(scorer: ExpertScorer, *, label: str = "bank") -> None:

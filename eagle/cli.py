@@ -1,9 +1,10 @@
 """The ``eagle`` command line: one entry point, subcommands contributed by several packages.
 
-Each subcommand module listed in :data:`COMMAND_MODULES` exposes ``register(subparsers)``, which adds
-its subcommands with ``parser.set_defaults(func=handler)``; a handler is ``handler(args, settings) -> int``
-(the exit code). A module that cannot be imported (an optional extra that is not installed) removes only
-its own commands: the others keep working, and asking for a missing one says why it is missing.
+Each subcommand module is imported explicitly in :func:`command_modules` and exposes
+``register(subparsers)``, which adds its subcommands with ``parser.set_defaults(func=handler)``; a handler is
+``handler(args, settings) -> int`` (the exit code). A module that fails to import fails ``eagle`` loudly (a
+traceback naming it) instead of silently vanishing from ``eagle --help``. The command modules are light: heavy
+dependencies (gradio, uvicorn, torch) are imported by the handlers, when a command runs.
 
 Exit codes: 0 success; 1 some inputs failed (each named on stderr); 2 usage, configuration or bank errors;
 130 interrupted.
@@ -16,22 +17,14 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import ModuleType
 
 from eagle import __version__
 from eagle.settings import Settings, SettingsError, load_settings
-
-#: Modules contributing subcommands, in help order. Packages add their module name here.
-COMMAND_MODULES: list[str] = [
-    "eagle.cli_expert",
-    "deploy.cli",
-    "eagle.evaluation.cli",
-    "app.cli",
-]
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -55,25 +48,40 @@ class CommandError(Exception):
 
 @dataclass
 class CommandRegistry:
-    """The argument parser plus what went wrong while collecting subcommands."""
+    """The ``eagle`` argument parser with every subcommand registered."""
 
     parser: argparse.ArgumentParser
-    unavailable: dict[str, str] = field(default_factory=dict)  # module name -> one-line reason
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+def command_modules() -> list[ModuleType]:
+    """The modules contributing subcommands, in help order: imported explicitly, so a broken one fails loudly.
+
+    The imports live in this function (not at the top of the module) because the command modules import
+    :class:`CommandError` from here. A new command module is added here and nowhere else.
+
+    Example:
+        >>> [m.__name__ for m in command_modules()]
+        ['eagle.cli_expert', 'deploy.cli', 'eagle.evaluation.cli', 'app.cli']
+    """
+    import app.cli
+    import deploy.cli
+    import eagle.cli_expert
+    import eagle.evaluation.cli
+
+    return [eagle.cli_expert, deploy.cli, eagle.evaluation.cli, app.cli]
 
 
 def build_parser(modules: Sequence[str] | None = None) -> CommandRegistry:
     """Build the ``eagle`` parser from the subcommand modules.
 
     Args:
-        modules: module names to import (default :data:`COMMAND_MODULES`).
+        modules: names of the command modules to register (default: all of :func:`command_modules`).
 
     Returns:
-        The registry: the parser and the modules that could not be loaded, with the reason.
+        The registry holding the parser.
+
+    Raises:
+        ValueError: a name in ``modules`` is not a command module.
     """
     parser = argparse.ArgumentParser(
         prog="eagle",
@@ -87,38 +95,14 @@ def build_parser(modules: Sequence[str] | None = None) -> CommandRegistry:
         help="Logging level (default: EAGLE_LOG_LEVEL, else INFO).",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    registry = CommandRegistry(parser)
-    for name in COMMAND_MODULES if modules is None else modules:
-        try:
-            module = importlib.import_module(name)
-            module.register(subparsers)
-        except Exception as err:  # noqa: BLE001 - an optional module must not break the other commands
-            registry.unavailable[name] = _one_line(err)
-            log.debug("subcommand module %s unavailable: %s", name, registry.unavailable[name])
-    if registry.unavailable:
-        parser.epilog = "Unavailable command modules: " + "; ".join(
-            f"{name} ({reason})" for name, reason in registry.unavailable.items()
-        )
-    return registry
-
-
-def _known_commands(parser: argparse.ArgumentParser) -> set[str]:
-    for action in parser._subparsers._group_actions if parser._subparsers else []:
-        if isinstance(action, argparse._SubParsersAction):
-            return set(action.choices)
-    return set()
-
-
-def _first_positional(argv: Sequence[str]) -> str | None:
-    skip_next = False
-    for token in argv:
-        if skip_next:
-            skip_next = False
-        elif token == "--log-level":
-            skip_next = True
-        elif not token.startswith("-"):
-            return token
-    return None
+    available = {module.__name__: module for module in command_modules()}
+    names = list(available) if modules is None else list(modules)
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise ValueError(f"not command modules: {', '.join(unknown)} (known: {', '.join(available)})")
+    for name in names:
+        available[name].register(subparsers)
+    return CommandRegistry(parser)
 
 
 #: Third-party loggers that narrate routine work at INFO (ONNX export passes, faiss's loader).
@@ -142,13 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit code (see the module docstring).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    registry = build_parser()
-    parser = registry.parser
-    command = _first_positional(argv)
-    if command is not None and registry.unavailable and command not in _known_commands(parser):
-        reasons = "; ".join(f"{name}: {reason}" for name, reason in registry.unavailable.items())
-        print(f"eagle: unknown or unavailable command {command!r} (modules not loaded: {reasons})", file=sys.stderr)
-        return 2
+    parser = build_parser().parser
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse prints its own one-line usage error

@@ -1,10 +1,10 @@
 """``eagle build-bank``, ``eagle score`` and ``eagle warm-cache``: the PatchCore expert from the command line.
 
 ``build-bank`` reads every image under ``--normals`` (recursively), builds a bank (embed → coreset →
-DBT → save, a progress bar per stage) and prints a summary. Unreadable reference files are listed one
-line each and, by default, NOTHING is built (exit 1): a bank must never hold fewer images than the user
-thinks. ``--skip-unreadable`` builds from the readable ones instead, with a warning per skipped file and
-the count used in the summary.
+DBT → save, one progress bar on stderr unless ``--no-progress``) and prints a summary. Unreadable reference
+files are listed one line each and, by default, NOTHING is built (exit 1): a bank must never hold fewer
+images than the user thinks. ``--skip-unreadable`` builds from the readable ones instead, with a warning per
+skipped file and the count used in the summary.
 
 ``score`` scores each image against a bank: score, τ, s_max, decision, low-confidence flag, boxes in
 original pixel coordinates and the template (most similar reference). A bad file gets one line on
@@ -49,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Build from the readable images when some files cannot be read (each skipped file is listed).",
     )
     build.add_argument("--json", action="store_true", help="Print the summary as one JSON object.")
+    build.add_argument("--no-progress", action="store_true", help="No progress bar on stderr.")
     build.set_defaults(func=run_build_bank)
 
     score = subparsers.add_parser(
@@ -90,31 +91,6 @@ def run_warm_cache(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # --------------------------------------------------------------------------------------------- build-bank
-def _read_references(directory: Path, settings: Settings, *, skip_unreadable: bool):
-    from eagle.images import ImageError, list_images, load_image
-
-    if not directory.is_dir():
-        raise CommandError(f"--normals {str(directory)!r} is not a directory")
-    paths = list_images(directory)
-    images, names, failures = [], [], []
-    for path in paths:
-        name = path.relative_to(directory).as_posix()
-        try:
-            images.append(load_image(path, max_pixels=settings.max_image_pixels, name=name))
-            names.append(name)
-        except ImageError as err:
-            failures.append(str(err))
-    for message in failures:
-        print(f"eagle build-bank: {'skipped' if skip_unreadable else 'unreadable'}: {message}", file=sys.stderr)
-    if failures and not skip_unreadable:
-        raise CommandError(
-            f"{len(failures)} of {len(paths)} reference files could not be read; nothing was built "
-            "(fix or remove them, or pass --skip-unreadable to build from the other images)",
-            exit_code=1,
-        )
-    return images, names, len(paths)
-
-
 class _StageTimer:
     """A progress callback that records when each stage started and finished."""
 
@@ -130,38 +106,58 @@ class _StageTimer:
 
 
 def run_build_bank(args: argparse.Namespace, settings: Settings) -> int:
-    """Handler of ``eagle build-bank``."""
+    """Handler of ``eagle build-bank``: :meth:`eagle.pipeline.Pipeline.build_bank` with the command's options.
+
+    ``--skip-unreadable`` and ``--out`` are the pipeline's ``skip_unreadable`` and ``out_dir``; every unreadable
+    file is one line on stderr, and without ``--skip-unreadable`` nothing is built (exit 1).
+    """
     from eagle.banks import BankNameError, validate_bank_name
-    from expert.bank import BankError
-    from expert.model import ReferenceCountError, build_bank
-    from expert.weights import BackboneWeightsError, load_backbone
+    from eagle.errors import describe
+    from eagle.images import list_images
+    from eagle.pipeline import BUILD_STAGES, Pipeline, ReferenceImagesError
+    from eagle.progress_bars import StageBar, fan_out
+    from expert.bank import read_meta
 
     try:
         validate_bank_name(args.name)
     except BankNameError as err:
         raise CommandError(str(err)) from None
-    out_dir = (args.out or settings.banks_dir / args.name).expanduser()
-    images, names, n_files = _read_references(args.normals, settings, skip_unreadable=args.skip_unreadable)
-    try:
-        backbone, weights_info = load_backbone(settings.expert)
-    except BackboneWeightsError as err:
-        raise CommandError(str(err)) from None
+    if not args.normals.is_dir():
+        raise CommandError(f"--normals {str(args.normals)!r} is not a directory")
+    paths = list_images(args.normals)
+    names = [path.relative_to(args.normals).as_posix() for path in paths]
+    out_dir = args.out.expanduser() if args.out else None
+    unreadable: list[str] = []  # printed once the bar is closed, one line each
     timer = _StageTimer()
+    bar = StageBar(BUILD_STAGES, desc=f"bank {args.name}", enabled=not args.no_progress)
     try:
-        bank = build_bank(
-            images,
-            names,
-            settings=settings.expert,
-            backbone=backbone,
-            weights_info=weights_info,
+        Pipeline(settings).build_bank(
+            paths,
+            args.name,
+            names=names,
+            progress=fan_out(timer, bar),
+            skip_unreadable=args.skip_unreadable,
+            on_unreadable=unreadable.append,
             out_dir=out_dir,
-            name=args.name,
-            progress=timer,
-            onnx_cache=settings.onnx_cache_dir,
         )
-    except (ReferenceCountError, BankError) as err:
-        raise CommandError(str(err)) from None
-    summary = _bank_summary(bank, n_files=n_files, stage_seconds=timer.seconds)
+    except ReferenceImagesError as err:
+        raise CommandError(
+            f"{len(err.problems)} of {err.total} reference files could not be read; nothing was built "
+            "(fix or remove them, or pass --skip-unreadable to build from the other images)",
+            exit_code=1,
+        ) from None
+    except Exception as err:
+        info = describe(err)
+        if info is None:
+            raise
+        raise CommandError(info.message) from None
+    finally:
+        bar.close()
+        label = "skipped" if args.skip_unreadable else "unreadable"
+        for message in unreadable:
+            print(f"eagle build-bank: {label}: {message}", file=sys.stderr)
+    directory = out_dir or settings.banks_dir / args.name
+    summary = _bank_summary(read_meta(directory), directory, n_files=len(paths), stage_seconds=timer.seconds)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -169,11 +165,10 @@ def run_build_bank(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _bank_summary(bank, *, n_files: int, stage_seconds: dict[str, float]) -> dict[str, Any]:
-    meta = bank.meta
+def _bank_summary(meta, directory: Path, *, n_files: int, stage_seconds: dict[str, float]) -> dict[str, Any]:
     return {
         "name": meta.name,
-        "path": str(bank.directory),
+        "path": str(directory),
         "bank_id": meta.bank_id,
         "references": meta.counts.references,
         "files": n_files,
@@ -270,27 +265,39 @@ def _print_table(records: list[dict[str, Any]]) -> None:
 
 
 def run_score(args: argparse.Namespace, settings: Settings) -> int:
-    """Handler of ``eagle score``."""
-    from eagle.images import ImageError, decode_image
-    from expert.bank import BankError
-    from expert.model import load_expert
-    from expert.weights import BackboneWeightsError
+    """Handler of ``eagle score``: the expert part of :class:`~eagle.pipeline.Pipeline` (decode, then score).
 
-    if not args.bank.is_dir():
-        raise CommandError(f"bank {str(args.bank)!r} not found (not a directory); build one with eagle build-bank")
+    The bank is loaded as every front end loads it (:meth:`eagle.banks.BankStore.load`: checked and
+    test-inspected); a bank that cannot be used is one line and exit 2, with the same message as the app and API.
+    """
+    from eagle.errors import describe
+    from eagle.images import ImageError
+    from eagle.pipeline import Pipeline
+
+    bank_dir = args.bank.expanduser()
+    if not bank_dir.is_dir():
+        raise CommandError(f"bank {str(bank_dir)!r} not found (not a directory); build one with eagle build-bank")
+    settings.mllm.enabled = False  # expert only: the MLLM stack is never imported, the view is the expert's
+    pipeline = Pipeline(settings, banks_dir=bank_dir.parent)
+    bank = bank_dir.name
     try:
-        scorer = load_expert(args.bank, settings.expert)
-    except (BankError, BackboneWeightsError) as err:
-        raise CommandError(str(err)) from None
+        if not pipeline.banks.exists(bank):
+            raise CommandError(f"{str(bank_dir)!r} is not a bank (no meta.json); build one with eagle build-bank")
+        pipeline.banks.load(bank)
+    except CommandError:
+        raise
+    except Exception as err:
+        info = describe(err)
+        if info is None:
+            raise
+        raise CommandError(f"bank {str(bank_dir)!r}: {info.message}") from None
     failed = 0
     records: list[dict[str, Any]] = []
     for path in args.images:
         try:
             # Decoded reduced when large (bounded memory; issue 11); boxes stay in ORIGINAL pixels.
-            image = decode_image(
-                path, max_pixels=settings.max_image_pixels, name=str(path), min_short_side=settings.expert.resize
-            )
-            record = _result_record(path, scorer.score(image.pixels, original_size=image.original_size))
+            image = pipeline.decode(path, image_name=str(path))
+            record = _result_record(path, pipeline.run_expert(image, bank))
         except ImageError as err:
             failed += 1
             print(f"eagle score: error: {err}", file=sys.stderr)

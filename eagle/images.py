@@ -51,6 +51,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from eagle.errors import EagleError
+
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 MIN_SIDE = 2
 VIEW_MAX_SIDE = 1024
@@ -63,8 +65,10 @@ _TRANSPOSE = {2: Image.FLIP_LEFT_RIGHT, 3: Image.ROTATE_180, 4: Image.FLIP_TOP_B
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error, IndexError, TypeError)
 
 
-class ImageError(ValueError):
+class ImageError(EagleError, ValueError):
     """A file cannot be used as an image; the one-line message starts with the file's name."""
+
+    code, http_status = "invalid_image", 422
 
 
 def list_images(directory: Path) -> list[Path]:
@@ -236,6 +240,30 @@ class DecodedImage:
         return cls(pixels, (int(pixels.shape[1]), int(pixels.shape[0])))
 
 
+def image_sha256(image: bytes | str | Path | np.ndarray | DecodedImage) -> str:
+    """The ``image_sha256`` of an inspection record: one definition for the app, the API, the watcher and the CLI.
+
+    * a file (path) or its bytes: sha256 of the file's bytes, so the same photo has the same hash however it
+      arrives (uploaded to the API, dropped in a watched folder, opened in the app, scored by ``eagle score``);
+    * a :class:`DecodedImage`: the hash of the file it was decoded from (recorded at decoding);
+    * a decoded array (no file behind it): sha256 of its RGB uint8 pixels in C order (``h × w × 3`` bytes).
+      That is not the hash of any file holding the same picture, so front ends pass the file, not its pixels.
+
+    Example:
+        >>> image_sha256(b"abc")[:16]
+        'ba7816bf8f01cfea'
+        >>> image_sha256(np.zeros((1, 1, 3), np.uint8))[:16]  # the three bytes 0, 0, 0
+        '709e80c88487a241'
+    """
+    if isinstance(image, DecodedImage):
+        return image.sha256 or image_sha256(image.pixels)
+    if isinstance(image, np.ndarray):
+        return hashlib.sha256(np.ascontiguousarray(image, dtype=np.uint8).tobytes()).hexdigest()
+    if isinstance(image, (str, Path)):
+        return hashlib.sha256(Path(image).read_bytes()).hexdigest()
+    return hashlib.sha256(bytes(image)).hexdigest()
+
+
 def view_size(
     height: int,
     width: int,
@@ -398,7 +426,7 @@ def decode_image(
     data, label = _read_source(source, name)
     if len(data) == 0:
         raise ImageError(f"{label}: empty file (0 bytes)")
-    sha = hashlib.sha256(data).hexdigest()
+    sha = image_sha256(data)
     image = _open_header(data, label, max_pixels)
     orientation = _orientation(image)
     stored_w, stored_h = image.size

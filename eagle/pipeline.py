@@ -15,46 +15,136 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from eagle.banks import BankStore, BankSummary
+from eagle.banks import BankStore, BankSummary, summarize_bank, validate_bank_name
+from eagle.errors import EagleError, one_line
 from eagle.images import DecodedImage, ImageError, decode_image, load_image, resize_rgb, view_size
+from eagle.images import image_sha256 as sha256_of_image
 from eagle.records import BoxRecord, InspectionImages, InspectionResult, InspectOptions
 from eagle.settings import Settings
+from expert.progress import BUILD_STAGES as EXPERT_BUILD_STAGES
+from expert.progress import ProgressCallback
 
 if TYPE_CHECKING:  # the MLLM stack is imported only when it is used
-    from expert.model import ExpertResult
+    from expert.scorer import ExpertResult
     from mllm.inspector import MLLMAnswer, MLLMInspector
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str, float], None]
+BUILD_STAGES: tuple[str, ...] = ("read", *EXPERT_BUILD_STAGES)
+"""The stages :meth:`Pipeline.build_bank` reports, in order: reading the images, then the expert's."""
 
 
-class MLLMUnavailableError(RuntimeError):
-    """The multimodal LLM is disabled or could not be loaded; the message says why and what to do."""
+class MLLMUnavailableError(EagleError, RuntimeError):
+    """The multimodal LLM is disabled or could not be loaded; the message says why and what to do.
+
+    One behaviour for every front end: an inspection that asks for the MLLM when it cannot be loaded fails with
+    this error (``mllm_unavailable``, HTTP 503) instead of silently answering expert-only; the caller asks again
+    with ``use_mllm`` off (or sets ``EAGLE_MLLM__ENABLED=false``) to inspect with the expert alone.
+    """
+
+    code, http_status = "mllm_unavailable", 503
+
+
+MLLM_UNAVAILABLE = "the multimodal model could not be loaded"
+EXPERT_ONLY_HINT = (
+    "inspect with the expert only (untick 'Ask the MLLM' in the app, send use_mllm=false to the API, "
+    "run `eagle watch --no-mllm`) or set EAGLE_MLLM__ENABLED=false"
+)
+"""How an MLLM load failure ends, for every front end: the message names the cause and this way out."""
+
+
+class BankCatalog(Protocol):
+    """The bank-store calls front ends make (:class:`~eagle.banks.BankStore` implements them)."""
+
+    def exists(self, name: str) -> bool:
+        """Whether a bank of that name is saved (raises ``BankNameError`` for a bad name)."""
+        ...
+
+    def list(self) -> list[BankSummary]:
+        """The saved banks."""
+        ...
+
+    def load(self, name: str) -> object:
+        """The bank's scorer, loaded and test-inspected (``BankNotFoundError``, ``BankError``)."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Delete a saved bank."""
+        ...
+
+    def unusable(self) -> dict[str, str]:
+        """Banks whose last load failed, name → one-line reason."""
+        ...
+
+
+@runtime_checkable
+class InspectionPipeline(Protocol):
+    """What the edge service (API, jobs, watcher) needs of a pipeline; :class:`Pipeline` is the implementation.
+
+    The service's test double (``tests/service_helpers.FakePipeline``) implements it too: one contract.
+    Its failures are :class:`~eagle.errors.EagleError` subclasses or mapped by :func:`eagle.errors.as_eagle_error`.
+    """
+
+    @property
+    def banks(self) -> BankCatalog:
+        """The bank store."""
+        ...
+
+    @property
+    def mllm_enabled(self) -> bool:
+        """Whether settings ask for the MLLM (False: expert-only)."""
+        ...
+
+    def inspect(
+        self,
+        image: np.ndarray | bytes | Path | DecodedImage,
+        bank: str,
+        options: InspectOptions | None = None,
+        *,
+        image_name: str | None = None,
+    ) -> InspectionResult:
+        """Inspect one image (see :meth:`Pipeline.inspect`)."""
+        ...
+
+    def build_bank(
+        self,
+        images: Sequence[Path | bytes | np.ndarray],
+        name: str,
+        *,
+        names: Sequence[str] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> BankSummary:
+        """Build or rebuild a bank (see :meth:`Pipeline.build_bank`)."""
+        ...
+
+    def ready(self) -> dict[str, bool]:
+        """Readiness facts (see :meth:`Pipeline.ready`)."""
+        ...
+
+    def load_mllm(self, progress: ProgressCallback | None = None) -> object:
+        """Load the MLLM once (raises :class:`MLLMUnavailableError`)."""
+        ...
 
 
 class ReferenceImagesError(ImageError):
-    """Some reference images could not be read; the message lists every one of them."""
+    """Some reference images could not be read; the message lists every one of them.
 
+    ``problems`` holds each image's one-line message, ``total`` the number of images given.
+    """
 
-def _sha256_of(image: np.ndarray | bytes | Path | DecodedImage) -> str:
-    if isinstance(image, DecodedImage):
-        return image.sha256 or hashlib.sha256(np.ascontiguousarray(image.pixels).tobytes()).hexdigest()
-    if isinstance(image, Path):
-        return hashlib.sha256(image.read_bytes()).hexdigest()
-    if isinstance(image, bytes):
-        return hashlib.sha256(image).hexdigest()
-    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
+    def __init__(self, message: str, *, problems: Sequence[str] = (), total: int = 0) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
+        self.total = total
 
 
 def _mllm_views(image: np.ndarray, template: np.ndarray, boxed: np.ndarray | None, expert: ExpertResult) -> dict:
@@ -82,14 +172,16 @@ class Pipeline:
 
     Args:
         settings: the validated settings tree.
+        banks_dir: where the banks are (default ``settings.banks_dir``); ``eagle score --bank DIR`` uses the
+            bank directory's parent.
 
     The expert part runs concurrently (onnxruntime and faiss are thread-safe for inference); the MLLM is
     one model on one device, so its calls are serialised by a lock.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, banks_dir: Path | None = None) -> None:
         self.settings = settings
-        self.banks = BankStore(settings.banks_dir, settings.expert)
+        self.banks = BankStore(settings.banks_dir if banks_dir is None else Path(banks_dir), settings.expert)
         self._weights_info = None  # WeightsInfo once the weights were loaded; the torch module is not kept
         self._backbone_lock = threading.Lock()
         self._inspector: MLLMInspector | None = None
@@ -159,8 +251,19 @@ class Pipeline:
                     log.info("removed cached ONNX graph %s (another key)", removed)
             return path
 
-    def read_images(self, images: Sequence[Path | bytes | np.ndarray], names: Sequence[str] | None = None):
-        """Decode reference images, collecting every failure before raising one :class:`ReferenceImagesError`."""
+    def read_images(
+        self,
+        images: Sequence[Path | bytes | np.ndarray],
+        names: Sequence[str] | None = None,
+        *,
+        skip_unreadable: bool = False,
+        on_unreadable: Callable[[str], None] | None = None,
+    ):
+        """Decode reference images, collecting every failure before raising one :class:`ReferenceImagesError`.
+
+        ``on_unreadable(message)`` is called with each failure's one line; with ``skip_unreadable`` the readable
+        images are returned instead of raising.
+        """
         decoded, kept_names, problems = [], [], []
         for i, item in enumerate(images):
             name = names[i] if names is not None else (item.name if isinstance(item, Path) else f"image_{i:04d}.png")
@@ -172,14 +275,18 @@ class Pipeline:
                 )
             except ImageError as err:
                 problems.append(str(err))
+                if on_unreadable is not None:
+                    on_unreadable(str(err))
                 continue
             decoded.append(array)
             kept_names.append(name)
-        if problems:
+        if problems and not skip_unreadable:
             listing = "\n".join(f"  - {p}" for p in problems)
             raise ReferenceImagesError(
                 f"{len(problems)} of {len(images)} reference images could not be read "
-                f"(remove or replace them and build again):\n{listing}"
+                f"(remove or replace them and build again):\n{listing}",
+                problems=problems,
+                total=len(images),
             )
         return decoded, kept_names
 
@@ -190,6 +297,9 @@ class Pipeline:
         *,
         names: Sequence[str] | None = None,
         progress: ProgressCallback | None = None,
+        skip_unreadable: bool = False,
+        on_unreadable: Callable[[str], None] | None = None,
+        out_dir: Path | None = None,
     ) -> BankSummary:
         """Build (or rebuild) the bank ``name`` from normal reference images.
 
@@ -198,17 +308,24 @@ class Pipeline:
             name: bank name (validated: letters, digits, ``._-``).
             names: display names for bytes/arrays (defaults to file names).
             progress: ``progress(stage, fraction)`` with stages ``read``, ``embed``, ``coreset``, ``dbt``, ``save``.
+            skip_unreadable: build from the readable images instead of raising (``eagle build-bank
+                --skip-unreadable``); the summary's ``n_references`` says how many were used.
+            on_unreadable: called with each unreadable image's one-line message.
+            out_dir: write the bank there instead of ``<banks_dir>/<name>`` (``eagle build-bank --out``).
 
         Raises:
             ReferenceImagesError: some images are unreadable (all are listed; nothing is built).
             BankNameError: the name is not allowed.
         """
-        from expert.model import build_bank
+        from expert.build import build_bank
 
-        out_dir = self.banks.path(name)  # validates the name before any work
+        target = self.banks.path(name) if out_dir is None else Path(out_dir)  # validates the name before any work
+        validate_bank_name(name)
         if progress:
             progress("read", 0.0)
-        decoded, kept_names = self.read_images(images, names)
+        decoded, kept_names = self.read_images(
+            images, names, skip_unreadable=skip_unreadable, on_unreadable=on_unreadable
+        )
         if progress:
             progress("read", 1.0)
         with self._backbone_lock:  # waits for a start-up warm-up that is exporting the graph right now
@@ -219,11 +336,13 @@ class Pipeline:
             settings=self.settings.expert,
             backbone=backbone,
             weights_info=weights_info,
-            out_dir=out_dir,
+            out_dir=target,
             name=name,
             progress=progress,
             onnx_cache=self.onnx_cache,
         )
+        if out_dir is not None:
+            return summarize_bank(target, self.settings.expert, name=name)
         self.banks.forget(name)
         return self.banks.summary(name)
 
@@ -244,14 +363,16 @@ class Pipeline:
         if self._inspector is not None:
             return f"MLLM loaded: {self._inspector.loaded.model_id} ({self._inspector.loaded.quantization})"
         if self._mllm_error:
-            return f"expert-only mode: {self._mllm_error}"
+            return f"MLLM unavailable ({self._mllm_error}); inspections asking for it fail until it loads"
         return "MLLM not loaded yet (loads on the first inspection)"
 
     def load_mllm(self, progress: ProgressCallback | None = None) -> MLLMInspector:
-        """Load the MLLM once (later calls return the same inspector).
+        """Load the MLLM once (later calls return the same inspector; a failed load is tried again next time).
 
         Raises:
-            MLLMUnavailableError: disabled in settings, or loading failed (the message says how to fix it).
+            MLLMUnavailableError: disabled in settings, or loading failed (the message says why and how to inspect
+                with the expert alone). :meth:`inspect` raises it too when asked for the MLLM: every front end
+                reports the same ``mllm_unavailable`` error rather than silently answering expert-only.
         """
         if not self.mllm_enabled:
             raise MLLMUnavailableError("the MLLM is disabled (EAGLE_MLLM__ENABLED=false): expert-only mode")
@@ -262,11 +383,10 @@ class Pipeline:
             from mllm.loading import MLLMLoadError, load_mllm
 
             try:
-                report = (lambda fraction, message: progress(message, fraction)) if progress else None
-                loaded = load_mllm(self.settings.mllm, progress=report, caas=self.settings.caas)
+                loaded = load_mllm(self.settings.mllm, progress=progress, caas=self.settings.caas)
             except MLLMLoadError as err:
-                self._mllm_error = str(err)
-                raise MLLMUnavailableError(str(err)) from None
+                self._mllm_error = one_line(err)
+                raise MLLMUnavailableError(f"{MLLM_UNAVAILABLE}: {self._mllm_error}; {EXPERT_ONLY_HINT}") from None
             self._inspector = MLLMInspector(loaded, self.settings)
             self._mllm_error = None
             return self._inspector
@@ -352,7 +472,7 @@ class Pipeline:
         if image_name is None and isinstance(image, Path):
             image_name = image.name
         decoded = self.decode(image, image_name=image_name)
-        sha = decoded.sha256 or _sha256_of(image)
+        sha = sha256_of_image(decoded)
         decode_ms = (time.perf_counter() - t0) * 1000
         expert = self.run_expert(decoded, bank)
         result = self.finish(decoded, expert, bank, options, image_name=image_name, image_sha256=sha)
@@ -423,7 +543,7 @@ class Pipeline:
         timings["render"] = (time.perf_counter() - t0) * 1000
         record = dict(
             image_name=image_name,
-            image_sha256=image_sha256 or _sha256_of(image),
+            image_sha256=image_sha256 or sha256_of_image(image),
             image_size=(int(orig_w), int(orig_h)),
             bank=bank,
             bank_id=scorer.bank.meta.bank_id,

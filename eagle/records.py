@@ -12,8 +12,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-PromptSettingName = Literal["baseline", "visual", "textual", "full"]
-CAASPolicy = Literal["auto", "off", "on"]
+from mllm.config import CAASPolicy, PromptSetting
 
 
 class InspectOptions(BaseModel):
@@ -21,7 +20,7 @@ class InspectOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt_setting: PromptSettingName | None = None
+    prompt_setting: PromptSetting | None = None
     caas: CAASPolicy | None = None
     alpha: float | None = Field(None, ge=0.0)
     explain: bool | None = None
@@ -68,7 +67,7 @@ class InspectionResult(BaseModel):
     inspected_region: tuple[int, int, int, int] = Field(description="(x0, y0, x1, y1) the backbone saw.")
     template: str | None = Field(None, description="Reference image shown to the MLLM as the normal template.")
     mode: Literal["expert-only", "expert+mllm"]
-    prompt_setting: PromptSettingName | None = None
+    prompt_setting: PromptSetting | None = None
     caas_applied: bool = False
     caas_alpha: float | None = None
     mllm_letter: str | None = None

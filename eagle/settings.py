@@ -1,5 +1,8 @@
 """One settings tree for the whole product, read from the environment (prefix ``EAGLE_``) and ``.env``.
 
+Each package owns its configuration (:mod:`expert.config`, :mod:`mllm.config`); this module
+composes those groups with the application's own (app, service) into the root :class:`Settings`.
+
 Nested groups use a double underscore: ``EAGLE_EXPERT__THRESHOLD_METHOD=quantile``,
 ``EAGLE_MLLM__PRESET=qwen2.5-vl-3b``, ``EAGLE_CAAS__ALPHA=0.6``. A bad value is a start-up error
 that names the key (see :func:`load_settings`).
@@ -17,8 +20,25 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from expert.config import ExpertSettings
+from mllm.config import PROMPT_SETTINGS, CAASSettings, MLLMSettings, PromptSetting, PromptSettings
+
+__all__ = [
+    "PROMPT_SETTINGS",
+    "AppSettings",
+    "CAASSettings",
+    "ExpertSettings",
+    "MLLMSettings",
+    "PromptSetting",
+    "PromptSettings",
+    "ServiceSettings",
+    "Settings",
+    "SettingsError",
+    "load_settings",
+]
 
 
 def _default_data_dir() -> Path:
@@ -28,112 +48,6 @@ def _default_data_dir() -> Path:
 
 class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ExpertSettings(_Group):
-    """PatchCore expert, DBT and the visual prompt (DESIGN.md: Expert, DBT, Visual prompt)."""
-
-    backbone: str = Field("wide_resnet50_2.tv_in1k", description="timm model name of the backbone.")
-    weights: Literal["hub", "file", "random"] = Field(
-        "hub",
-        description="Where backbone weights come from: the Hugging Face hub (cached; HF_HUB_OFFLINE honoured), "
-        "a local file (`weights_path`), or random weights (tests and smoke runs only; recorded in the bank).",
-    )
-    weights_path: Path | None = Field(None, description="Local weights file (.safetensors) when weights='file'.")
-    seed: int = Field(0, description="Seed for random weights, projection and coreset starts.")
-    resize: int = Field(256, ge=32, description="Shorter side is resized to this before cropping.")
-    crop: int = Field(224, ge=32, description="Center-crop size fed to the backbone (the network input size).")
-    center_crop: bool = Field(True, description="False: resize the whole image to crop×crop (no border hidden).")
-    runtime: Literal["onnx", "torch"] = Field("onnx", description="Inference runtime for the feature extractor.")
-    batch_size: int = Field(8, ge=1, description="Images per forward pass while building a bank.")
-    coreset_ratio: float = Field(0.1, gt=0.0, le=1.0, description="Share of training patches kept in the bank.")
-    coreset_projection_dim: int = Field(128, ge=1, description="Random projection size for coreset distances.")
-    coreset_starts: int = Field(10, ge=1, description="Number of starting points for greedy k-center.")
-    coreset_start_method: Literal["center_farthest", "mean_farthest", "random"] = Field(
-        "center_farthest",
-        description="Greedy k-center starts: center_farthest (reference code: the patch nearest the mean plus the "
-        "patches farthest from THAT patch), mean_farthest (farthest from the mean), random (PatchCore).",
-    )
-    distance: Literal["sqeuclidean", "euclidean"] = Field(
-        "sqeuclidean", description="Patch score distance: squared L2 (reference code) or L2 (paper Eq. 3)."
-    )
-    threshold_method: Literal["k_sigma", "quantile", "mad", "evt"] = Field("k_sigma")
-    kappa: float = Field(3.0, description="k_sigma: tau = mean + kappa * std (population std).")
-    quantile: float = Field(0.99, gt=0.0, lt=1.0, description="quantile: tau = this quantile of training scores.")
-    mad_k: float = Field(3.0, description="mad: tau = median + mad_k * MAD.")
-    evt_quantile: float = Field(0.99, gt=0.0, lt=1.0, description="evt: tau = this quantile of a GEV fit.")
-    min_unsampled_patches: int = Field(
-        32, ge=1, description="A training image with fewer unsampled patches is skipped by DBT (reference: 32)."
-    )
-    dbt_search: Literal["leave_own_out", "whole_bank"] = Field(
-        "leave_own_out",
-        description="DBT training scores: leave_own_out (reference code: an image's unsampled patches are searched "
-        "in the coreset minus that image's own entries) or whole_bank (paper Algorithm 1: the whole memory bank).",
-    )
-    min_references: int = Field(2, ge=1, description="Fewest reference images a bank may be built from.")
-    recommended_references: int = Field(20, ge=1, description="Below this a bank is built with a warning.")
-    gaussian_sigma: float = Field(4.0, ge=0.0, description="Gaussian smoothing of the anomaly map (pixels).")
-    max_boxes: int = Field(3, ge=1)
-    reference_max_side: int = Field(
-        1024,
-        ge=64,
-        description="Longest side of the reference copies a bank keeps (never upscaled). They are the MLLM's "
-        "template images, so they must not be smaller than the query's pixel budget (EAGLE_MLLM__MAX_PIXELS).",
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> ExpertSettings:
-        if self.crop > self.resize and self.center_crop:
-            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
-        if self.weights == "file" and self.weights_path is None:
-            raise ValueError("weights='file' needs weights_path (EAGLE_EXPERT__WEIGHTS_PATH)")
-        return self
-
-
-class MLLMSettings(_Group):
-    """The multimodal LLM (DESIGN.md: Prompt)."""
-
-    enabled: bool = Field(True, description="False: expert-only mode, the MLLM stack is never imported.")
-    preset: str = Field("qwen2.5-vl-7b", description="Model preset name (see `mllm.presets`).")
-    model_id: str | None = Field(None, description="Hub id or local directory; overrides the preset's hub id.")
-    quantization: Literal["auto", "4bit", "8bit", "bf16", "fp32"] = Field(
-        "auto", description="auto: 4-bit NF4 on CUDA, fp32 on a CPU-only host (with a warning)."
-    )
-    attn_implementation: str = Field("sdpa")
-    device: str = Field("auto", description="auto, cuda, cuda:N or cpu.")
-    trust_remote_code: bool = Field(False, description="Needed by presets with remote code (MiniCPM-V). Opt-in.")
-    max_pixels: int | None = Field(
-        None,
-        ge=28 * 28,
-        description="Pixel budget of EVERY image sent (template, query, boxed query: min = max = this for "
-        "Qwen2.5-VL); None: the preset's (Qwen2.5-VL: 512*28*28, as the reference code).",
-    )
-    max_new_tokens: int = Field(8, ge=1)
-    explanation_max_new_tokens: int = Field(160, ge=8)
-
-
-class CAASSettings(_Group):
-    """Confidence-Aware Attention Scaling (DESIGN.md: CAAS)."""
-
-    policy: Literal["auto", "off", "on"] = Field("auto", description="auto: active iff tau <= s_img <= s_max.")
-    mode: Literal["logit", "weight", "weight_raw"] = Field("logit")
-    alpha: float = Field(0.6, ge=0.0)
-    layer_start: int = Field(9, ge=0, description="First decoder layer (0-based, inclusive).")
-    layer_end: int = Field(15, ge=0, description="Last decoder layer (0-based, inclusive).")
-    tokens: Literal["all", "query"] = Field("all", description="Visual tokens scaled: every image's or the query's.")
-
-    @model_validator(mode="after")
-    def _check(self) -> CAASSettings:
-        if self.layer_end < self.layer_start:
-            raise ValueError(f"layer_end ({self.layer_end}) < layer_start ({self.layer_start})")
-        return self
-
-
-class PromptSettings(_Group):
-    """Which hints the MLLM gets (paper Table 3 settings) and whether it explains."""
-
-    setting: Literal["baseline", "visual", "textual", "full"] = Field("full")
-    explain: bool = Field(False, description="Ask a second turn for the defect's type, location and cause.")
 
 
 class AppSettings(_Group):

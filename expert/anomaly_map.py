@@ -29,9 +29,6 @@ from scipy import ndimage
 
 from expert.preprocess import Geometry
 
-GAUSSIAN_TRUNCATE = 4.0
-"""Kernel radius in σ: radius ``int(4σ + 0.5)``, as scipy's default and the reference code."""
-
 
 def upsample_patch_scores(patch_scores: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinearly resize a patch-score grid to ``size`` = (height, width), patch ``j`` centred at pixel ``stride·j``.
@@ -56,6 +53,7 @@ def smooth(crop_map: np.ndarray, sigma: float) -> np.ndarray:
     """
     if sigma <= 0:
         return crop_map.astype(np.float32, copy=True)
+    # truncate = 4σ: scipy's default and the reference code's kernel radius int(4σ + 0.5)
     blurred = ndimage.gaussian_filter(crop_map.astype(np.float64), sigma=sigma, mode="reflect", truncate=4.0)
     return blurred.astype(np.float32)
 

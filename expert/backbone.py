@@ -21,7 +21,7 @@ computation as :meth:`PatchEmbedder.embed_features_reference` (tests prove the t
 folding does not fit falls back to it).
 
 Example:
-    >>> from eagle.settings import ExpertSettings
+    >>> from expert.config import ExpertSettings
     >>> from expert.weights import load_backbone
     >>> embedder = build_patch_embedder(load_backbone(ExpertSettings(weights="random"))[0])
     >>> tuple(embedder(torch.zeros(2, 3, 224, 224)).shape), embedder.grid_size

@@ -39,8 +39,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from expert import atomic
+
 if TYPE_CHECKING:
-    from eagle.settings import ExpertSettings
+    from expert.config import ExpertSettings
     from expert.dbt import Threshold
 
 BANK_FORMAT_VERSION = 1
@@ -417,7 +419,7 @@ def save_bank(
         meta.bank_id = compute_bank_id(tensors, meta)
         save_file(tensors, str(staging / TENSORS_FILE), metadata={"eagle_bank_format": str(BANK_FORMAT_VERSION)})
         _write_meta(staging / META_FILE, meta)
-        _fsync_tree(staging)
+        atomic.fsync_tree(staging)
         _swap_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -438,6 +440,7 @@ def _swap_into_place(staging: Path, target: Path) -> None:
     """Rename ``staging`` to ``target``; an existing target is moved aside first and removed afterwards."""
     if not target.exists():
         os.rename(staging, target)
+        atomic.fsync_dir(target.parent)
         return
     old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
     os.rename(target, old)
@@ -446,6 +449,7 @@ def _swap_into_place(staging: Path, target: Path) -> None:
     except BaseException:
         os.rename(old, target)
         raise
+    atomic.fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -498,16 +502,6 @@ def _write_onnx(staging: Path, bank: Bank, onnx_source: str | Path | None) -> st
 
 def _write_meta(path: Path, meta: BankMeta) -> None:
     path.write_text(meta.model_dump_json(indent=2) + "\n", encoding="utf-8")
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in [*root.rglob("*"), root]:
-        flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-        fd = os.open(path, flags)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def file_sha256(path: Path) -> str:

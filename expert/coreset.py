@@ -54,7 +54,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from expert.progress import ProgressCallback, report
 
 StartMethod = Literal["center_farthest", "mean_farthest", "random"]
 START_METHODS: tuple[str, ...] = ("center_farthest", "mean_farthest", "random")
@@ -101,7 +102,7 @@ def greedy_coreset(
     start_method: StartMethod = "center_farthest",
     seed: int = 0,
     chunk_size: int = 65536,
-    progress: bool = False,
+    progress: ProgressCallback | None = None,
 ) -> np.ndarray:
     """Select a coreset of patch features by approximate greedy k-center.
 
@@ -115,7 +116,7 @@ def greedy_coreset(
             patches farthest from the mean) or ``"random"`` (PatchCore).
         seed: seeds the projection and, for ``"random"``, the start points.
         chunk_size: rows per block of the distance updates (bounds temporary memory); rounded up to 64.
-        progress: show a tqdm progress bar over the selection steps.
+        progress: ``progress("coreset", fraction)`` as the selection steps advance (nothing is printed).
 
     Returns:
         int64 array of unique row indices in the order they were selected.
@@ -278,23 +279,21 @@ def _seed_distances(space: _ProjectedSpace, starts: np.ndarray, chunk: int) -> n
 
 
 def _greedy_select(
-    space: _ProjectedSpace, min_dist: np.ndarray, n_select: int, chunk: int, progress: bool
+    space: _ProjectedSpace, min_dist: np.ndarray, n_select: int, chunk: int, progress: ProgressCallback | None
 ) -> np.ndarray:
     """The greedy loop: take the argmax, lower the distances; selected rows are pinned at -inf."""
     selected = np.empty(n_select, dtype=np.int64)
     buffer = np.empty(min(chunk, len(min_dist)), dtype=np.float32)
     pruning = _PruningSchedule(enabled=space.head_neg2 is not None)
-    bar = tqdm(total=n_select, desc="coreset", unit="patch", disable=not progress, mininterval=0.5)
-    try:
-        for step in range(n_select):
-            index = int(np.argmax(min_dist))
-            selected[step] = index
-            min_dist[index] = -np.inf
-            if step + 1 < n_select:
-                _lower_distances(space, min_dist, index, chunk, buffer, pruning)
-            bar.update(1)
-    finally:
-        bar.close()
+    every = max(1, n_select // 100)  # about 100 reports, whatever the coreset size
+    for step in range(n_select):
+        index = int(np.argmax(min_dist))
+        selected[step] = index
+        min_dist[index] = -np.inf
+        if step + 1 < n_select:
+            _lower_distances(space, min_dist, index, chunk, buffer, pruning)
+        if progress is not None and ((step + 1) % every == 0 or step + 1 == n_select):
+            report(progress, "coreset", (step + 1) / n_select)
     return selected
 
 

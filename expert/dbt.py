@@ -43,9 +43,9 @@ from typing import Any, Literal
 
 import numpy as np
 from scipy import optimize, stats
-from tqdm.auto import tqdm
 
 from expert.coreset import random_projection
+from expert.progress import ProgressCallback, report
 from expert.search import GPU_MAX_K, Distance, PatchIndex, check_distance, to_distance
 
 THRESHOLD_METHODS: dict[str, dict[str, float]] = {
@@ -137,7 +137,7 @@ def training_scores(
     search: DBTSearch = "leave_own_out",
     distance: Distance = "sqeuclidean",
     min_unsampled: int = DEFAULT_MIN_UNSAMPLED,
-    progress: bool = False,
+    progress: ProgressCallback | None = None,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """DBT training scores (exact): per image, the largest nearest-neighbour distance of its unsampled patches.
@@ -160,7 +160,7 @@ def training_scores(
         search: ``"leave_own_out"`` (reference code) or ``"whole_bank"`` (paper Algorithm 1).
         distance: ``"sqeuclidean"`` or ``"euclidean"`` (as :class:`expert.search.PatchIndex`).
         min_unsampled: images with fewer unsampled patches are skipped.
-        progress: tqdm bar over the images.
+        progress: ``progress("dbt", fraction)`` as the images are scored (nothing is printed).
         use_gpu: passed to :class:`~expert.search.PatchIndex`.
 
     Returns:
@@ -179,7 +179,11 @@ def training_scores(
     if not used.any():
         raise DBTError(_no_scores_message(n_images, n_patches, len(coreset_idx), min_unsampled, reasons))
     scorer = _TrainingScorer(features, coreset_idx, distance, use_gpu, leave_own_out=search == "leave_own_out")
-    scores = [scorer.image_score(i) for i in tqdm(np.flatnonzero(used), desc="DBT", unit="image", disable=not progress)]
+    indices = np.flatnonzero(used)
+    scores = []
+    for done, i in enumerate(indices, start=1):
+        scores.append(scorer.image_score(i))
+        report(progress, "dbt", done / len(indices))
     return np.asarray(scores, dtype=np.float32), used
 
 
@@ -189,7 +193,7 @@ def leave_own_out_scores(
     *,
     distance: Distance = "sqeuclidean",
     min_unsampled: int = DEFAULT_MIN_UNSAMPLED,
-    progress: bool = False,
+    progress: ProgressCallback | None = None,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`training_scores` with ``search="leave_own_out"`` (the reference code's DBT)."""

@@ -5,7 +5,7 @@ float32 ``[B, 784, 1024]`` patch features; :func:`embed_images` does preprocessi
 
 Example:
     >>> import numpy as np
-    >>> from eagle.settings import ExpertSettings
+    >>> from expert.config import ExpertSettings
     >>> from expert.backbone import build_patch_embedder
     >>> from expert.weights import load_backbone
     >>> embedder = TorchEmbedder(build_patch_embedder(load_backbone(ExpertSettings(weights="random"))[0]))
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from expert.preprocess import Geometry, preprocess
+from expert.progress import ProgressCallback, report
 
 ONNX_INPUT_NAME = "images"
 ONNX_OUTPUT_NAME = "patch_features"
@@ -213,7 +214,7 @@ def embed_images(
     crop: int = 224,
     center_crop: bool = True,
     batch_size: int = 8,
-    progress: bool = False,
+    progress: ProgressCallback | None = None,
 ) -> tuple[np.ndarray, list[Geometry]]:
     """Preprocess and embed images in batches.
 
@@ -224,7 +225,7 @@ def embed_images(
         crop: see :func:`expert.preprocess.preprocess`.
         center_crop: see :func:`expert.preprocess.preprocess`.
         batch_size: images per forward pass.
-        progress: show a tqdm bar.
+        progress: ``progress("embed", fraction)`` after each batch (nothing is printed).
 
     Returns:
         ``(features, geometries)``: float32 ``[N, P, D]`` (P = 784, D = 1024 at 224) and one
@@ -237,16 +238,13 @@ def embed_images(
         raise ValueError("embed_images needs at least one image")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    from tqdm.auto import tqdm
-
     features: list[np.ndarray] = []
     geometries: list[Geometry] = []
-    with tqdm(total=len(images), desc="embedding", unit="img", disable=not progress) as bar:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            prepared = [preprocess(image, resize=resize, crop=crop, center_crop=center_crop) for image in chunk]
-            batch = np.stack([tensor for tensor, _ in prepared])
-            features.append(np.asarray(embedder(batch), dtype=np.float32))
-            geometries.extend(geometry for _, geometry in prepared)
-            bar.update(len(chunk))
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        prepared = [preprocess(image, resize=resize, crop=crop, center_crop=center_crop) for image in chunk]
+        batch = np.stack([tensor for tensor, _ in prepared])
+        features.append(np.asarray(embedder(batch), dtype=np.float32))
+        geometries.extend(geometry for _, geometry in prepared)
+        report(progress, "embed", (start + len(chunk)) / len(images))
     return np.concatenate(features, axis=0), geometries

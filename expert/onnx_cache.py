@@ -10,7 +10,7 @@ nothing of ``data_dir``)::
     <directory>/<digest>.onnx     the graph (one self-contained file)
     <directory>/<digest>.json     sidecar: the full key, the graph's sha256 and size
 
-* Written atomically: temp file in the same directory → fsync → rename → fsync the directory, the graph
+* Written atomically (:mod:`expert.atomic`: temp file → fsync → rename → fsync the directory), the graph
   first, then its sidecar; a per-key ``flock`` serialises writers (a second process waiting for the same
   key finds the first one's entry instead of exporting again), and readers never see a torn file.
 * Verified on use: the sidecar's key must equal the requested one and the graph's sha256 the sidecar's; a
@@ -19,7 +19,7 @@ nothing of ``data_dir``)::
   ``fallback_dir`` with a warning.
 
 Example:
-    >>> from eagle.settings import ExpertSettings
+    >>> from expert.config import ExpertSettings
     >>> from expert.weights import load_backbone
     >>> module, info = load_backbone(ExpertSettings(weights="random"))
     >>> cache = OnnxCache("/tmp/eagle-cache/onnx")
@@ -35,7 +35,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -45,8 +44,10 @@ from pathlib import Path
 
 import torch
 
+from expert import atomic
 from expert import backbone as _backbone_module
 from expert.backbone import PatchEmbedder, build_patch_embedder
+from expert.bank import file_sha256
 from expert.embedder import ONNX_OPSET, export_onnx
 
 try:  # POSIX only; elsewhere writers are not serialised (atomic renames still keep every file whole)
@@ -136,47 +137,6 @@ class ExportKey:
         """24 hex digits of sha256 over the canonical JSON of :meth:`as_dict`: the entry's file name."""
         canonical = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:24]
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems refuse directory fsync; the rename is still atomic
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _resolve_module(source: BackboneSource, crop: int) -> PatchEmbedder:
@@ -321,21 +281,11 @@ class OnnxCache:
         for stale in self.directory.glob(f".{digest}.onnx.*.tmp"):  # left by a writer that died under the lock
             with contextlib.suppress(OSError):
                 stale.unlink()
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{digest}.onnx.", suffix=".tmp", dir=self.directory)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
+        with atomic.atomic_path(path) as tmp:  # .<digest>.onnx.<random>.tmp until the export is complete
             self._export(module, tmp, key)
-            _fsync_file(tmp)
             sha, size = file_sha256(tmp), tmp.stat().st_size
-            os.replace(tmp, path)
-            _fsync_dir(self.directory)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
         sidecar = {"key": key.as_dict(), "sha256": sha, "size": size}
-        _write_text_atomically(self.sidecar(key), json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+        atomic.write_text(self.sidecar(key), json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
         log.info("ONNX graph exported and cached: %s (%.0f MB)", path, size / 2**20)
         return path
 

@@ -13,7 +13,7 @@ Every loaded backbone comes with a :class:`WeightsInfo` whose ``checksum`` (sha2
 sorted-key order) is recorded in banks, so a bank can never silently be scored with other weights.
 
 Example:
-    >>> from eagle.settings import ExpertSettings
+    >>> from expert.config import ExpertSettings
     >>> module, info = load_backbone(ExpertSettings(weights="random", seed=0))
     >>> info.source
     'random:seed=0'
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from eagle.settings import ExpertSettings, Settings
+from expert.config import ExpertSettings
 
 FEATURE_INDICES: tuple[int, int] = (2, 3)
 """timm ``features_only`` indices of ResNet ``layer2`` (stride 8) and ``layer3`` (stride 16)."""
@@ -141,12 +141,12 @@ def _load_random(name: str, seed: int) -> torch.nn.Module:
         return _create(name, pretrained=False)
 
 
-def load_backbone(settings: ExpertSettings | Settings) -> tuple[torch.nn.Module, WeightsInfo]:
+def load_backbone(settings: ExpertSettings) -> tuple[torch.nn.Module, WeightsInfo]:
     """Load the feature extractor (WideResNet-50-2 up to ``layer3``) as the settings say, in eval mode.
 
     Args:
-        settings: the expert settings (or the root :class:`~eagle.settings.Settings`, whose ``expert``
-            group is used): ``backbone``, ``weights``, ``weights_path``, ``seed``.
+        settings: the expert settings (or any object whose ``expert`` attribute holds them, such as the
+            application's settings root): ``backbone``, ``weights``, ``weights_path``, ``seed``.
 
     Returns:
         ``(module, info)``: a timm ``features_only`` module returning ``[layer2, layer3]`` feature maps,
@@ -157,12 +157,12 @@ def load_backbone(settings: ExpertSettings | Settings) -> tuple[torch.nn.Module,
             file, tensors that do not fit); the one-line message says how to provide them.
 
     Example:
-        >>> from eagle.settings import ExpertSettings
+        >>> from expert.config import ExpertSettings
         >>> module, info = load_backbone(ExpertSettings(weights="random"))
         >>> [tuple(f.shape) for f in module(torch.zeros(1, 3, 224, 224))]
         [(1, 512, 28, 28), (1, 1024, 14, 14)]
     """
-    expert = settings.expert if isinstance(settings, Settings) else settings
+    expert = getattr(settings, "expert", settings)
     name = expert.backbone
     if expert.weights == "hub":
         module, source = _load_hub(name), f"hub:{name}"

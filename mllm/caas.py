@@ -44,15 +44,16 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, get_args
 
 import torch
 from torch import nn
 
 from mllm.attention_edits import AttentionEdit, AttentionEditError, edited_attention, language_config_key
+from mllm.config import CAASMode, CAASPolicy, CAASTokens
 
 if TYPE_CHECKING:
-    from eagle.settings import CAASSettings
+    from mllm.config import CAASSettings
 
 __all__ = [
     "ATTENTION_LAYOUTS",
@@ -71,10 +72,6 @@ __all__ = [
     "attention_layout",
     "check_caas_support",
 ]
-
-CAASMode = Literal["logit", "weight", "weight_raw"]
-CAASTokens = Literal["all", "query"]
-CAASPolicy = Literal["auto", "on", "off"]
 
 
 class CAASError(ValueError):

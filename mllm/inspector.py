@@ -32,8 +32,8 @@ from mllm.answers import parse_answer
 from mllm.prompts import Setting, build_explanation_messages, build_prompt, image_token_counts, render_inputs
 
 if TYPE_CHECKING:
-    from eagle.settings import Settings
     from mllm.caas import CAASConfig
+    from mllm.config import InspectorSettings
     from mllm.loading import LoadedMLLM
 
 __all__ = ["MLLMAnswer", "MLLMInspector", "MLLMInferenceError"]
@@ -98,7 +98,7 @@ class MLLMInspector:
         settings: The whole settings tree (``mllm.max_new_tokens``, ``mllm.explanation_max_new_tokens``).
     """
 
-    def __init__(self, loaded: LoadedMLLM, settings: Settings) -> None:
+    def __init__(self, loaded: LoadedMLLM, settings: InspectorSettings) -> None:
         self.loaded = loaded
         self.settings = settings
         self._lock = threading.Lock()

@@ -12,7 +12,7 @@ without it the preset's hub id is used. ``HF_HUB_OFFLINE=1`` is honoured by hugg
 failure to find weights becomes an :class:`MLLMLoadError` with one line saying how to get them.
 
 Example:
-    >>> from eagle.settings import MLLMSettings
+    >>> from mllm.config import MLLMSettings
     >>> loaded = load_mllm(MLLMSettings(model_id="/models/tiny-qwen"))  # doctest: +SKIP
     >>> loaded.image_token_id, len(loaded.decoder_layers)  # doctest: +SKIP
     (314, 16)
@@ -21,15 +21,14 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
-from eagle.settings import CAASSettings, MLLMSettings
 from mllm.caas import CAASConfig, CAASError, CAASLayoutError, check_caas_support
+from mllm.config import CAASSettings, MLLMSettings
 from mllm.presets import (
     ModelPreset,
     PresetError,
@@ -54,7 +53,18 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Quantization = Literal["4bit", "8bit", "bf16", "fp32"]
-ProgressCallback = Callable[[float, str], None]
+
+
+class ProgressCallback(Protocol):
+    """``progress(stage, fraction)``: the project's one progress protocol (stage first, fraction in [0, 1]).
+
+    Structurally identical to :class:`expert.progress.ProgressCallback`, which ``mllm`` may not import (the
+    packages stay independent): a callback written for either is accepted by both. Here ``stage`` is a
+    human-readable step (e.g. ``"Loading processor of <model>"``).
+    """
+
+    def __call__(self, stage: str, fraction: float, /) -> None:
+        """Report that ``fraction`` of the loading is done, now at ``stage``."""
 
 
 class MLLMLoadError(RuntimeError):
@@ -216,10 +226,10 @@ def _first_line(error: BaseException) -> str:
     return text[0][:200] if text else type(error).__name__
 
 
-def _report(progress: ProgressCallback | None, fraction: float, message: str) -> None:
+def _report(progress: ProgressCallback | None, message: str, fraction: float) -> None:
     logger.info(message)
     if progress is not None:
-        progress(fraction, message)
+        progress(message, fraction)
 
 
 def load_mllm(
@@ -229,7 +239,7 @@ def load_mllm(
 
     Args:
         settings: The ``mllm`` settings group.
-        progress: Optional ``progress(fraction, message)`` callback (e.g. a ``gr.Progress``).
+        progress: Optional ``progress(stage, fraction)`` callback (:class:`ProgressCallback`); front ends render it.
         caas: The ``caas`` settings group. Unless its policy is ``off``, the model's decoder layers in the CAAS
             range must have an attention layout CAAS supports (:func:`mllm.caas.check_caas_support`), checked here
             so an unsupported backbone fails at load time instead of running without CAAS. ``None``: no check.
@@ -259,13 +269,13 @@ def load_mllm(
 
     remote = settings.trust_remote_code and preset.trust_remote_code
     estimate = estimate_weight_memory_gib(preset, quantization)
-    _report(progress, 0.05, f"Loading processor of {model_id}")
+    _report(progress, f"Loading processor of {model_id}", 0.05)
     try:
         processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=remote)
     except (OSError, ValueError) as err:
         raise _how_to_get(model_id, _first_line(err)) from None
     size_note = f"; weights ≈ {estimate} GiB" if model_id == preset.hub_id else ""
-    _report(progress, 0.2, f"Loading {model_id} ({quantization} on {device}{size_note})")
+    _report(progress, f"Loading {model_id} ({quantization} on {device}{size_note})", 0.2)
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "attn_implementation": settings.attn_implementation,
@@ -289,7 +299,7 @@ def load_mllm(
         raise MLLMLoadError(f"cannot load {model_id} as an image-text-to-text model: {_first_line(err)}") from None
     model.eval()
     model.requires_grad_(False)
-    _report(progress, 0.9, "Preparing processor")
+    _report(progress, "Preparing processor", 0.9)
     apply_pixel_budget(preset, model, processor, settings.max_pixels)
     try:
         image_token_id = find_image_token_id(model, processor, preset)
@@ -299,7 +309,7 @@ def load_mllm(
     if caas is not None and caas.policy != "off":
         _check_caas(model, decoder_layers, caas, model_id)
     max_pixels = settings.max_pixels if settings.max_pixels is not None else preset.max_pixels
-    _report(progress, 1.0, f"Loaded {model_id}")
+    _report(progress, f"Loaded {model_id}", 1.0)
     return LoadedMLLM(
         model=model,
         processor=processor,

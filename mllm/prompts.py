@@ -52,10 +52,12 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
+
+from mllm.config import PROMPT_SETTINGS, PromptSetting
 
 if TYPE_CHECKING:
     from transformers import BatchFeature
@@ -85,8 +87,9 @@ __all__ = [
     "render_text",
 ]
 
-Setting = Literal["baseline", "visual", "textual", "full"]
-SETTINGS: tuple[Setting, ...] = ("baseline", "visual", "textual", "full")
+Setting = PromptSetting
+"""Alias of :data:`mllm.config.PromptSetting` (the one definition)."""
+SETTINGS: tuple[Setting, ...] = PROMPT_SETTINGS
 
 INSTRUCTION = (
     "\nYou are my industrial image inspection assistant. You will receive multiple images simultaneously, \n"

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # so tests can `from synthetic import ...`
-
-from synthetic import make_mvtec_like  # noqa: E402
+from tests.synthetic import make_mvtec_like
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image
 
+from eagle.pipeline import BUILD_STAGES
 from eagle.records import InspectionResult, InspectOptions
 
 
@@ -91,7 +92,7 @@ class FakePipeline:
             "n_references": len(images),
             "names": [Path(p).name for p in images],
         }
-        for stage in ("read", "embed", "coreset", "dbt", "save"):
+        for stage in BUILD_STAGES:
             if progress:
                 progress(stage, 1.0)
         self.banks.path(name).mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,10 @@ import numpy as np
 import uvicorn
 from PIL import Image
 
+from eagle.banks import BankNotFoundError, validate_bank_name
+from eagle.images import image_sha256
 from eagle.records import BoxRecord, InspectionImages, InspectionResult, InspectOptions
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TOKEN = "test-token-0123456789abcdef"
 
 
@@ -63,9 +64,7 @@ class FakeBankStore:
         self.loaded: list[str] = []
 
     def path(self, name: str) -> Path:
-        if not _NAME.fullmatch(name):
-            raise ValueError(f"invalid bank name {name!r}")
-        return Path("/nonexistent") / name
+        return Path("/nonexistent") / validate_bank_name(name)
 
     def exists(self, name: str) -> bool:
         return name in self.banks
@@ -75,7 +74,7 @@ class FakeBankStore:
 
     def load(self, name: str) -> FakeSummary:
         if name not in self.banks:
-            raise FileNotFoundError(name)
+            raise BankNotFoundError(f"no bank named {name!r}")
         self.loaded.append(name)
         return self.banks[name]
 
@@ -120,7 +119,7 @@ class FakePipeline:
         if self.fail_with is not None:
             raise self.fail_with
         if bank not in self.banks.banks:
-            raise FileNotFoundError(bank)
+            raise BankNotFoundError(f"no bank named {bank!r}")
         array = load_image(image, max_pixels=self.max_pixels, name=image_name)
         h, w = array.shape[:2]
         score = float(array.mean() / 255.0)
@@ -129,7 +128,7 @@ class FakePipeline:
         overlay = (array.astype(np.float32) * 0.5 + 60).clip(0, 255).astype(np.uint8)
         return InspectionResult(
             image_name=image_name,
-            image_sha256=hashlib.sha256(image).hexdigest(),
+            image_sha256=image_sha256(image),
             image_size=(w, h),
             bank=bank,
             bank_id=self.banks.banks[bank].bank_id,

@@ -19,10 +19,23 @@ def test_valid_names(name):
     assert validate_bank_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "a..b", "x" * 65, "sp ace", "ü", "-lead"])
+@pytest.mark.parametrize(
+    "name", ["", "../x", "a/b", ".hidden", "a..b", "x" * 65, "sp ace", "ü", "-lead", "bolts\n", "a\n", None]
+)
 def test_invalid_names(name):
-    with pytest.raises(BankNameError):
+    with pytest.raises(BankNameError) as caught:
         validate_bank_name(name)
+    assert (caught.value.code, caught.value.http_status) == ("invalid_bank_name", 422)
+
+
+def test_a_trailing_newline_is_not_a_valid_name(tmp_path):
+    """Regression: ``re.match`` with ``$`` accepted ``"bolts\\n"``; the rule is one ``fullmatch``."""
+    store = BankStore(tmp_path, ExpertSettings())
+    with pytest.raises(BankNameError):
+        store.path("bolts\n")
+    (tmp_path / "bolts\n").mkdir()
+    (tmp_path / "bolts\n" / "meta.json").write_text("{}")
+    assert store.list() == []
 
 
 def test_export_import_round_trip_gives_identical_scores(built_pipeline, tmp_path):

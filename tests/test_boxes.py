@@ -6,11 +6,11 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
-from synthetic import add_defect, make_good_image
 
 from expert.anomaly_map import anomaly_map
 from expert.boxes import Box, binarise, draw_boxes, find_boxes, heatmap_overlay, line_width, merge_boxes, should_merge
 from expert.preprocess import compute_geometry
+from tests.synthetic import add_defect, make_good_image
 
 
 def gaussian_blob(shape, centre_xy, sigma, peak=1.0):

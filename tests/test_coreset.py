@@ -209,8 +209,8 @@ def test_lower_bound_pruning_is_exact(monkeypatch):
     gathered = []
     original = cs._update_rows
     monkeypatch.setattr(cs, "_update_rows", lambda *a: (gathered.append(len(a[-1])), original(*a)))
-    pruned = cs._greedy_select(space, cs._seed_distances(space, starts, 1024), 300, 1024, False)
-    plain = cs._greedy_select(dense, cs._seed_distances(dense, starts, 1024), 300, 1024, False)
+    pruned = cs._greedy_select(space, cs._seed_distances(space, starts, 1024), 300, 1024, None)
+    plain = cs._greedy_select(dense, cs._seed_distances(dense, starts, 1024), 300, 1024, None)
     np.testing.assert_array_equal(pruned, plain)
     assert len(gathered) > 100 and np.mean(gathered) < 0.25 * len(feats)
 
@@ -231,9 +231,13 @@ def test_float64_input_accepted():
     np.testing.assert_array_equal(greedy_coreset(feats.astype(np.float64), ratio=0.1), greedy_coreset(feats, ratio=0.1))
 
 
-def test_progress_bar(capsys):
-    greedy_coreset(_gaussian(200, 8), ratio=0.1, progress=True)
-    assert "coreset" in capsys.readouterr().err
+def test_progress_is_reported_through_the_callback_and_never_printed(capfd):
+    calls = []
+    greedy_coreset(_gaussian(200, 8), ratio=0.1, progress=lambda stage, fraction: calls.append((stage, fraction)))
+    assert calls and {stage for stage, _ in calls} == {"coreset"}
+    fractions = [fraction for _, fraction in calls]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert capfd.readouterr() == ("", "")  # library code draws no bar (issue 10, bug 5)
 
 
 @pytest.mark.parametrize(

@@ -17,15 +17,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from test_bank import _bank, _images, write_fake_onnx
 
 from eagle.banks import BankStore
 from eagle.cli_expert import _bank_summary, _print_summary
 from eagle.images import list_images, load_image
 from eagle.settings import ExpertSettings
 from expert.bank import BankError, load_bank, save_bank
+from expert.build import fit_bank
 from expert.dbt import training_scores
-from expert.model import fit_bank
+from tests.test_bank import _bank, _images, write_fake_onnx
 
 SETTINGS = ExpertSettings(weights="random", seed=0)
 

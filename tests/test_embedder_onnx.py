@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from synthetic import make_good_image
 
 from expert.embedder import (
     Embedder,
@@ -16,6 +15,7 @@ from expert.embedder import (
     onnx_input_shape,
 )
 from expert.preprocess import compute_geometry, preprocess
+from tests.synthetic import make_good_image
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_providers_fall_back_to_cpu(onnx_embedder, torch_embedder):
 def test_embed_images_batches_and_keeps_each_geometry(onnx_embedder):
     sizes = [(224, 224), (240, 320), (300, 200)]
     images = [make_good_image(h, w, np.random.default_rng(10 + i)) for i, (h, w) in enumerate(sizes)]
-    features, geometries = embed_images(onnx_embedder, images, batch_size=2, progress=False)
+    features, geometries = embed_images(onnx_embedder, images, batch_size=2)
     assert features.shape == (3, 784, 1024) and features.dtype == np.float32
     assert geometries == [compute_geometry(h, w) for h, w in sizes]
     singles = np.concatenate([onnx_embedder(preprocess(image)[0][None]) for image in images])

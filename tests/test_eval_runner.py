@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from eagle.evaluation.aggregate import build_report
 from eagle.evaluation.readers import read_dataset
 from eagle.evaluation.records import RECORDS_FILE, read_records
-from eagle.evaluation.report import build_report, write_report
+from eagle.evaluation.report import write_report
 from eagle.evaluation.runner import (
     EvalConfig,
     EvalConfigError,
@@ -214,8 +215,8 @@ def test_report_files(data_root: Path, tmp_path: Path) -> None:
 
 
 def test_confusion_counts_agree_with_metrics(data_root: Path, tmp_path: Path) -> None:
+    from eagle.evaluation.aggregate import confusion_counts
     from eagle.evaluation.records import RecordSet
-    from eagle.evaluation.report import confusion_counts
 
     out = tmp_path / "out"
     report, _ = _run(data_root, out, settings="baseline")

@@ -1,4 +1,4 @@
-"""The expert end to end (expert.model): build a bank from synthetic normals, score the synthetic test set.
+"""The expert end to end (expert.build, expert.scorer): build a bank from synthetic normals, score the test set.
 
 A seeded random-weight WideResNet-50-2 and the synthetic MVTec-like set (tests/synthetic.py). One bank is
 built per session (embed → coreset → DBT → ONNX export → save) and shared by the tests below.
@@ -17,15 +17,9 @@ from sklearn.metrics import roc_auc_score
 from eagle.images import list_images, load_image
 from eagle.settings import ExpertSettings
 from expert.bank import BankError, load_bank, save_bank
-from expert.model import (
-    BUILD_STAGES,
-    SCORE_STAGES,
-    ExpertScorer,
-    ReferenceCountError,
-    build_bank,
-    fit_bank,
-    load_expert,
-)
+from expert.build import ReferenceCountError, build_bank, fit_bank
+from expert.progress import BUILD_STAGES
+from expert.scorer import SCORE_STAGES, ExpertScorer, load_expert
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +67,7 @@ def built(tmp_path_factory, references, random_backbone, random_weights_info):
     out_dir = tmp_path_factory.mktemp("banks") / "widget"
     calls: list[tuple[str, float]] = []
     collect = _Collect()
-    logging.getLogger("expert.model").addHandler(collect)
+    logging.getLogger("expert.build").addHandler(collect)
     try:
         bank = build_bank(
             images,
@@ -86,7 +80,7 @@ def built(tmp_path_factory, references, random_backbone, random_weights_info):
             progress=lambda stage, fraction: calls.append((stage, fraction)),
         )
     finally:
-        logging.getLogger("expert.model").removeHandler(collect)
+        logging.getLogger("expert.build").removeHandler(collect)
     return bank, out_dir, calls, collect.messages
 
 
@@ -286,7 +280,7 @@ def test_identical_references_give_a_usable_bank_with_finite_tau(
     tmp_path, references, random_backbone, random_weights_info, caplog
 ):
     image = references[0][0]
-    caplog.set_level(logging.WARNING, logger="expert.model")
+    caplog.set_level(logging.WARNING, logger="expert.build")
     bank = fit_bank(
         [image] * 3,
         ["a.png", "b.png", "c.png"],

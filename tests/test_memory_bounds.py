@@ -17,13 +17,13 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
-from synthetic import add_defect, make_good_image
 
 from eagle.images import VIEW_MAX_SIDE, DecodedImage, ImageError, decode_image, load_image, view_size
 from expert.anomaly_map import anomaly_map, crop_anomaly_map, render_map
 from expert.boxes import Box, box_grid_size, find_boxes, find_boxes_in_original
 from expert.preprocess import compute_geometry
 from tests.fixtures_pipeline import split_test_images
+from tests.synthetic import add_defect, make_good_image
 
 LIMIT = 64_000_000
 
@@ -216,7 +216,7 @@ def test_boxes_of_a_large_image_are_its_downscaled_boxes_times_k(built_pipeline,
 def test_inspecting_a_36_megapixel_jpeg_allocates_bounded_memory(built_pipeline, defect_image):
     """Traced (numpy and Python) allocations of one inspection + annotated PNG stay far below ONE RGB copy."""
     from deploy.annotate import annotated_png_base64
-    from expert.model import load_expert
+    from expert.scorer import load_expert
 
     pipeline = built_pipeline.pipeline
     side = 6000

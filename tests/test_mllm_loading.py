@@ -25,7 +25,8 @@ def test_loads_tiny_models_frozen_in_fp32_on_cpu(fixture, preset, token, request
     directory = request.getfixturevalue(fixture)
     steps = []
     with caplog.at_level(logging.WARNING, logger="mllm.loading"):
-        loaded = load_mllm(MLLMSettings(preset=preset, model_id=str(directory)), progress=lambda f, m: steps.append(f))
+        settings = MLLMSettings(preset=preset, model_id=str(directory))
+        loaded = load_mllm(settings, progress=lambda stage, fraction: steps.append(fraction))
     assert isinstance(loaded, LoadedMLLM)
     assert loaded.model_id == str(directory.resolve())
     assert (loaded.quantization, loaded.device, loaded.dtype) == ("fp32", CPU, torch.float32)

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic import make_good_image
 
 import expert.onnx_cache as onnx_cache
 from eagle.settings import ExpertSettings
 from expert.bank import file_sha256, load_bank
 from expert.onnx_cache import ExportKey, OnnxCache
+from tests.synthetic import make_good_image
 
 SETTINGS = ExpertSettings(weights="random", seed=0, min_references=2, recommended_references=2)
 KEY = ExportKey.create("wide_resnet50_2.tv_in1k", "sha256:" + "ab" * 32, crop=224)
@@ -78,7 +78,7 @@ def _references(n: int = 3) -> tuple[list[np.ndarray], list[str]]:
 
 
 def test_second_build_reuses_the_cached_graph(tmp_path, counted_exports, random_backbone, random_weights_info):
-    from expert.model import build_bank
+    from expert.build import build_bank
 
     images, names = _references()
     cache_dir = tmp_path / "cache" / "onnx"
@@ -248,14 +248,15 @@ def test_a_dead_writers_temp_file_is_cleaned_up(tmp_path):
 
 def test_an_unwritable_cache_falls_back_to_an_uncached_export(tmp_path, monkeypatch, caplog):
     import errno
-    import tempfile
+
+    from expert import atomic
 
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
     exporter = FakeExporter()
     cache = OnnxCache(tmp_path / "cache", exporter=exporter)
-    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(atomic, "atomic_path", refuse)  # the temp file next to the graph cannot be created
     with caplog.at_level(logging.WARNING, logger="expert.onnx_cache"):
         path = cache.get(KEY, torch.nn.Identity(), fallback_dir=tmp_path / "scratch")
     assert path == tmp_path / "scratch" / "backbone.onnx" and path.read_bytes() == exporter.payload

@@ -233,12 +233,12 @@ def test_loading_the_model_reports_progress_once(built, tiny_qwen_dir):
     assert "MLLM loaded" in fresh.mllm_status()
 
 
-def test_a_missing_model_falls_back_with_a_clear_message(built, tmp_path):
+def test_a_missing_model_is_reported_with_a_clear_message(built, tmp_path):
     pipeline, *_ = built
     broken = Pipeline(pipeline_settings(pipeline.settings.data_dir, model_id=str(tmp_path / "no-such-model")))
     with pytest.raises(MLLMUnavailableError, match="no-such-model"):
         broken.load_mllm()
-    assert "expert-only mode" in broken.mllm_status()
+    assert "MLLM unavailable" in broken.mllm_status()
     assert broken.ready()["mllm"] is False
 
 

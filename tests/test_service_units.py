@@ -24,12 +24,13 @@ from deploy.errors import (
     InvalidBankName,
     QueueFull,
     ShuttingDown,
-    domain_error,
 )
-from deploy.limits import check_image_pixels, validate_bank_name
-from deploy.metrics import Registry, ServiceMetrics, escape_label_value
+from deploy.limits import check_image_pixels
+from deploy.metrics import Registry, ServiceMetrics
 from deploy.worker import InferenceWorker
 from eagle.archives import ArchiveError, ArchiveLimits, ArchiveTooLargeError
+from eagle.banks import validate_bank_name
+from eagle.errors import as_eagle_error
 from eagle.records import InspectionResult
 from tests.service_helpers import parse_metrics, png_bytes, zip_bytes
 
@@ -81,8 +82,11 @@ def test_pixel_limit_reads_the_header_only():
     assert check_image_pixels(b"not an image", max_pixels=10) is None  # left to the decoder
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "a\\b", "-lead", "x" * 65, "sp ace", "é", None, 5])
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "../x", "a/b", "a\\b", "-lead", "x" * 65, "sp ace", "é", None, 5, "a..b", "bolts\n"]
+)
 def test_bad_bank_names(name):
+    """The service checks names with eagle.banks' one rule (fullmatch: no trailing newline; no '..')."""
     with pytest.raises(InvalidBankName):
         validate_bank_name(name)
 
@@ -150,7 +154,7 @@ def test_archive_errors_map_to_service_errors(tmp_path):
         scan_archive(_zip_path(tmp_path, {"a.png": b"1", "b.png": b"123456"}), ArchiveLimits(max_entry_bytes=5))
     assert (err.value.status, err.value.code) == (413, "archive_too_large")
     # the same mapping serves a job whose extraction fails
-    too_large, invalid = domain_error(ArchiveTooLargeError("x")), domain_error(ArchiveError("x"))
+    too_large, invalid = as_eagle_error(ArchiveTooLargeError("x")), as_eagle_error(ArchiveError("x"))
     assert (too_large.status, too_large.code) == (413, "archive_too_large")
     assert (invalid.status, invalid.code) == (422, "invalid_archive")
 
@@ -179,7 +183,6 @@ def test_label_values_are_escaped():
     counter.inc(bank='a"b\\c\nd')
     text = registry.render()
     assert 't_total{bank="a\\"b\\\\c\\nd"} 1.0' in text
-    assert escape_label_value('"') == '\\"'
     assert parse_metrics(text)[("t_total", (("bank", 'a\\"b\\\\c\\nd'),))] == 1.0
 
 

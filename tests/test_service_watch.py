@@ -120,7 +120,7 @@ def test_crash_anywhere_is_recovered_exactly_once(tmp_path, monkeypatch, point):
     audit = AuditLog(tmp_path / "audit.sqlite3")
     watcher = make_watcher(tmp_path, audit=audit)
     (tmp_path / "in" / "part.png").write_bytes(png_bytes(seed=7))
-    real_write, real_record = watch_module._write_atomic, audit.record
+    real_write, real_record = watch_module.atomic.write_bytes, audit.record
 
     def write(path, data):
         real_write(path, data)
@@ -138,7 +138,7 @@ def test_crash_anywhere_is_recovered_exactly_once(tmp_path, monkeypatch, point):
     def move(*args):
         raise SimulatedCrash
 
-    monkeypatch.setattr(watch_module, "_write_atomic", write)
+    monkeypatch.setattr(watch_module.atomic, "write_bytes", write)
     monkeypatch.setattr(audit, "record", record)
     if point == "before_move":
         monkeypatch.setattr(watcher, "_move", move)

@@ -55,3 +55,55 @@ def test_cross_field_validation():
         load_settings(caas={"layer_start": 10, "layer_end": 3})
     with pytest.raises(SettingsError, match="weights_path"):
         load_settings(expert={"weights": "file"})
+
+
+# -- each package owns its configuration; eagle.settings composes it (issue 10) -----------------------------
+def test_the_root_composes_the_packages_own_models(monkeypatch):
+    from expert.config import ExpertSettings
+    from mllm.config import CAASSettings, MLLMSettings, PromptSettings
+
+    monkeypatch.setenv("EAGLE_PROMPT__SETTING", "visual")
+    monkeypatch.setenv("EAGLE_MLLM__PRESET", "qwen2.5-vl-3b")
+    s = load_settings()
+    assert type(s.expert) is ExpertSettings and type(s.mllm) is MLLMSettings
+    assert type(s.caas) is CAASSettings and type(s.prompt) is PromptSettings
+    assert (s.prompt.setting, s.mllm.preset) == ("visual", "qwen2.5-vl-3b")
+
+
+def test_the_package_models_are_usable_without_the_root():
+    from expert.config import ExpertSettings
+    from mllm.config import CAASSettings
+
+    assert ExpertSettings(kappa=2.0).kappa == 2.0
+    with pytest.raises(ValueError, match="layer_end"):
+        CAASSettings(layer_start=5, layer_end=4)
+    with pytest.raises(ValueError, match="extra"):
+        ExpertSettings(kapa=2.0)
+
+
+def test_prompt_settings_are_one_vocabulary():
+    from typing import get_args
+
+    from eagle.records import InspectionResult, InspectOptions
+    from mllm import prompts
+    from mllm.config import PROMPT_SETTINGS, PromptSetting, PromptSettings
+
+    assert PROMPT_SETTINGS == get_args(PromptSetting) == ("baseline", "visual", "textual", "full")
+    assert prompts.SETTINGS == PROMPT_SETTINGS and prompts.Setting is PromptSetting
+    assert PromptSettings.model_fields["setting"].annotation is PromptSetting
+    assert InspectOptions.model_fields["prompt_setting"].annotation == PromptSetting | None
+    assert InspectionResult.model_fields["prompt_setting"].annotation == PromptSetting | None
+
+
+def test_no_second_definition_of_the_prompt_settings_in_the_sources():
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    literal = re.compile(r"""Literal\[\s*["']baseline["'],\s*["']visual["']""")
+    defined = [
+        str(path.relative_to(root))
+        for package in ("app", "deploy", "eagle", "expert", "mllm")
+        for path in (root / package).rglob("*.py")
+        if literal.search(path.read_text(encoding="utf-8"))
+    ]
+    assert defined == ["mllm/config.py"]

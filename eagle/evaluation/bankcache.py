@@ -24,13 +24,13 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from eagle.evaluation.records import dump_json
+from eagle.pipeline import BUILD_STAGES
+from eagle.progress_bars import StageBar
 from eagle.settings import ExpertSettings
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ CACHE_VERSION = 1
 SCORING_ONLY_FIELDS: frozenset[str] = frozenset(
     {"batch_size", "min_references", "recommended_references", "gaussian_sigma", "max_boxes"}
 )
-BUILD_STAGES: tuple[str, ...] = ("read", "embed", "coreset", "dbt", "save")
 _NAME_BODY = 47  # bank names allow 64 characters: body + "-" + 16 hex
 
 
@@ -107,7 +106,7 @@ class BankCache:
         pipeline: an :class:`eagle.pipeline.Pipeline` (or an object with ``build_bank`` and ``banks``).
         expert: the expert settings the pipeline builds with.
         manifest: JSON file recording, per class, the bank used and what keyed it.
-        progress: show a tqdm bar while a bank builds.
+        progress: show a progress bar (:class:`eagle.progress_bars.StageBar`) while a bank builds.
         prune: delete superseded banks of a class after building a new one. Leave it off for a bank folder
             shared by concurrent runs (another run may be using a bank built with its own settings).
     """
@@ -144,18 +143,6 @@ class BankCache:
             return False
         return True
 
-    def _progress_callback(self, bar: tqdm | None) -> Callable[[str, float], None] | None:
-        if bar is None:
-            return None
-
-        def update(stage: str, fraction: float) -> None:
-            index = BUILD_STAGES.index(stage) if stage in BUILD_STAGES else len(BUILD_STAGES) - 1
-            bar.n = round(100 * (index + max(0.0, min(1.0, fraction))) / len(BUILD_STAGES), 1)
-            bar.set_postfix_str(stage, refresh=False)
-            bar.refresh()
-
-        return update
-
     def get(self, class_name: str, references: Sequence[Path], *, root: Path | None = None) -> str:
         """Return the name of a bank for ``class_name`` built from ``references``, building it if needed.
 
@@ -167,12 +154,8 @@ class BankCache:
         name = bank_name(class_name, key)
         reused = self._usable(name, len(references))
         if not reused:
-            bar = tqdm(total=100, desc=f"bank {class_name}", unit="%", leave=False) if self.progress else None
-            try:
-                self.pipeline.build_bank(list(references), name, progress=self._progress_callback(bar))
-            finally:
-                if bar is not None:
-                    bar.close()
+            with StageBar(BUILD_STAGES, desc=f"bank {class_name}", enabled=self.progress) as bar:
+                self.pipeline.build_bank(list(references), name, progress=bar if self.progress else None)
             self.built.append(name)
             log.info("built bank %s for class %s from %d references", name, class_name, len(references))
             if self.prune:

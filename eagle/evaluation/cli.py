@@ -14,9 +14,10 @@ import logging
 from pathlib import Path
 
 from eagle.cli import CommandError
+from eagle.evaluation.aggregate import DATASET_TITLES, ReportError, build_report
 from eagle.evaluation.readers import DATASET_KINDS, DatasetError
 from eagle.evaluation.records import RecordsError
-from eagle.evaluation.report import DATASET_TITLES, ReportError, build_report, write_report
+from eagle.evaluation.report import write_report
 from eagle.evaluation.runner import (
     DEFAULT_PIXEL_SIZE,
     DEFAULT_SETTINGS,

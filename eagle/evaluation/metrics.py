@@ -1,6 +1,9 @@
 """Evaluation metrics: yes/no answer quality and the expert's score quality.
 
 Answers: Accuracy, Precision, Recall, F1, balanced accuracy. Expert: image AUROC, pixel AUROC, AUPRO.
+scikit-learn computes the standard ones (confusion matrix, precision/recall/F1, balanced accuracy, ROC area);
+this module adds what scikit-learn lacks: the ``unknown`` answer rule, input checks with one-line errors,
+and AUPRO.
 
 Conventions:
 
@@ -10,8 +13,7 @@ Conventions:
   for refusing hard cases) and never guessed. The number of unknown answers is reported next to the metrics.
 * Precision/Recall/F1 with an empty denominator are 0 (scikit-learn's ``zero_division=0``); balanced
   accuracy averages the recall of the classes present, as scikit-learn does.
-* AUROC is the exact trapezoidal ROC area with ties handled like scikit-learn's ``roc_auc_score``; ``None``
-  when only one class is present.
+* AUROC is scikit-learn's ``roc_auc_score``; ``None`` (not an exception) when only one class is present.
 * AUPRO (Bergmann et al., MVTec AD): for every threshold, PRO = mean over all ground-truth regions
   (8-connected components of every mask) of the share of the region's pixels at or above the threshold;
   FPR = share of all defect-free pixels at or above it. The PRO-over-FPR curve from (0, 0) is integrated up
@@ -25,11 +27,13 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import ndimage
+from sklearn import metrics as skm
 
 VERDICTS = ("defect", "no_defect", "unknown")
 AUPRO_FPR_LIMIT = 0.3
@@ -61,10 +65,6 @@ class ClassificationMetrics:
         return asdict(self)
 
 
-def _ratio(num: float, den: float) -> float:
-    return float(num / den) if den else 0.0
-
-
 def classification_metrics(labels: Sequence[int], verdicts: Sequence[str]) -> ClassificationMetrics:
     """Accuracy, precision, recall, F1 and balanced accuracy of verdicts against labels.
 
@@ -77,38 +77,34 @@ def classification_metrics(labels: Sequence[int], verdicts: Sequence[str]) -> Cl
     """
     if len(labels) != len(verdicts):
         raise MetricsError(f"{len(labels)} labels but {len(verdicts)} verdicts")
-    tp = fp = tn = fn = unknown = 0
     for label, verdict in zip(labels, verdicts, strict=True):
         if label not in (0, 1):
             raise MetricsError(f"labels must be 0 or 1, got {label!r}")
         if verdict not in VERDICTS:
             raise MetricsError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
-        unknown += verdict == "unknown"
-        predicted = {"defect": 1, "no_defect": 0, "unknown": 1 - label}[verdict]
-        if label and predicted:
-            tp += 1
-        elif label:
-            fn += 1
-        elif predicted:
-            fp += 1
-        else:
-            tn += 1
-    n, n_pos = len(labels), tp + fn
-    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-    recalls = [r for r, present in ((recall, n_pos > 0), (_ratio(tn, tn + fp), n - n_pos > 0)) if present]
+    n_unknown = sum(verdict == "unknown" for verdict in verdicts)
+    if not labels:
+        return ClassificationMetrics(0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    truth = np.asarray(labels, dtype=np.int64)
+    # unknown is wrong: predicted as the opposite of the truth (never dropped, never guessed)
+    predicted = np.array([{"defect": 1, "no_defect": 0}.get(v, 1 - y) for y, v in zip(labels, verdicts, strict=True)])
+    (tn, fp), (fn, tp) = skm.confusion_matrix(truth, predicted, labels=[0, 1]).tolist()
+    with warnings.catch_warnings():  # one class only: sklearn warns, then averages the recall of the class present
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = skm.balanced_accuracy_score(truth, predicted)
     return ClassificationMetrics(
-        n=n,
-        n_positive=n_pos,
-        n_unknown=unknown,
+        n=len(labels),
+        n_positive=tp + fn,
+        n_unknown=n_unknown,
         tp=tp,
         fp=fp,
         tn=tn,
         fn=fn,
-        accuracy=_ratio(tp + tn, n),
-        precision=precision,
-        recall=recall,
-        f1=_ratio(2 * tp, 2 * tp + fp + fn),
-        balanced_accuracy=float(np.mean(recalls)) if recalls else 0.0,
+        accuracy=float(skm.accuracy_score(truth, predicted)),
+        precision=float(skm.precision_score(truth, predicted, zero_division=0)),
+        recall=float(skm.recall_score(truth, predicted, zero_division=0)),
+        f1=float(skm.f1_score(truth, predicted, zero_division=0)),
+        balanced_accuracy=float(balanced),
     )
 
 
@@ -124,19 +120,8 @@ def _check_binary(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     return scores, labels.astype(bool)
 
 
-def roc_curve_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(FPR, TPR) at every distinct score, descending, starting at (0, 0). Both classes must be present."""
-    scores, labels = _check_binary(scores, labels)
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, sorted_labels = scores[order], labels[order]
-    last_of_tie = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]
-    tps = np.cumsum(sorted_labels, dtype=np.int64)[last_of_tie]
-    fps = (last_of_tie + 1) - tps
-    return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]
-
-
 def auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float | None:
-    """Area under the ROC curve (anomalous = positive, higher score = more anomalous).
+    """Area under the ROC curve (anomalous = positive, higher score = more anomalous; ``roc_auc_score``).
 
     Returns:
         The area, or ``None`` when all labels are equal (AUROC undefined).
@@ -148,8 +133,7 @@ def auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarr
     scores, labels = _check_binary(np.asarray(scores), np.asarray(labels))
     if labels.all() or not labels.any():
         return None
-    fpr, tpr = roc_curve_points(scores, labels)
-    return float(np.trapezoid(tpr, fpr))
+    return float(skm.roc_auc_score(labels, scores))
 
 
 def pixel_auroc(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float | None:

@@ -38,13 +38,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from eagle.evaluation.bankcache import BankCache, cache_key
 from eagle.evaluation.readers import EvalDataset, EvalSample
 from eagle.evaluation.records import ExpertRecord, RecordSet, RecordWriter
 from eagle.evaluation.runner import EvalConfig, EvalConfigError, EvalRunner, bank_root
+from eagle.progress_bars import count_bar
 from eagle.settings import Settings
+from expert import atomic
 
 log = logging.getLogger(__name__)
 
@@ -247,13 +247,6 @@ class InspectActor:
 
 
 # ---------------------------------------------------------------------------------------------------- driver side
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _done_for(done: RecordSet, key: str, settings: list[str]) -> RecordSet:
     """The records already written for one image (all an actor needs to skip what is done)."""
     subset = RecordSet()
@@ -384,7 +377,7 @@ class RayEvalRunner(EvalRunner):
         idle: deque[int] = deque()
         inflight: dict[Any, tuple[int, EvalSample, str]] = {}
         retries: dict[str, int] = {}
-        bar = tqdm(total=total, initial=total - remaining, unit="img", desc="eval", disable=not config.progress)
+        bar = count_bar(total, initial=total - remaining, desc="eval", enabled=config.progress)
         try:
             with RecordWriter(self.records_path) as writer:
                 while pending or queue or inflight:
@@ -422,7 +415,7 @@ class RayEvalRunner(EvalRunner):
                             queue.appendleft((sample, bank))
                             continue
                         for rel, data in maps.items():
-                            _write_bytes(config.out / rel, data)
+                            atomic.write_bytes(config.out / rel, data)
                         for record in records:
                             writer.append(record)
                         done.add(records)

@@ -31,6 +31,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from expert import atomic
+
 RECORDS_FILE = "records.jsonl"
 
 
@@ -205,18 +207,6 @@ class RecordSet:
         return key in self.experts and all((key, s) in self.answers for s in settings)
 
 
-def load_record_set(paths: Iterable[Path]) -> RecordSet:
-    """Read and fold several records files (e.g. one per shard)."""
-    result = RecordSet()
-    for path in paths:
-        result.add(read_records(path))
-    return result
-
-
 def dump_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temp file + rename), so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON atomically and durably (:func:`expert.atomic.write_text`), so readers never see half a file."""
+    atomic.write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

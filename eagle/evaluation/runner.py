@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,8 +29,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
+from eagle.evaluation.aggregate import build_report
 from eagle.evaluation.bankcache import BankCache, bank_settings
 from eagle.evaluation.readers import EvalDataset, EvalSample, read_dataset
 from eagle.evaluation.records import (
@@ -44,14 +43,16 @@ from eagle.evaluation.records import (
     dump_json,
     read_records,
 )
-from eagle.evaluation.report import build_report, write_report
+from eagle.evaluation.report import write_report
 from eagle.evaluation.shards import Shard, stable_hash
+from eagle.progress_bars import count_bar
 from eagle.records import InspectOptions
 from eagle.settings import Settings
+from expert import atomic
+from mllm.config import PROMPT_SETTINGS
 
 log = logging.getLogger(__name__)
 
-PROMPT_SETTINGS: tuple[str, ...] = ("baseline", "visual", "textual", "full")
 DEFAULT_SETTINGS = "baseline,visual,textual,full,full+caas"
 RUN_FILE = "run.json"
 RUN_FORMAT_VERSION = 1
@@ -232,12 +233,9 @@ def pixel_pair(amap: np.ndarray, mask: np.ndarray, size: int | None) -> tuple[np
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Write plain numeric arrays atomically (temp file + rename); read back with ``allow_pickle=False``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as handle:
+    """Write plain numeric arrays atomically (:mod:`expert.atomic`); read back with ``allow_pickle=False``."""
+    with atomic.atomic_path(path) as tmp, tmp.open("wb") as handle:
         np.savez(handle, **arrays)  # uncompressed: float maps barely compress and zlib costs ~40 ms per image
-    os.replace(tmp, path)
 
 
 def _fingerprint(data: Any) -> str:
@@ -491,7 +489,7 @@ class EvalRunner:
             progress=config.progress,
             prune=config.bank_dir is None,  # a shared --bank-dir may hold banks other runs still use
         )
-        bar = tqdm(total=total, initial=total - remaining, unit="img", desc="eval", disable=not config.progress)
+        bar = count_bar(total, initial=total - remaining, desc="eval", enabled=config.progress)
         try:
             with RecordWriter(self.records_path) as writer:
                 for class_name, samples in todo.items():

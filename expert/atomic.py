@@ -1,0 +1,109 @@
+"""Atomic file writes: the one helper every writer of the project uses (banks, ONNX cache, evaluation, service).
+
+A reader sees the old file or the whole new one, never a part, and a finished write survives a power cut:
+
+1. write a temporary file in the destination's directory (same filesystem, so the rename is atomic),
+2. flush and ``fsync`` it,
+3. ``os.replace`` it over the destination,
+4. ``fsync`` the directory, so the rename itself is on disk.
+
+A failed write removes its temporary file and leaves the destination untouched. Temporary files are named
+``.<name>.<random>.tmp`` next to the destination (hidden; a directory listing of ``*.json`` never sees one).
+
+Why here: ``expert/`` is the lowest package of the project, so ``expert/`` itself and ``eagle/`` import this
+module; the front ends (``deploy/``, ``app/``) reach it through :mod:`eagle.atomic`, which re-exports it (the
+import contracts let front ends import ``eagle`` only).
+
+Example:
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> write_text(folder / "a.json", '{"ok": true}')
+    >>> (folder / "a.json").read_text()
+    '{"ok": true}'
+    >>> with atomic_path(folder / "b.bin") as tmp:
+    ...     _ = tmp.write_bytes(b"xyz")
+    >>> sorted(p.name for p in folder.iterdir())
+    ['a.json', 'b.bin']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_path", "fsync_dir", "fsync_file", "fsync_tree", "replace", "write_bytes", "write_text"]
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """``fsync`` a directory (its entries: renames, creations); filesystems that refuse it are ignored."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    """``fsync`` a file's data written by someone else (e.g. a library that wrote it by name)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """``fsync`` every file and directory under ``root``, and ``root`` itself (before renaming it into place)."""
+    root = Path(root)
+    for path in [*root.rglob("*"), root]:
+        if path.is_dir():
+            fsync_dir(path)
+        else:
+            fsync_file(path)
+
+
+def replace(source: str | Path, destination: str | Path) -> None:
+    """``os.replace(source, destination)``, then ``fsync`` the destination's directory (and the source's)."""
+    source, destination = Path(source), Path(destination)
+    os.replace(source, destination)
+    fsync_dir(destination.parent)
+    if source.parent != destination.parent:
+        fsync_dir(source.parent)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; when the block ends without error, it becomes ``path`` atomically.
+
+    For writers that need a file name (``np.savez``, an ONNX export, ``save_file``). The parent directory
+    is created. On an exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as for a plain open()
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (module docstring)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+
+
+def write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` atomically and durably (module docstring)."""
+    write_bytes(path, text.encode(encoding))

@@ -1,0 +1,267 @@
+"""Scoring query images against a bank: :func:`load_expert` → :class:`ExpertScorer` → :class:`ExpertResult`.
+
+Preprocess → embed (batch of 1) → faiss k = 1 search → patch-score grid → image score = max → anomaly map (kept
+at crop resolution, with the geometry to map it back) → boxes in ORIGINAL coordinates only when score ≥ τ →
+template retrieval. Nothing of the original's pixel count is allocated after preprocessing, so memory and time
+do not grow with the image (issue 11). Building the bank is :mod:`expert.build`.
+
+Example:
+    >>> from expert.config import ExpertSettings
+    >>> scorer = load_expert("banks/widget", ExpertSettings())       # doctest: +SKIP
+    >>> result = scorer.score(image)                                 # doctest: +SKIP
+    >>> result.anomalous, result.boxes[:1], result.template_name     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from expert.anomaly_map import crop_anomaly_map, render_map
+from expert.backbone import build_patch_embedder
+from expert.bank import Bank, BankError, check_weights, load_bank
+from expert.boxes import Box, find_boxes_in_original
+from expert.config import ExpertSettings
+from expert.embedder import Embedder, OnnxEmbedder, TorchEmbedder
+from expert.preprocess import Geometry, compute_geometry, preprocess
+from expert.retrieval import global_descriptors, most_similar
+from expert.search import PatchIndex
+from expert.weights import load_backbone
+
+__all__ = ["SCORE_STAGES", "ExpertResult", "ExpertScorer", "load_expert", "make_embedder"]
+
+SCORE_STAGES: tuple[str, ...] = ("preprocess", "embed", "search", "map", "boxes", "retrieval")
+"""The stages timed in :attr:`ExpertResult.timings_ms`, in order."""
+
+
+@dataclass
+class ExpertResult:
+    """What the expert says about one image.
+
+    Attributes:
+        score: image score s_img = max patch score (the bank's distance: squared L2 by default).
+        tau: the bank's DBT threshold.
+        s_max: the largest DBT training score.
+        anomalous: ``score >= tau``.
+        low_confidence: ``tau <= score <= s_max`` (the expert is unsure; CAAS turns on).
+        patch_scores: ``[grid_h, grid_w]`` float32 nearest-neighbour distances (28×28 at 224).
+        crop_map: float32 ``crop_h × crop_w`` smoothed anomaly map at the network input's resolution; with
+            ``geometry`` it gives the map on any grid over the original (:meth:`map_at`).
+        boxes: predicted defect boxes in ORIGINAL pixels (empty unless ``anomalous``).
+        template_index: index of the most similar reference image in the bank.
+        template_name: that reference's name.
+        geometry: how the original image (its size, even when a reduced copy was scored) was resized and cropped.
+        timings_ms: milliseconds per stage of :data:`SCORE_STAGES`.
+    """
+
+    score: float
+    tau: float
+    s_max: float
+    anomalous: bool
+    low_confidence: bool
+    patch_scores: np.ndarray
+    crop_map: np.ndarray
+    boxes: list[Box]
+    template_index: int
+    template_name: str
+    geometry: Geometry
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def inspected_region(self) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` of the original pixels the network saw (x1, y1 exclusive)."""
+        return self.geometry.inspected_region()
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        """``(width, height)`` of the original image."""
+        return self.geometry.orig_w, self.geometry.orig_h
+
+    def map_at(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """The anomaly map and inspected mask on a ``height × width`` grid over the original image.
+
+        Costs ~5 bytes per output pixel: use a bounded size for display (the pipeline does).
+        """
+        return render_map(self.crop_map, self.geometry, height, width)
+
+    @property
+    def anomaly_map(self) -> np.ndarray:
+        """float32 ``orig_h × orig_w`` map in ORIGINAL pixels (0 outside the inspected region).
+
+        Computed on each access, at the ORIGINAL resolution (for pixel-level evaluation): prefer :meth:`map_at`.
+        """
+        return self.map_at(self.geometry.orig_h, self.geometry.orig_w)[0]
+
+    @property
+    def valid_mask(self) -> np.ndarray:
+        """The bool ``orig_h × orig_w`` mask, True where the network saw the image (computed on each access)."""
+        return self.geometry.inspected_mask()
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = (now - self._last) * 1000.0
+        self._last = now
+
+
+class ExpertScorer:
+    """Score query images against a loaded bank.
+
+    Args:
+        bank: the loaded :class:`~expert.bank.Bank`.
+        embedder: the feature extractor (:class:`~expert.embedder.OnnxEmbedder` or
+            :class:`~expert.embedder.TorchEmbedder`) the bank was built with.
+        settings: the running expert settings (preprocessing must match the bank; σ and max_boxes are read here).
+
+    Example:
+        >>> scorer = load_expert("banks/widget", ExpertSettings())      # doctest: +SKIP
+        >>> result = scorer.score(image)                                 # doctest: +SKIP
+        >>> result.anomalous, result.boxes[:1], result.template_name     # doctest: +SKIP
+    """
+
+    def __init__(self, bank: Bank, embedder: Embedder, settings: ExpertSettings) -> None:
+        self.bank = bank
+        self.embedder = embedder
+        self.settings = settings
+        self.index = PatchIndex(bank.memory_bank, distance=bank.meta.distance)
+        self.grid = (bank.meta.dims.grid_h, bank.meta.dims.grid_w)
+        preprocessing = bank.meta.preprocessing
+        self._preprocess = dict(
+            resize=preprocessing.resize, crop=preprocessing.crop, center_crop=preprocessing.center_crop
+        )
+
+    @property
+    def tau(self) -> float:
+        """The bank's decision threshold."""
+        return float(self.bank.meta.threshold.tau)
+
+    @property
+    def s_max(self) -> float:
+        """The bank's largest training score."""
+        return float(self.bank.meta.threshold.s_max)
+
+    def reference_name(self, index: int) -> str:
+        """Name of reference image ``index``."""
+        return self.bank.meta.references[index].name
+
+    def template_image(self, index: int) -> np.ndarray:
+        """The stored (downscaled) copy of reference image ``index``, RGB uint8."""
+        return self.bank.load_reference(index)
+
+    def patch_features(self, image: np.ndarray) -> tuple[np.ndarray, Geometry]:
+        """Preprocess and embed one image: ``([P, D] float32, geometry)``."""
+        tensor, geometry = preprocess(image, **self._preprocess)
+        return self.embedder(tensor[None])[0], geometry
+
+    def _prepare(self, image: np.ndarray, original_size: tuple[int, int] | None) -> tuple[np.ndarray, Geometry]:
+        """Network input and the ORIGINAL image's geometry, from the original or from a reduced copy of it."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an H×W×3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+        if original_size is None or tuple(original_size) == (image.shape[1], image.shape[0]):
+            return preprocess(image, **self._preprocess)
+        width, height = (int(v) for v in original_size)
+        geometry = compute_geometry(height, width, **self._preprocess)
+        # Resize the reduced copy straight to the size the original would have been resized to: the crop window
+        # and every mapping back are then exactly the original's; only the pixel values come from the copy.
+        from PIL import Image
+
+        resized = np.asarray(Image.fromarray(image).resize((geometry.resized_w, geometry.resized_h), Image.BILINEAR))
+        tensor, inner = preprocess(resized, **self._preprocess)
+        if (inner.crop_top, inner.crop_left, inner.crop_h, inner.crop_w) != (
+            geometry.crop_top,
+            geometry.crop_left,
+            geometry.crop_h,
+            geometry.crop_w,
+        ):  # pragma: no cover - compute_geometry is idempotent on its own output
+            raise AssertionError(f"crop of the resized copy {inner} differs from the original's {geometry}")
+        return tensor, geometry
+
+    def score(self, image: np.ndarray, *, original_size: tuple[int, int] | None = None) -> ExpertResult:
+        """Score one RGB uint8 ``H × W × 3`` image: the original, or a reduced copy of it.
+
+        Args:
+            image: the pixels to score.
+            original_size: ``(width, height)`` of the original when ``image`` is a reduced copy (e.g. from
+                :func:`eagle.images.decode_image`); the geometry, the map and the boxes are then the original's.
+
+        Raises:
+            ValueError: if ``image`` is not an ``H × W × 3`` uint8 array.
+        """
+        watch = _Stopwatch()
+        tensor, geometry = self._prepare(image, original_size)
+        watch.lap("preprocess")
+        features = np.asarray(self.embedder(tensor[None]), dtype=np.float32)[0]
+        watch.lap("embed")
+        patch_scores = self.index.search(features).reshape(self.grid)
+        score = float(patch_scores.max())
+        watch.lap("search")
+        crop_size = (geometry.crop_h, geometry.crop_w)
+        crop_map = crop_anomaly_map(patch_scores, crop_size, sigma=self.settings.gaussian_sigma)
+        watch.lap("map")
+        anomalous = score >= self.tau
+        boxes = find_boxes_in_original(crop_map, geometry, max_boxes=self.settings.max_boxes) if anomalous else []
+        watch.lap("boxes")
+        template = most_similar(global_descriptors(features)[0], self.bank.global_descriptors)
+        watch.lap("retrieval")
+        return ExpertResult(
+            score=score,
+            tau=self.tau,
+            s_max=self.s_max,
+            anomalous=anomalous,
+            low_confidence=self.tau <= score <= self.s_max,
+            patch_scores=patch_scores,
+            crop_map=crop_map,
+            boxes=boxes,
+            template_index=template,
+            template_name=self.reference_name(template),
+            geometry=geometry,
+            timings_ms=watch.timings,
+        )
+
+
+def make_embedder(bank: Bank, settings: ExpertSettings, *, runtime: str | None = None) -> Embedder:
+    """The feature extractor for ``bank`` per ``runtime`` (default ``settings.runtime``).
+
+    ``onnx``: the bank's own ``backbone.onnx`` through onnxruntime. ``torch``: the backbone rebuilt from
+    ``settings`` (:func:`expert.weights.load_backbone`); its weights checksum must equal the bank's.
+
+    Raises:
+        BankError: the bank has no ONNX file (runtime onnx), or the rebuilt weights differ (runtime torch).
+        BackboneWeightsError: the torch backbone's weights cannot be loaded.
+    """
+    runtime = runtime or settings.runtime
+    if runtime == "onnx":
+        if not bank.has_onnx:
+            raise BankError(
+                f"{bank.directory}: bank has no backbone.onnx; rebuild it, or set EAGLE_EXPERT__RUNTIME=torch"
+            )
+        return OnnxEmbedder(bank.onnx_path)
+    if runtime == "torch":
+        module, info = load_backbone(settings)
+        check_weights(bank.meta, info)
+        return TorchEmbedder(build_patch_embedder(module, input_size=bank.meta.preprocessing.crop))
+    raise ValueError(f"unknown runtime {runtime!r}; expected 'onnx' or 'torch'")
+
+
+def load_expert(bank_dir: str | Path, settings: ExpertSettings, *, runtime: str | None = None) -> ExpertScorer:
+    """Load a bank directory and its feature extractor into a ready :class:`ExpertScorer`.
+
+    Args:
+        bank_dir: the bank directory (as written by :func:`build_bank`).
+        settings: the running expert settings; those that change features or scores must match the bank.
+        runtime: ``"onnx"`` or ``"torch"``; default ``settings.runtime``.
+
+    Raises:
+        BankError: missing, corrupted or incompatible bank (one-line message), or weights that differ.
+        BackboneWeightsError: runtime torch and the weights cannot be loaded.
+    """
+    bank = load_bank(bank_dir, settings)
+    return ExpertScorer(bank, make_embedder(bank, settings, runtime=runtime), settings)
