@@ -11,15 +11,21 @@ import functools
 import inspect as pyinspect
 import logging
 import tempfile
+import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 
 from app.plots import dbt_histogram, score_gauge
 from app.uploads import collect_reference_files
+from eagle.annotate import annotated_image
 from eagle.archives import ArchiveLimits
+from eagle.audit import STATS_COLUMNS, AuditFilter, AuditLog, default_audit_path, parse_time, write_stats_csv
 from eagle.errors import describe
 from eagle.pipeline import Pipeline
 from eagle.records import InspectionResult, InspectOptions
@@ -94,8 +100,18 @@ def bank_facts_markdown(pipeline: Pipeline, name: str) -> str:
         f"**{s.name}** — {s.n_references} references, {s.n_patches:,} patches, coreset {s.coreset_size:,} "
         f"({s.coreset_ratio:.0%}), threshold `{s.threshold_method}`: τ = {s.tau:.5g}, s_max = {s.s_max:.5g}; "
         f"backbone `{s.backbone}` ({s.weights_source} weights); distance `{s.distance}`."
+        + _mask_fact(pipeline, name)
         + "".join(f"\n\n⚠️ {warning}" for warning in warnings)
     )
+
+
+def _mask_fact(pipeline: Pipeline, name: str) -> str:
+    """`` Inspection mask: N of M patches`` for a bank with a mask (shown greyed in the heatmap), else ``""``."""
+    meta = getattr(getattr(pipeline.banks.load(name), "bank", None), "meta", None)
+    mask = getattr(meta, "mask", None)
+    if mask is None:
+        return ""
+    return f" Inspection mask: {mask.patches} of {meta.dims.patches_per_image} patches (outside greyed)."
 
 
 def _dbt_figure(pipeline: Pipeline, name: str):
@@ -104,18 +120,48 @@ def _dbt_figure(pipeline: Pipeline, name: str):
     return dbt_histogram(bank.train_scores, threshold.tau, threshold.s_max, method=threshold.method)
 
 
+def mask_from_inputs(mask_file: str | None, drawing: dict | None) -> Path | np.ndarray | None:
+    """The inspection mask the References tab gives: the uploaded PNG/JSON file, else the painted strokes, else None.
+
+    The painting (Gradio's ImageEditor value) becomes a bool picture of the background image's size: True where any
+    stroke was painted (its layers' alpha), i.e. the region to inspect.
+    """
+    if mask_file:
+        return Path(mask_file)
+    if not isinstance(drawing, dict):
+        return None
+    layers = [np.asarray(layer) for layer in drawing.get("layers") or [] if layer is not None]
+    painted = [layer[..., 3] > 0 for layer in layers if layer.ndim == 3 and layer.shape[2] == 4]
+    if not painted:
+        return None
+    inside = np.logical_or.reduce(painted)
+    return inside if inside.any() else None
+
+
 @user_facing
-def build_bank(pipeline: Pipeline, uploads: list[str] | None, name: str, progress=gr.Progress()):
-    """Build a bank from uploaded files/folder/zip, reporting each stage; returns (facts, DBT figure, banks)."""
+def build_bank(
+    pipeline: Pipeline,
+    uploads: list[str] | None,
+    name: str,
+    progress=gr.Progress(),
+    *,
+    mask_file: str | None = None,
+    mask_drawing: dict | None = None,
+):
+    """Build a bank from uploaded files/folder/zip, reporting each stage; returns (facts, DBT figure, banks).
+
+    ``mask_file`` / ``mask_drawing``: the optional inspection mask (:func:`mask_from_inputs`).
+    """
     name = (name or "").strip()
     if not name:
         raise gr.Error("Give the bank a name first.", print_exception=False)
+    mask = mask_from_inputs(mask_file, mask_drawing)
     with tempfile.TemporaryDirectory(prefix="eagle-upload-") as workdir:
         files = collect_reference_files(uploads, workdir, limits=ArchiveLimits.from_settings(pipeline.settings))
         if not files:
             raise gr.Error("Upload normal reference images (files, a folder or a zip) first.", print_exception=False)
         progress(0.0, desc=f"reading {len(files)} images")
-        pipeline.build_bank(files, name, progress=lambda stage, fraction: progress(fraction, desc=stage))
+        pipeline.build_bank(files, name, progress=lambda stage, fraction: progress(fraction, desc=stage), mask=mask)
     return (
         bank_facts_markdown(pipeline, name),
         _dbt_figure(pipeline, name),
@@ -161,7 +207,117 @@ def import_bank(pipeline: Pipeline, zip_path: str | None, name: str):
     return bank_table(pipeline), gr.update(choices=bank_names(pipeline), value=summary.name)
 
 
-def verdict_html(result: InspectionResult) -> str:
+@user_facing
+def teach_bank(pipeline: Pipeline, image_path: str | None, bank: str | None, progress=gr.Progress()) -> str:
+    """Teach the bank "this is normal": add the inspected image to its references and rebuild it as a new version.
+
+    Returns Markdown showing the change (old τ → new τ, the image's score before → after, whether it passes now).
+    """
+    if not bank:
+        raise gr.Error("Pick a bank first.", print_exception=False)
+    if not image_path:
+        raise gr.Error("Inspect an image first: the image shown is the one taught.", print_exception=False)
+    path = Path(image_path)
+    progress(0.0, desc=f"teaching {bank!r}: rebuilding with {path.name}")
+    result = pipeline.add_references(
+        [path], bank, names=[path.name], progress=lambda stage, fraction: progress(fraction, desc=stage)
+    )
+    lines = [
+        f"**Bank {bank!r} taught** — version {result.version_before or 'unversioned'} → {result.version}, "
+        f"{result.references_before} → {result.references_after} references.",
+        f"τ {result.tau_before:.5g} → {result.tau_after:.5g}, s_max {result.s_max_before:.5g} → "
+        f"{result.s_max_after:.5g}.",
+    ]
+    for image in result.taught:
+        verdict = "**passes now**" if image.passes_now else "would **still be flagged**"
+        lines.append(f"{image.name}: score {image.score_before:.5g} → {image.score_after:.5g}, {verdict}.")
+    lines.append("Undo with `eagle bank rollback` (see `eagle bank history`).")
+    return "\n\n".join(lines)
+
+
+# -- audit log: the app's inspections and operator feedback ---------------------------------------------------------
+_AUDIT_LOGS: dict[Path, AuditLog] = {}
+_AUDIT_LOCK = threading.Lock()
+
+
+def audit_log(pipeline: Pipeline) -> AuditLog:
+    """The audit log the app writes (the service's: ``settings.service.audit_path`` or ``<data_dir>/audit.sqlite3``).
+
+    One open :class:`~eagle.audit.AuditLog` per file for the process (it is thread-safe and WAL-shared).
+    """
+    path = Path(default_audit_path(pipeline.settings)).resolve()
+    with _AUDIT_LOCK:
+        log_ = _AUDIT_LOGS.get(path)
+        if log_ is None:
+            log_ = _AUDIT_LOGS[path] = AuditLog(path)
+        return log_
+
+
+def new_run_id() -> str:
+    """A fresh run id for one app inspection (the audit row's ``run_id``; feedback links to it)."""
+    return f"app-{uuid.uuid4().hex}"
+
+
+def _audit_inspection(pipeline: Pipeline, result: InspectionResult, run_id: str, latency_ms: float) -> None:
+    """Audit one app inspection (source ``app``); a failing log is logged, never shown instead of the verdict."""
+    try:
+        audit_log(pipeline).record(result, source="app", run_id=run_id, latency_ms=latency_ms)
+    except Exception:  # noqa: BLE001 - the verdict matters more than its audit row; the log says why
+        log.exception("could not audit app inspection %s", run_id)
+
+
+FEEDBACK_VERDICTS = [("(opposite of the verdict)", ""), ("defect", "defect"), ("no defect", "no_defect")]
+
+
+@user_facing
+def record_feedback(
+    pipeline: Pipeline,
+    run_id: str | None,
+    feedback: str,
+    correct_verdict: str | None = None,
+    operator: str | None = None,
+    note: str | None = None,
+) -> str:
+    """Record an operator's ``confirmed``/``overruled`` on the last inspection; returns a Markdown line.
+
+    A new feedback row in the audit log, linked by run id (the inspection row is never changed).
+    """
+    if not run_id:
+        raise gr.Error("Inspect an image first: feedback is about the verdict shown.", print_exception=False)
+    row = audit_log(pipeline).record_feedback(
+        run_id,
+        feedback,
+        correct_verdict=correct_verdict or None,
+        operator=(operator or "").strip() or None,
+        note=(note or "").strip() or None,
+        source="app",
+    )
+    who = f" by {row['operator']}" if row["operator"] else ""
+    if row["feedback"] == "confirmed":
+        return f"✔ Verdict **{row['verdict']}** confirmed{who}."
+    return f"✖ Verdict **{row['verdict']}** overruled{who}: correct verdict **{row['correct_verdict']}**."
+
+
+@user_facing
+def line_stats(pipeline: Pipeline, bank: str | None, since: str | None, per: str = "all") -> tuple[list, str | None]:
+    """The line-statistics panel: rows of :data:`eagle.audit.STATS_COLUMNS` and a CSV file of them."""
+    try:
+        start = parse_time(since) if since and since.strip() else None
+    except ValueError as err:
+        raise gr.Error(str(err), print_exception=False) from None
+    stats = audit_log(pipeline).stats(AuditFilter(since=start, bank=bank or None), per=per or "all")
+    rows = [[_cell(group[column]) for column in STATS_COLUMNS] for group in stats]
+    dest = Path(tempfile.mkdtemp(prefix="eagle-stats-")) / "line-stats.csv"
+    with open(dest, "w", encoding="utf-8", newline="") as handle:
+        write_stats_csv(stats, handle)
+    return rows, str(dest)
+
+
+def _cell(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else ("" if value is None else value)
+
+
+def verdict_html(result: InspectionResult, run_id: str | None = None) -> str:
     """The verdict, large and coloured, with the expert's view beside it."""
     colour = {"defect": "#c62828", "no_defect": "#2e7d32", "unknown": "#6d6d6d"}[result.verdict]
     text = {"defect": "DEFECT", "no_defect": "NO DEFECT", "unknown": "UNSURE"}[result.verdict]
@@ -170,6 +326,7 @@ def verdict_html(result: InspectionResult) -> str:
     caas = f" · CAAS α={result.caas_alpha:g}" if result.caas_applied else ""
     return (
         f'<div id="eagle-verdict" data-verdict="{result.verdict}" data-sha="{result.image_sha256[:16]}" '
+        f'data-run-id="{run_id or ""}" '
         f'style="padding:14px;border-radius:8px;background:{colour};color:white">'
         f'<div style="font-size:2em;font-weight:700">{text}</div>'
         f"<div>decided by {source}; expert score {result.score:.4g} vs τ {result.tau:.4g} "
@@ -200,8 +357,14 @@ def inspect(
     use_mllm: bool,
     attention: bool,
     progress=gr.Progress(),
+    *,
+    run_id: str | None = None,
 ) -> Iterator[tuple]:
-    """Inspect one image; yields the outputs once the verdict is known, then again as the explanation streams."""
+    """Inspect one image; yields the outputs once the verdict is known, then again as the explanation streams.
+
+    The inspection is written to the audit log (source ``app``) under ``run_id`` (default: a new one), which
+    operator feedback (:func:`record_feedback`) links to.
+    """
     if not bank:
         raise gr.Error("Pick a bank first (build one in the References tab).", print_exception=False)
     if not image_path:
@@ -221,9 +384,12 @@ def inspect(
         attention_map=bool(attention) and use_mllm,
     )
     path = Path(image_path)
+    run_id = run_id or new_run_id()
+    start = time.perf_counter()
     image = pipeline.decode(path, image_name=path.name)  # the FILE: image_sha256 is its bytes' hash, as in the API
     result = pipeline.inspect(image, bank, options, image_name=path.name)
-    outputs = _render(result, pipeline)
+    _audit_inspection(pipeline, result, run_id, (time.perf_counter() - start) * 1000.0)
+    outputs = _render(result, pipeline, run_id)
     yield outputs
     if explain and result.mode == "expert+mllm":
         text = ""
@@ -232,7 +398,7 @@ def inspect(
             yield (*outputs[:6], text, *outputs[7:])
 
 
-def _render(result: InspectionResult, pipeline: Pipeline) -> tuple:
+def _render(result: InspectionResult, pipeline: Pipeline, run_id: str | None = None) -> tuple:
     images = result.images
     answer = (
         f"{result.mllm_letter or '?'} → {result.mllm_answer}  (raw: {result.mllm_raw!r})"
@@ -243,9 +409,9 @@ def _render(result: InspectionResult, pipeline: Pipeline) -> tuple:
     w, h = result.image_size
     note = "" if crop == (0, 0, w, h) else f" (inspected region {crop}; the greyed border was not inspected)"
     return (
-        verdict_html(result),
+        verdict_html(result, run_id),
         score_gauge(result.score, result.tau, result.s_max),
-        images.heatmap_overlay if images else None,
+        annotated_image(result) if images else None,
         images.boxed if images is not None and images.boxed is not None else None,
         images.template if images else None,
         answer,

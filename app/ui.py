@@ -1,4 +1,6 @@
-"""The Gradio layout: References, Banks and Inspect tabs wired to :mod:`app.handlers`.
+"""The Gradio layout: Inspect (with operator feedback), References, Banks and Line statistics tabs.
+
+Every tab is wired to :mod:`app.handlers`.
 
 Example:
     >>> from eagle.pipeline import Pipeline
@@ -15,14 +17,17 @@ import gradio as gr
 
 from app import handlers
 from eagle.pipeline import Pipeline
+from eagle.settings import PROMPT_SETTINGS as SETTING_NAMES
 
 TITLE = "EAGLE — tuning-free industrial visual inspection"
-PROMPT_SETTINGS = [
-    ("full: boxes + textual prior", "full"),
-    ("visual: boxes only", "visual"),
-    ("textual: prior only", "textual"),
-    ("baseline: no expert hints", "baseline"),
-]
+_SETTING_LABELS = {
+    "full": "full: boxes + textual prior",
+    "visual": "visual: boxes only",
+    "textual": "textual: prior only",
+    "baseline": "baseline: no expert hints",
+}
+# Most informative first; the values are the one vocabulary (mllm.config.PROMPT_SETTINGS).
+PROMPT_SETTINGS = [(_SETTING_LABELS[setting], setting) for setting in reversed(SETTING_NAMES)]
 CAAS_CHOICES = [("auto (when the expert is unsure)", "auto"), ("off", "off"), ("forced on", "on")]
 
 
@@ -37,17 +42,48 @@ def _references_tab(pipeline: Pipeline, bank_choices: list[gr.Dropdown]) -> None
         files = gr.File(label="Reference images or zip", file_count="multiple", elem_id="ref-files")
         folder = gr.File(label="…or a folder", file_count="directory", elem_id="ref-folder")
     name = gr.Textbox(label="Bank name", placeholder="e.g. bottle-line-3", elem_id="bank-name")
+    mask_file, mask_drawing = _mask_inputs()
     build = gr.Button("Build bank", variant="primary", elem_id="build-bank")
     facts = gr.Markdown(elem_id="bank-facts")
     histogram = gr.Plot(label="DBT: training scores, τ and s_max")
 
-    def run(uploads, folder_files, bank_name, progress=gr.Progress()):
+    def run(uploads, folder_files, bank_name, mask_path, drawing, progress=gr.Progress()):
         facts_md, figure, choice = handlers.build_bank(
-            pipeline, list(uploads or []) + list(folder_files or []), bank_name, progress
+            pipeline,
+            list(uploads or []) + list(folder_files or []),
+            bank_name,
+            progress,
+            mask_file=mask_path,
+            mask_drawing=drawing,
         )
         return (facts_md, figure, *[choice] * len(bank_choices))
 
-    build.click(run, [files, folder, name], [facts, histogram, *bank_choices], api_name="build_bank")
+    build.click(
+        run, [files, folder, name, mask_file, mask_drawing], [facts, histogram, *bank_choices], api_name="build_bank"
+    )
+
+
+def _mask_inputs() -> tuple[gr.File, gr.ImageEditor]:
+    """The optional inspection mask: an uploaded PNG / polygons JSON, or painted over a reference image."""
+    with gr.Accordion("Inspection mask (optional): only inspect part of the image", open=False):
+        gr.Markdown(
+            "Patches outside the mask never count: not for the score, the boxes or the threshold. Upload a binary "
+            "PNG the size of your images (**white = inspected**, black = ignored) or polygons JSON, or load a "
+            "reference image below and **paint the region to inspect**. The uploaded file wins over the drawing."
+        )
+        mask_file = gr.File(label="Mask PNG or polygons JSON", file_types=[".png", ".json"], elem_id="mask-file")
+        mask_drawing = gr.ImageEditor(
+            label="…or paint the inspected region over a reference image",
+            type="numpy",
+            image_mode="RGBA",
+            sources=["upload", "clipboard"],
+            brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=24),
+            eraser=gr.Eraser(),
+            transforms=(),
+            layers=False,
+            elem_id="mask-editor",
+        )
+    return mask_file, mask_drawing
 
 
 def _banks_tab(pipeline: Pipeline, selector: gr.Dropdown) -> tuple[gr.Dataframe, gr.Dropdown]:
@@ -104,26 +140,95 @@ def _inspect_tab(pipeline: Pipeline, bank: gr.Dropdown) -> None:
             gauge = gr.Plot(label="Score against τ and s_max")
             summary = gr.Markdown(elem_id="inspect-summary")
             with gr.Row():
-                heatmap = gr.Image(label="Anomaly heatmap", interactive=False)
+                heatmap = gr.Image(label="Anomaly heatmap and boxes", interactive=False)
                 boxed = gr.Image(label="Boxes shown to the model", interactive=False)
                 template = gr.Image(label="Template (most similar normal)", interactive=False)
             answer = gr.Textbox(label="Model answer", interactive=False)
             explanation = gr.Textbox(label="Explanation", lines=4, interactive=False)
             looked = gr.Image(label="Where the model looked", interactive=False)
             timings = gr.JSON(label="Timings (ms)")
+            run_id = gr.State(None)
+            feedback_status = _feedback_row(pipeline, run_id)
+            _teach_row(pipeline, image, bank)
 
     outputs = [verdict, gauge, heatmap, boxed, template, answer, explanation, looked, timings, summary]
 
     def run(
         img, bank_name, prompt_setting, caas_policy, caas_alpha, do_explain, ask, show_attention, progress=gr.Progress()
     ):
-        yield from handlers.inspect(
-            pipeline, img, bank_name, prompt_setting, caas_policy, caas_alpha, do_explain, ask, show_attention, progress
-        )
+        current = handlers.new_run_id()
+        for shown in handlers.inspect(
+            pipeline,
+            img,
+            bank_name,
+            prompt_setting,
+            caas_policy,
+            caas_alpha,
+            do_explain,
+            ask,
+            show_attention,
+            progress,
+            run_id=current,
+        ):
+            yield (*shown, current, "")
 
-    go.click(run, [image, bank, setting, caas, alpha, explain, use_mllm, attention], outputs, api_name="inspect").then(
-        lambda: handlers.mllm_status_markdown(pipeline), None, status
+    go.click(
+        run,
+        [image, bank, setting, caas, alpha, explain, use_mllm, attention],
+        [*outputs, run_id, feedback_status],
+        api_name="inspect",
+    ).then(lambda: handlers.mllm_status_markdown(pipeline), None, status)
+
+
+def _feedback_row(pipeline: Pipeline, run_id: gr.State) -> gr.Markdown:
+    """Confirm / overrule buttons for the verdict shown; each click is a feedback row in the audit log."""
+    with gr.Accordion("Operator feedback on this verdict", open=True):
+        with gr.Row():
+            confirm = gr.Button("✔ Confirm verdict", elem_id="feedback-confirm")
+            overrule = gr.Button("✖ Overrule verdict", variant="stop", elem_id="feedback-overrule")
+        with gr.Row():
+            correct = gr.Dropdown(handlers.FEEDBACK_VERDICTS, value="", label="Correct verdict (when overruling)")
+            operator = gr.Textbox(label="Operator", max_lines=1)
+            note = gr.Textbox(label="Note", max_lines=1)
+        status = gr.Markdown(elem_id="feedback-status")
+    confirm.click(
+        lambda rid, who, text: handlers.record_feedback(pipeline, rid, "confirmed", None, who, text),
+        [run_id, operator, note],
+        status,
     )
+    overrule.click(
+        lambda rid, right, who, text: handlers.record_feedback(pipeline, rid, "overruled", right, who, text),
+        [run_id, correct, operator, note],
+        status,
+    )
+    return status
+
+
+def _teach_row(pipeline: Pipeline, image: gr.Image, bank: gr.Dropdown) -> gr.Markdown:
+    """The "this is normal — teach the bank" button: add the inspected image to the bank (a new bank version)."""
+    with gr.Accordion("A good part was flagged? Teach the bank", open=True):
+        teach = gr.Button("✚ This is normal — teach the bank", elem_id="teach-bank")
+        status = gr.Markdown(elem_id="teach-status")
+    teach.click(functools.partial(handlers.teach_bank, pipeline), [image, bank], status)
+    return status
+
+
+def _stats_tab(pipeline: Pipeline) -> None:
+    gr.Markdown(
+        "Per bank and period, from the audit log (the service's, the watched folder's and this app's inspections): "
+        "defect rate, how often operators overruled, precision/recall against their verdicts, expert-vs-MLLM "
+        "disagreement and latency percentiles. Same numbers as `eagle audit stats`."
+    )
+    with gr.Row():
+        bank = gr.Dropdown(
+            [("all banks", "")] + [(n, n) for n in handlers.bank_names(pipeline)], value="", label="Bank"
+        )
+        since = gr.Textbox(value="7d", label="Since (ISO time or age: 24h, 7d)", max_lines=1)
+        per = gr.Radio(["all", "day", "week", "month"], value="all", label="Per")
+        refresh = gr.Button("Refresh", elem_id="stats-refresh")
+    table = gr.Dataframe(headers=list(handlers.STATS_COLUMNS), interactive=False, label="Line statistics")
+    download = gr.File(label="CSV", interactive=False)
+    refresh.click(functools.partial(handlers.line_stats, pipeline), [bank, since, per], [table, download])
 
 
 def build_ui(pipeline: Pipeline) -> gr.Blocks:
@@ -145,4 +250,6 @@ def build_ui(pipeline: Pipeline) -> gr.Blocks:
         with gr.Tab("Banks", id="banks"):
             banks_bank.render()
             _banks_tab(pipeline, banks_bank)
+        with gr.Tab("Line statistics", id="stats"):
+            _stats_tab(pipeline)
     return demo

@@ -173,7 +173,7 @@ def child(image: Path, path_kind: str, repeats: int) -> None:
     with Image.open(io.BytesIO(data)) as header:
         width, height = header.size
     if path_kind == "inspect":
-        from deploy.annotate import annotated_png_base64
+        from eagle.annotate import annotated_png_base64
 
         pipeline = Pipeline(settings)
 

@@ -6,7 +6,7 @@ One job per module:
   limits, admission, metrics and last-resort errors; ``errors``: the error classes and JSON shape;
 * ``auth``: bearer token and the bind rule; ``limits``: upload/pixel/bank-name checks; ``archive``: zip checks;
 * ``worker``: the single inference worker and its bounded queue; ``jobs``: bank builds in the background;
-* ``metrics``: Prometheus exposition; ``audit``: the SQLite audit log; ``annotate``: the annotated PNG;
+* ``metrics``: Prometheus exposition (the audit log: :mod:`eagle.audit`; the annotated PNG: :mod:`eagle.annotate`);
 * ``watch``: the watched folder; ``serve``: uvicorn; ``cli``: ``eagle serve|watch|audit``;
   ``healthcheck``: the container's probe.
 """

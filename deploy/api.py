@@ -5,8 +5,10 @@ is set):
 
 =================================  ==================================================================
 ``POST /v1/inspect``               multipart ``image`` + ``bank`` (+ options) → the inspection record
+``POST /v1/inspections/{run_id}/feedback``  JSON: an operator confirms or overrules a verdict (audit log)
 ``GET /v1/banks``                  the saved banks
-``POST /v1/banks``                 multipart ``name`` + ``archive`` (zip of normal images) → 202 + job
+``POST /v1/banks``                 multipart ``name`` + ``archive`` (zip of normal images), optional inspection
+                                   mask ``mask`` (PNG) or ``mask_polygons`` (JSON) → 202 + job
 ``GET /v1/jobs``, ``/v1/jobs/{id}`` bank-build job status
 ``DELETE /v1/banks/{name}``        delete a bank
 ``GET /healthz``                   the process is alive
@@ -47,8 +49,6 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deploy.annotate import annotated_png_base64
-from deploy.audit import AuditLog, default_audit_path
 from deploy.auth import BearerAuth
 from deploy.errors import (
     HTTP_STATUS_CODES,
@@ -68,7 +68,9 @@ from deploy.limits import FORM_LIMITS, check_image_pixels, mib_to_bytes
 from deploy.metrics import CONTENT_TYPE, ServiceMetrics
 from deploy.middleware import BodyLimit, FailureAudit, RequestGate
 from deploy.worker import InferenceWorker
+from eagle.annotate import annotated_png_base64
 from eagle.archives import ArchiveLimits
+from eagle.audit import AuditLog, default_audit_path
 from eagle.banks import validate_bank_name
 from eagle.errors import EagleError, as_eagle_error, one_line
 from eagle.images import image_sha256
@@ -91,6 +93,33 @@ class InspectResponse(BaseModel):
     annotated_png: str | None = Field(None, description="Base64 PNG: heatmap over the image, boxes in red.")
 
 
+class FeedbackRequest(BaseModel):
+    """``POST /v1/inspections/{run_id}/feedback``: an operator confirms or overrules the verdict of one inspection."""
+
+    model_config = {"extra": "forbid"}
+
+    verdict: Literal["confirmed", "overruled"] = Field(description="The operator's view of the verdict.")
+    correct_verdict: Literal["defect", "no_defect"] | None = Field(
+        None, description="The right verdict; for 'overruled' it defaults to the opposite of the verdict."
+    )
+    operator: str | None = Field(None, max_length=200, description="Who gave the feedback.")
+    note: str | None = Field(None, max_length=1000, description="Free text.")
+
+
+class FeedbackResponse(BaseModel):
+    """The stored feedback row (the inspection's own audit row is never changed)."""
+
+    id: int
+    run_id: str
+    time: str
+    bank: str | None
+    verdict: str | None = Field(description="The inspection's verdict, as audited.")
+    feedback: Literal["confirmed", "overruled"]
+    correct_verdict: Literal["defect", "no_defect"] | None
+    operator: str | None
+    note: str | None
+
+
 class BankList(BaseModel):
     """``GET /v1/banks``."""
 
@@ -101,6 +130,41 @@ class JobList(BaseModel):
     """``GET /v1/jobs``."""
 
     jobs: list[JobStatus]
+
+
+class TaughtImageOut(BaseModel):
+    """One taught image: its score against the bank before and after, and whether it passes now."""
+
+    name: str
+    score_before: float
+    score_after: float
+    passed_before: bool
+    passes_now: bool
+
+
+class TeachResponse(BaseModel):
+    """``POST /v1/banks/{name}/references``: the new version, τ and s_max before → after, the taught images."""
+
+    bank: str
+    version_before: int | None = Field(description="None: the bank was unversioned (saved before versions).")
+    version: int
+    tau_before: float
+    tau_after: float
+    s_max_before: float
+    s_max_after: float
+    references_before: int
+    references_after: int
+    taught: list[TaughtImageOut]
+
+
+class BankVersions(BaseModel):
+    """``GET /v1/banks/{name}/versions``: kept versions, oldest first (``current`` marks the one in use)."""
+
+    versions: list[dict[str, Any]]
+
+
+MAX_TEACH_IMAGES = 64
+"""Most images one ``POST /v1/banks/{name}/references`` may add."""
 
 
 class Deleted(BaseModel):
@@ -140,7 +204,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
         (401, "Missing or wrong bearer token."),
-        (404, "Unknown bank or job."),
+        (404, "Unknown bank, job or inspection run id."),
         (409, "Bank exists, is being built, or is unusable (invalid, other settings, or failed its test inspection)."),
         (413, "Upload or archive too large."),
         (422, "Invalid field, image, bank name or archive."),
@@ -250,6 +314,7 @@ def create_app(
     body_limits = {
         ("POST", "/v1/inspect"): BodyLimit(service.upload_limit, "EAGLE_SERVICE__MAX_UPLOAD_MB"),
         ("POST", "/v1/banks"): BodyLimit(service.archive_limit, "EAGLE_SERVICE__MAX_ARCHIVE_MB"),
+        ("POST", "/v1/banks/{name}/references"): BodyLimit(service.upload_limit, "EAGLE_SERVICE__MAX_UPLOAD_MB"),
     }
     app.add_middleware(
         RequestGate,
@@ -446,6 +511,29 @@ def _v1_router(service: Service) -> APIRouter:
         png = await run_in_threadpool(annotated_png_base64, result) if annotated else None
         return InspectResponse(request_id=request_id, result=result, annotated_png=png)
 
+    @router.post(
+        "/inspections/{run_id}/feedback",
+        response_model=FeedbackResponse,
+        status_code=201,
+        tags=["inspection"],
+        summary="Confirm or overrule the verdict of an inspection (recorded in the audit log)",
+    )
+    async def inspection_feedback(run_id: str, body: FeedbackRequest) -> FeedbackResponse:
+        if not run_id or len(run_id) > MAX_NAME_LENGTH:
+            raise InvalidRequest("invalid run id")
+        row = await run_in_threadpool(
+            lambda: service.audit.record_feedback(
+                run_id,
+                body.verdict,
+                correct_verdict=body.correct_verdict,
+                operator=body.operator,
+                note=body.note,
+                source="api",
+            )
+        )
+        service.metrics.observe_feedback(row["bank"] or "", row["feedback"])
+        return FeedbackResponse(**{k: row[k] for k in FeedbackResponse.model_fields})
+
     @router.get("/banks", response_model=BankList, tags=["banks"], summary="List the saved banks")
     async def list_banks() -> BankList:
         summaries = await run_in_threadpool(pipeline.banks.list)
@@ -457,17 +545,33 @@ def _v1_router(service: Service) -> APIRouter:
         status_code=202,
         tags=["banks"],
         summary="Build a bank from a zip of normal images (background job)",
+        form_limits={**FORM_LIMITS, "max_files": 2},  # the archive and an optional inspection-mask PNG
     )
     async def build_bank(
         request: Request,
         name: Annotated[str, Form(max_length=64, description="Name of the new bank.")],
         archive: Annotated[UploadFile, File(description="Zip of normal (defect-free) images.")],
         overwrite: Annotated[bool, Form(description="Rebuild an existing bank.")] = False,
+        mask: Annotated[
+            UploadFile | None,
+            File(description="Inspection mask: binary PNG in original-image pixels (white = inspected)."),
+        ] = None,
+        mask_polygons: Annotated[
+            str | None,
+            Form(
+                max_length=FORM_LIMITS["max_part_size"],
+                description='Inspection mask as polygons JSON: {"width": W, "height": H, "polygons": '
+                "[[[x, y], ...], ...]} in original-image pixels (without width/height: the first image's size).",
+            ),
+        ] = None,
     ) -> JSONResponse:
         validate_bank_name(name)
+        mask_file = await _read_mask(service, mask, mask_polygons)
         job_id, staged = service.jobs.staging_path()
         try:
             await run_in_threadpool(_copy_upload, archive, staged)
+            if mask_file is not None:
+                (staged.parent / mask_file[0]).write_bytes(mask_file[1])
         except BaseException:
             service.jobs.discard(job_id)
             raise
@@ -486,6 +590,46 @@ def _v1_router(service: Service) -> APIRouter:
         if status is None:
             raise JobNotFound(f"no job with id {job_id[:64]!r}")
         return status
+
+    @router.post(
+        "/banks/{name}/references",
+        response_model=TeachResponse,
+        tags=["banks"],
+        summary="Teach a bank that these images are normal: rebuilt with them as a new version",
+        form_limits={**FORM_LIMITS, "max_files": MAX_TEACH_IMAGES},
+    )
+    async def add_references(
+        name: str,
+        images: Annotated[list[UploadFile], File(description="One or more images of GOOD parts.")],
+    ) -> TeachResponse:
+        validate_bank_name(name)
+        if not images or len(images) > MAX_TEACH_IMAGES:
+            raise InvalidRequest(f"send 1 to {MAX_TEACH_IMAGES} images, got {len(images)}")
+        if service.jobs.active_for(name):
+            raise BankBusy(f"bank {name!r} is being built; add references when the job has finished")
+        if not await run_in_threadpool(pipeline.banks.exists, name):
+            raise BankNotFound(f"no bank named {name!r}")
+        datas = [await upload.read() for upload in images]
+        names = [_clean_name(u.filename) or f"taught_{i:02d}.png" for i, u in enumerate(images)]
+        try:
+            result = await run_in_threadpool(lambda: pipeline.add_references(datas, name, names=names))
+        except Exception as exc:
+            mapped = as_eagle_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from None
+        logger.info("bank %r taught %d image(s): version %s", name, len(datas), result.version)
+        return TeachResponse.model_validate(result.to_dict())
+
+    @router.get(
+        "/banks/{name}/versions", response_model=BankVersions, tags=["banks"], summary="Kept versions of a bank"
+    )
+    async def bank_versions(name: str) -> BankVersions:
+        validate_bank_name(name)
+        if not await run_in_threadpool(pipeline.banks.exists, name):
+            raise BankNotFound(f"no bank named {name!r}")
+        found = await run_in_threadpool(pipeline.banks.history, name)
+        return BankVersions(versions=[jsonable(v) for v in found])
 
     @router.delete("/banks/{name}", response_model=Deleted, tags=["banks"], summary="Delete a bank")
     async def delete_bank(name: str) -> Deleted:
@@ -598,6 +742,28 @@ def _audit_failure(service: Service, event: FailureAudit) -> None:
         error_message=message,
         latency_ms=event.latency_ms,
     )
+
+
+MAX_MASK_BYTES = 16 * 1024 * 1024
+"""Largest inspection mask (PNG file or polygons JSON) a bank build accepts."""
+
+
+async def _read_mask(service: Service, mask: UploadFile | None, polygons: str | None) -> tuple[str, bytes] | None:
+    """The staged mask file ``(name, bytes)`` of a bank build, checked now (422 ``invalid_mask``), or ``None``."""
+    if mask is not None and polygons is not None:
+        raise EagleError(
+            "send either mask (PNG) or mask_polygons (JSON), not both", code="invalid_mask", http_status=422
+        )
+    if mask is not None:
+        data = await mask.read(MAX_MASK_BYTES + 1)
+        if len(data) > MAX_MASK_BYTES:
+            raise EagleError(f"mask larger than {MAX_MASK_BYTES} bytes", code="invalid_mask", http_status=413)
+        await run_in_threadpool(service.pipeline.check_mask, data)
+        return "mask.png", data
+    if polygons is not None:
+        await run_in_threadpool(service.pipeline.check_mask, polygons)
+        return "mask.json", polygons.encode("utf-8")
+    return None
 
 
 def _copy_upload(upload: UploadFile, dest: Path) -> None:

@@ -4,6 +4,7 @@ Examples:
     $ EAGLE_SERVICE__TOKEN=$(cat /run/secrets/eagle_token) eagle serve --host 0.0.0.0 --no-mllm
     $ eagle watch --in /line3/incoming --out /line3/results --bank bolts
     $ eagle audit --since 24h --bank bolts --decision anomalous --csv anomalies.csv
+    $ eagle audit stats --since 7d --per day --csv line3.csv
 """
 
 from __future__ import annotations
@@ -64,6 +65,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     audit.add_argument("--csv", dest="csv_path", default=None, help="Write CSV to this file ('-': stdout).")
     audit.add_argument("--db", type=Path, default=None, help="Audit database (default: the configured one).")
     audit.set_defaults(func=run_audit)
+    audit_commands = audit.add_subparsers(dest="audit_command", metavar="SUBCOMMAND")
+    stats = audit_commands.add_parser(
+        "stats",
+        help="Line statistics per bank and period: defect and overrule rates, precision/recall, latency.",
+        description="Per bank and period: inspections, defect rate, overrule rate, precision/recall against operator "
+        "feedback (the operator's verdict as ground truth), expert-vs-MLLM disagreement, latency p50/p90/p99.",
+    )
+    stats.add_argument("--bank", dest="stats_bank", default=None, help="Only this bank.")
+    stats.add_argument("--since", dest="stats_since", default=None, help="From this time (inclusive).")
+    stats.add_argument("--until", dest="stats_until", default=None, help="Up to this time (exclusive).")
+    stats.add_argument(
+        "--per", choices=["all", "day", "week", "month"], default="all", help="Period of each row (UTC; default all)."
+    )
+    stats.add_argument("--csv", dest="stats_csv", default=None, help="Write CSV to this file ('-': stdout).")
+    stats.add_argument("--json", dest="stats_json", action="store_true", help="Print one JSON array.")
+    stats.add_argument("--db", dest="stats_db", type=Path, default=None, help="Audit database.")
+    stats.set_defaults(func=run_audit_stats)
 
 
 def _fail(message: str, exit_code: int = 2) -> Exception:
@@ -106,8 +124,8 @@ def run_serve(args: argparse.Namespace, settings: Any) -> int:
 
 def run_watch(args: argparse.Namespace, settings: Any) -> int:
     """``eagle watch``."""
-    from deploy.audit import AuditLog, default_audit_path
     from deploy.watch import FolderWatcher, WatcherBusyError
+    from eagle.audit import AuditLog, default_audit_path
     from eagle.banks import BankNameError, validate_bank_name
 
     if args.no_mllm:
@@ -157,13 +175,49 @@ def run_watch(args: argparse.Namespace, settings: Any) -> int:
     return 1 if failed else 0
 
 
+def _audit_path(db: Path | None, settings: Any) -> Path:
+    from eagle.audit import default_audit_path
+
+    path = Path(db or default_audit_path(settings))
+    if not path.exists():
+        raise _fail(f"no audit log at {path} (nothing inspected yet, or set EAGLE_SERVICE__AUDIT_PATH / --db)")
+    return path
+
+
+def run_audit_stats(args: argparse.Namespace, settings: Any) -> int:
+    """``eagle audit stats``."""
+    import json
+
+    from eagle.audit import AuditFilter, AuditLog, format_stats, parse_time, write_stats_csv
+
+    path = _audit_path(args.stats_db, settings)
+    try:
+        since = parse_time(args.stats_since) if args.stats_since else None
+        until = parse_time(args.stats_until) if args.stats_until else None
+    except ValueError as err:
+        raise _fail(str(err)) from None
+    with AuditLog(path) as log:
+        stats = log.stats(AuditFilter(since=since, until=until, bank=args.stats_bank), per=args.per)
+    if args.stats_csv == "-":
+        write_stats_csv(stats, sys.stdout)
+    elif args.stats_csv:
+        with open(args.stats_csv, "w", encoding="utf-8", newline="") as handle:
+            write_stats_csv(stats, handle)
+        print(f"eagle audit stats: {len(stats)} rows written to {args.stats_csv}", file=sys.stderr)
+    if args.stats_json:
+        print(json.dumps(stats))
+    elif not args.stats_csv:
+        for line in format_stats(stats):
+            print(line)
+        print(f"({len(stats)} bank/period rows)", file=sys.stderr)
+    return 0
+
+
 def run_audit(args: argparse.Namespace, settings: Any) -> int:
     """``eagle audit``."""
-    from deploy.audit import AuditFilter, AuditLog, default_audit_path, format_table, parse_time, write_csv
+    from eagle.audit import AuditFilter, AuditLog, format_table, parse_time, write_csv
 
-    path = args.db or default_audit_path(settings)
-    if not Path(path).exists():
-        raise _fail(f"no audit log at {path} (nothing inspected yet, or set EAGLE_SERVICE__AUDIT_PATH / --db)")
+    path = _audit_path(args.db, settings)
     if args.limit is not None and args.limit < 1:
         raise _fail("--limit must be at least 1")
     try:

@@ -233,11 +233,13 @@ class BankBuildJobs:
             paths = extract_zip(folder / "upload.zip", folder / "images", self.limits, suffixes=set(IMAGE_EXTENSIONS))
             self._update(job_id, progress=1.0)
             names = [path.relative_to(folder / "images").as_posix() for path in paths]  # unique, unlike base names
+            masks = [folder / m for m in ("mask.png", "mask.json") if (folder / m).is_file()]  # staged by the API
             summary = self.pipeline.build_bank(
                 paths,
                 status.bank,
                 names=names,
                 progress=lambda stage, fraction: self._progress(job_id, stage, fraction),
+                **({"mask": masks[0]} if masks else {}),
             )
             self._update(job_id, state="succeeded", finished=_now(), progress=1.0, result=jsonable(summary))
             logger.info("bank %r built by job %s", status.bank, job_id)

@@ -5,6 +5,7 @@
 * ``eagle_http_requests_total{route,method,status}`` and ``eagle_http_request_duration_seconds{route}``;
 * ``eagle_errors_total{code}`` (every error response by its JSON code);
 * ``eagle_inspections_total{bank,verdict}``;
+* ``eagle_feedback_total{bank,feedback}`` (operators' ``confirmed``/``overruled``) and ``eagle_overrules_total{bank}``;
 * ``eagle_stage_duration_seconds{stage}`` from each result's ``timings_ms``;
 * ``eagle_queue_depth``, ``eagle_queue_capacity``, ``eagle_worker_busy``, ``eagle_queue_rejections_total``;
 * ``eagle_bank_jobs{state}``;
@@ -168,6 +169,10 @@ class ServiceMetrics:
         )
         self.errors = r.counter("eagle_errors_total", "Error responses by error code.", ["code"])
         self.inspections = r.counter("eagle_inspections_total", "Inspections completed.", ["bank", "verdict"])
+        self.feedback = r.counter(
+            "eagle_feedback_total", "Operator feedback on verdicts (confirmed or overruled).", ["bank", "feedback"]
+        )
+        self.overrules = r.counter("eagle_overrules_total", "Verdicts overruled by an operator.", ["bank"])
         self.stage_seconds = r.histogram(
             "eagle_stage_duration_seconds", "Pipeline stage latency from the result's timings, seconds.", ["stage"]
         )
@@ -209,6 +214,12 @@ class ServiceMetrics:
         for stage, ms in timings_ms.items():
             if isinstance(ms, int | float) and math.isfinite(ms) and ms >= 0:
                 self.stage_seconds.observe(ms / 1000.0, stage=str(stage))
+
+    def observe_feedback(self, bank: str, feedback: str) -> None:
+        """Count one operator feedback (``confirmed``/``overruled``); an overrule also counts as an overrule."""
+        self.feedback.inc(bank=bank, feedback=feedback)
+        if feedback == "overruled":
+            self.overrules.inc(bank=bank)
 
     def render(self) -> str:
         """The exposition text for ``GET /metrics``."""

@@ -82,6 +82,21 @@ class BodyTooLarge(HTTPException):
         super().__init__(status_code=413, detail=limit.message())
 
 
+def route_value(table: dict[tuple[str, str], Any], method: str, path: str, default: Any) -> Any:
+    """``table[(method, path)]``, where a key's path may name one segment as ``{param}`` (``/v1/banks/{name}/x``)."""
+    found = table.get((method, path))
+    if found is not None:
+        return found
+    parts = path.split("/")
+    for (key_method, key_path), value in table.items():
+        pattern = key_path.split("/")
+        if key_method == method and "{" in key_path and len(pattern) == len(parts):
+            pairs = zip(pattern, parts, strict=True)
+            if all(p == q or (p.startswith("{") and p.endswith("}") and q) for p, q in pairs):
+                return value
+    return default
+
+
 def is_protected(path: str) -> bool:
     """Whether ``path`` needs the bearer token (every ``/v1`` endpoint, ``/metrics`` and the schema pages)."""
     return path == "/v1" or any(path == p or path.startswith(p) for p in PROTECTED_PREFIXES)
@@ -183,7 +198,7 @@ class RequestGate:
             await send(message)
 
         route_label = "(unmatched)"
-        limit = self.body_limits.get((scope.get("method", ""), scope["path"]), self.default_body_limit)
+        limit = route_value(self.body_limits, scope.get("method", ""), scope["path"], self.default_body_limit)
         try:
             early: ServiceError | None = None
             if is_protected(scope["path"]):

@@ -47,11 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from deploy.annotate import annotated_image, encode_png
-from deploy.audit import AuditLog, utc_now
 from deploy.errors import BankNotFound
 from deploy.limits import check_image_pixels
 from eagle import atomic
+from eagle.annotate import annotated_image, encode_png
+from eagle.audit import AuditLog, utc_now
 from eagle.errors import ErrorInfo, describe, one_line
 from eagle.images import IMAGE_EXTENSIONS, image_sha256
 

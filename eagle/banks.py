@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -36,7 +37,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from eagle import bank_versions
 from eagle.archives import ArchiveLimits, describe_names, extract_zip, scan_zip
+from eagle.bank_versions import BankVersion, BankVersionNotFoundError
 from eagle.errors import EagleError
 from eagle.settings import ExpertSettings
 from expert.bank import META_FILE, ONNX_FILE, TENSORS_FILE, BankError, is_bank_file, read_meta
@@ -51,6 +54,8 @@ __all__ = [
     "BankNotFoundError",
     "BankStore",
     "BankSummary",
+    "BankVersion",
+    "BankVersionNotFoundError",
     "probe_expert",
     "validate_bank_name",
 ]
@@ -97,6 +102,7 @@ class BankSummary:
     distance: str
     warning: str | None = None
     build_warnings: tuple[str, ...] = ()  # meta.json "warnings" (e.g. few references, an empty CAAS band)
+    mask: str | None = None  # the inspection mask, e.g. "412 of 784 patches (png:mask.png 640x480)"; None: none
 
 
 def is_valid_bank_name(name: object) -> bool:
@@ -132,16 +138,23 @@ def validate_bank_name(name: object) -> str:
 class BankStore:
     """Banks under one root directory (``settings.banks_dir``), one sub-directory each.
 
-    Loaded experts are cached per name and dropped when the bank is rebuilt, deleted or replaced.
-    Thread-safe.
+    Banks are versioned (:mod:`eagle.bank_versions`): every change (:meth:`write_version`: build, teach, import)
+    writes a complete new version and swaps the ``<root>/<name>`` symlink to it atomically; the ``versions_kept``
+    newest are kept, :meth:`rollback` points back at one. Loaded experts are cached per name, pinned to the
+    version directory they were loaded from, and reloaded when the name points at another version (a change
+    made by this process or any other, e.g. ``eagle bank add`` next to a running service): a request uses the
+    old version or the new one, never a half-written bank. Thread-safe.
     """
 
-    def __init__(self, root: Path, settings: ExpertSettings) -> None:
+    def __init__(self, root: Path, settings: ExpertSettings, *, versions_kept: int = 5) -> None:
         self.root = Path(root)
         self.settings = settings
+        self.versions_kept = max(1, int(versions_kept))
         self._cache: dict[str, ExpertScorer] = {}
-        self._templates: dict[tuple[str, int], np.ndarray] = {}
-        self._broken: dict[str, tuple[tuple[int, int], str]] = {}
+        self._stamps: dict[str, tuple[str, int, int]] = {}
+        self._write_lock = threading.Lock()
+        self._templates: dict[tuple[str, str, int], np.ndarray] = {}  # (name, bank id, index)
+        self._broken: dict[str, tuple[tuple[str, int, int], str]] = {}
         self._lock = threading.RLock()
 
     def path(self, name: str) -> Path:
@@ -180,27 +193,35 @@ class BankStore:
         """The expert of bank ``name``, loaded, test-inspected once (:func:`probe_expert`) and cached.
 
         A bank that fails is remembered (its error is raised again at once) until its meta.json changes, or
-        :meth:`forget` is called (rebuild, import, delete).
+        :meth:`forget` is called (rebuild, import, delete). A cached expert is reloaded when the bank now points
+        at another version (or its meta.json changed); it is loaded from the version's own directory, so its
+        reference images stay those of the version it scores with.
 
         Raises:
             BankNotFoundError: no such bank (a ``FileNotFoundError``).
             BankError: unreadable, built with other settings, or unable to score.
         """
         with self._lock:
+            path = self._require(name)
+            stamp = _stamp(path)
             scorer = self._cache.get(name)
-            if scorer is None:
-                path = self._require(name)
-                stamp = _stamp(path)
-                broken = self._broken.get(name)
-                if broken is not None and broken[0] == stamp:
-                    raise BankError(broken[1])
-                try:
-                    scorer = open_expert(path, self.settings, label=f"bank {name!r}")
-                except BankError as err:
-                    self._broken[name] = (stamp, str(err))
-                    raise
-                self._broken.pop(name, None)
-                self._cache[name] = scorer
+            if scorer is not None and self._stamps.get(name) == stamp:
+                return scorer
+            broken = self._broken.get(name)
+            if broken is not None and broken[0] == stamp:
+                raise BankError(broken[1])
+            try:
+                scorer = open_expert(Path(stamp[0]), self.settings, label=f"bank {name!r}")
+            except BankError as err:
+                self._broken[name] = (stamp, str(err))
+                raise
+            if name in self._cache:
+                log.info("bank %r changed on disk (now %s): reloaded", name, Path(stamp[0]).name)
+            self._broken.pop(name, None)
+            for key in [k for k in self._templates if k[0] == name]:
+                del self._templates[key]
+            self._cache[name] = scorer
+            self._stamps[name] = stamp
             return scorer
 
     def unusable(self) -> dict[str, str]:
@@ -208,12 +229,17 @@ class BankStore:
         with self._lock:
             return {name: message for name, (_, message) in self._broken.items() if self.exists(name)}
 
-    def template_image(self, name: str, index: int) -> np.ndarray:
-        """The stored copy of reference ``index`` of bank ``name`` (RGB uint8), cached."""
-        key = (name, index)
+    def template_image(self, name: str, index: int, *, scorer: ExpertScorer | None = None) -> np.ndarray:
+        """The stored copy of reference ``index`` of bank ``name`` (RGB uint8), cached per bank version.
+
+        ``scorer``: the expert that scored the query (so the template comes from the same version); default the
+        bank's current one.
+        """
+        scorer = scorer or self.load(name)
+        key = (name, scorer.bank.meta.bank_id, index)
         with self._lock:
             if key not in self._templates:
-                self._templates[key] = self.load(name).bank.load_reference(index)
+                self._templates[key] = scorer.bank.load_reference(index)
             return self._templates[key]
 
     def reference_name(self, name: str, index: int) -> str:
@@ -224,18 +250,89 @@ class BankStore:
         """Drop cached objects of bank ``name`` (after a rebuild or delete)."""
         with self._lock:
             self._cache.pop(name, None)
+            self._stamps.pop(name, None)
             self._broken.pop(name, None)
             for key in [k for k in self._templates if k[0] == name]:
                 del self._templates[key]
 
     def delete(self, name: str) -> None:
-        """Delete bank ``name`` from disk."""
+        """Delete bank ``name`` from disk, with every kept version."""
         path = self._require(name)
-        with self._lock:
+        with self._write_lock, self._lock:
             self.forget(name)
-            trash = path.with_name(f".{path.name}.deleting")
-            path.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            if path.is_symlink():
+                path.unlink()
+            else:
+                trash = path.with_name(f".{path.name}.deleting")
+                path.rename(trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            bank_versions.remove_versions(self.root, name)
+
+    # ------------------------------------------------------------------ versions
+    def write_version(self, name: str, write: Callable[[Path], object], *, action: str, note: str = "") -> int:
+        """Write a new version of bank ``name`` and make it current; returns its number.
+
+        ``write(directory)`` must save a complete bank into ``directory`` (an empty, reserved version directory),
+        e.g. with :func:`expert.bank.save_bank` or :func:`expert.build.build_bank`. Only once it returned is the
+        bank's symlink swapped to it (atomically); then the oldest versions beyond :attr:`versions_kept` are
+        pruned. If ``write`` fails, nothing changes. An unversioned bank becomes version 1 first.
+
+        Args:
+            name: the bank (validated).
+            write: saves the bank into the directory it is given.
+            action: what made the version (``build``, ``teach``, ``import``), shown by :meth:`history`.
+            note: one line for people (e.g. which images were taught).
+        """
+        self.path(name)
+        with self._write_lock:
+            self.root.mkdir(parents=True, exist_ok=True)
+            bank_versions.adopt_legacy(self.root, name)
+            parent = bank_versions.current_version(self.root, name)
+            number, target = bank_versions.reserve_version(self.root, name)
+            try:
+                write(target)
+                if not (target / META_FILE).is_file():
+                    raise BankError(f"bank {name!r}: version {number} was not written")
+                bank_versions.write_note(self.root, name, number, action=action, note=note, parent=parent)
+                bank_versions.point_to(self.root, name, number)
+            except BaseException:
+                shutil.rmtree(target, ignore_errors=True)
+                bank_versions.drop_if_empty(self.root, name)
+                raise
+            bank_versions.prune(self.root, name, self.versions_kept)
+        log.info("bank %r: version %d (%s) is current", name, number, action)
+        return number
+
+    def current_version(self, name: str) -> int | None:
+        """The number of the version bank ``name`` uses now (None: an unversioned bank saved before versions)."""
+        self._require(name)
+        return bank_versions.current_version(self.root, name)
+
+    def history(self, name: str) -> list[BankVersion]:
+        """The kept versions of bank ``name``, oldest first, with τ, reference count, date and what made them."""
+        self._require(name)
+        return bank_versions.history(self.root, name)
+
+    def rollback(self, name: str, version: int) -> BankSummary:
+        """Make kept ``version`` current again by moving the pointer (nothing is copied or deleted).
+
+        The next change is numbered above the highest kept version, so a rollback is never overwritten.
+
+        Raises:
+            BankVersionNotFoundError: no such kept version. BankError: that version fails its test inspection.
+        """
+        self._require(name)
+        with self._write_lock:
+            if bank_versions.current_version(self.root, name) is None:
+                bank_versions.adopt_legacy(self.root, name)
+            target = bank_versions.version_dir(self.root, name, int(version))
+            if not (target / META_FILE).is_file():
+                kept = [v.version for v in bank_versions.history(self.root, name)]
+                raise BankVersionNotFoundError(f"bank {name!r} has no version {version} (kept: {kept})")
+            open_expert(target, self.settings, label=f"bank {name!r} version {version}")
+            bank_versions.point_to(self.root, name, int(version))
+        log.info("bank %r rolled back to version %d", name, version)
+        return self.summary(name)
 
     def export_zip(self, name: str, dest: Path) -> Path:
         """Write bank ``name`` as a zip (its files under a top folder named after the bank)."""
@@ -254,14 +351,15 @@ class BankStore:
         format are extracted (meta.json, bank.safetensors, backbone.onnx when meta.json has a checksum for it,
         and the reference images meta.json lists); anything else in the zip is skipped and named in the log. The
         zip's limits (:data:`BANK_ZIP_LIMITS`: entries, sizes, total ratio) are checked before anything is
-        written. An existing bank of that name is replaced only after the new one passed.
+        written. An existing bank of that name gets the import as its new version (:meth:`write_version`) only after
+        it passed.
 
         Raises:
             ArchiveError: unsafe, corrupt or too large zip. BankError: not a valid bank, built with other
                 settings, or unable to score (one line).
         """
         zip_path = Path(zip_path)
-        target = self.path(name)
+        self.path(name)  # validates the name before any work
         entries = scan_zip(zip_path, BANK_ZIP_LIMITS)
         metas = [e.filename for e in entries if PurePosixPath(e.filename).name == META_FILE]
         if len(metas) != 1:
@@ -296,15 +394,9 @@ class BankStore:
                 open_expert(root, self.settings, label=f"bank zip {zip_path.name!r}")
             except BankError as err:
                 raise BankError(str(err).replace(str(root), zip_path.name)) from None
+            self.write_version(name, lambda version: os.replace(root, version), action="import", note=zip_path.name)
             with self._lock:
                 self.forget(name)
-                if target.exists():
-                    old = target.with_name(f".{target.name}.replaced")
-                    target.rename(old)
-                    root.rename(target)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    root.rename(target)
         return self.summary(name)
 
 
@@ -327,13 +419,14 @@ def _bank_file_in(prefix: PurePosixPath, wanted: set[str]) -> Callable[[PurePosi
     return keep
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    """What identifies a bank's state on disk: its meta.json's modification time and size (ns, bytes)."""
+def _stamp(path: Path) -> tuple[str, int, int]:
+    """What identifies a bank's state on disk: the version directory it points at, its meta.json's time and size."""
+    real = os.path.realpath(path)
     try:
-        info = (path / META_FILE).stat()
+        info = (Path(real) / META_FILE).stat()
     except OSError:
-        return (0, 0)
-    return (info.st_mtime_ns, info.st_size)
+        return (real, 0, 0)
+    return (real, info.st_mtime_ns, info.st_size)
 
 
 def open_expert(path: Path, settings: ExpertSettings, *, label: str) -> ExpertScorer:
@@ -381,6 +474,11 @@ def summarize_bank(path: Path, settings: ExpertSettings, *, name: str | None = N
         weights_source=meta.backbone.weights,
         distance=meta.distance,
         build_warnings=tuple(meta.warnings),
+        mask=(
+            None
+            if meta.mask is None
+            else f"{meta.mask.patches} of {meta.dims.grid_h * meta.dims.grid_w} patches ({meta.mask.source})"
+        ),
         warning=(
             f"built from {meta.counts.references} references; {settings.recommended_references}+ are "
             "recommended for a reliable threshold"

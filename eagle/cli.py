@@ -12,6 +12,7 @@ Exit codes: 0 success; 1 some inputs failed (each named on stderr); 2 usage, con
 Example:
     $ eagle build-bank --normals ./good --name widget
     $ eagle score --bank ~/.local/share/eagle/banks/widget part1.png part2.jpg --json
+    $ eagle bank list --json
 """
 
 from __future__ import annotations
@@ -61,14 +62,15 @@ def command_modules() -> list[ModuleType]:
 
     Example:
         >>> [m.__name__ for m in command_modules()]
-        ['eagle.cli_expert', 'deploy.cli', 'eagle.evaluation.cli', 'app.cli']
+        ['eagle.cli_expert', 'eagle.cli_bank', 'deploy.cli', 'eagle.evaluation.cli', 'app.cli']
     """
     import app.cli
     import deploy.cli
+    import eagle.cli_bank
     import eagle.cli_expert
     import eagle.evaluation.cli
 
-    return [eagle.cli_expert, deploy.cli, eagle.evaluation.cli, app.cli]
+    return [eagle.cli_expert, eagle.cli_bank, deploy.cli, eagle.evaluation.cli, app.cli]
 
 
 def build_parser(modules: Sequence[str] | None = None) -> CommandRegistry:

@@ -48,6 +48,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="Build from the readable images when some files cannot be read (each skipped file is listed).",
     )
+    build.add_argument(
+        "--mask",
+        type=Path,
+        default=None,
+        metavar="FILE.png|FILE.json",
+        help="Inspection mask in original-image pixels: a binary PNG (white = inspected) or polygons JSON "
+        '({"width": W, "height": H, "polygons": [[[x, y], ...], ...]}); patches outside never count '
+        "(docs/bank-format.md).",
+    )
     build.add_argument("--json", action="store_true", help="Print the summary as one JSON object.")
     build.add_argument("--no-progress", action="store_true", help="No progress bar on stderr.")
     build.set_defaults(func=run_build_bank)
@@ -124,6 +133,9 @@ def run_build_bank(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandError(str(err)) from None
     if not args.normals.is_dir():
         raise CommandError(f"--normals {str(args.normals)!r} is not a directory")
+    mask = getattr(args, "mask", None)
+    if mask is not None and not mask.is_file():
+        raise CommandError(f"--mask {str(mask)!r} is not a file")
     paths = list_images(args.normals)
     names = [path.relative_to(args.normals).as_posix() for path in paths]
     out_dir = args.out.expanduser() if args.out else None
@@ -139,6 +151,7 @@ def run_build_bank(args: argparse.Namespace, settings: Settings) -> int:
             skip_unreadable=args.skip_unreadable,
             on_unreadable=unreadable.append,
             out_dir=out_dir,
+            mask=mask,
         )
     except ReferenceImagesError as err:
         raise CommandError(
@@ -181,9 +194,16 @@ def _bank_summary(meta, directory: Path, *, n_files: int, stage_seconds: dict[st
         "s_max": meta.threshold.s_max,
         "distance": meta.distance,
         "weights": meta.backbone.weights_source,
+        "mask": None if meta.mask is None else {"patches": meta.mask.patches, "source": meta.mask.source},
         "warnings": list(meta.warnings),
         "seconds": {stage: round(value, 3) for stage, value in stage_seconds.items()},
     }
+
+
+def _mask_line(mask: dict[str, Any] | None, per_image: int) -> str:
+    if mask is None:
+        return "none (every patch inspected)"
+    return f"{mask['patches']} of {per_image} patches inspected ({mask['source']})"
 
 
 def _caas_band(tau: float, s_max: float) -> str:
@@ -202,6 +222,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         ("references", f"{summary['references']} images used of {summary['files']} files{skipped}"),
         ("patches", f"{summary['patches']}"),
         ("coreset", f"{summary['coreset_size']} patches ({share:.1f} %)"),
+        ("mask", _mask_line(summary["mask"], summary["patches"] // max(1, summary["references"]))),
         ("threshold", f"{summary['threshold_method']} ({summary['distance']} distance)"),
         ("dbt images", f"{summary['used_for_dbt']} of {summary['references']}"),
         ("tau", f"{summary['tau']:.6g}"),

@@ -19,12 +19,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from eagle.banks import BankStore, BankSummary, summarize_bank, validate_bank_name
+from eagle.bank_versions import BankVersion
+from eagle.banks import BankError, BankStore, BankSummary, summarize_bank, validate_bank_name
 from eagle.errors import EagleError, one_line
 from eagle.images import DecodedImage, ImageError, decode_image, load_image, resize_rgb, view_size
 from eagle.images import image_sha256 as sha256_of_image
@@ -34,7 +36,9 @@ from expert.progress import BUILD_STAGES as EXPERT_BUILD_STAGES
 from expert.progress import ProgressCallback
 
 if TYPE_CHECKING:  # the MLLM stack is imported only when it is used
-    from expert.scorer import ExpertResult
+    from expert.bank import BankMeta
+    from expert.config import ExpertSettings
+    from expert.scorer import ExpertResult, ExpertScorer
     from mllm.inspector import MLLMAnswer, MLLMInspector
 
 log = logging.getLogger(__name__)
@@ -85,12 +89,16 @@ class BankCatalog(Protocol):
         """Banks whose last load failed, name → one-line reason."""
         ...
 
+    def history(self, name: str) -> list[BankVersion]:
+        """The kept versions of a bank, oldest first (``BankNotFoundError``)."""
+        ...
+
 
 @runtime_checkable
 class InspectionPipeline(Protocol):
     """What the edge service (API, jobs, watcher) needs of a pipeline; :class:`Pipeline` is the implementation.
 
-    The service's test double (``tests/service_helpers.FakePipeline``) implements it too: one contract.
+    The service's test double (``tests/fake_pipeline.FakePipeline``) implements it too: one contract.
     Its failures are :class:`~eagle.errors.EagleError` subclasses or mapped by :func:`eagle.errors.as_eagle_error`.
     """
 
@@ -126,6 +134,21 @@ class InspectionPipeline(Protocol):
         """Build or rebuild a bank (see :meth:`Pipeline.build_bank`)."""
         ...
 
+    def add_references(
+        self,
+        images: Sequence[Path | bytes | np.ndarray],
+        name: str,
+        *,
+        names: Sequence[str] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> TeachResult:
+        """Teach a bank that these images are normal, as a new version (see :meth:`Pipeline.add_references`)."""
+        ...
+
+    def check_mask(self, mask: bytes | str) -> None:
+        """Refuse a bad inspection mask before a build is queued (see :meth:`Pipeline.check_mask`)."""
+        ...
+
     def ready(self) -> dict[str, bool]:
         """Readiness facts (see :meth:`Pipeline.ready`)."""
         ...
@@ -133,6 +156,86 @@ class InspectionPipeline(Protocol):
     def load_mllm(self, progress: ProgressCallback | None = None) -> object:
         """Load the MLLM once (raises :class:`MLLMUnavailableError`)."""
         ...
+
+
+@dataclass(frozen=True)
+class TaughtImage:
+    """One image taught to a bank: its score against the bank before and after, and whether it passes."""
+
+    name: str
+    score_before: float
+    score_after: float
+    passed_before: bool
+    passes_now: bool
+
+
+@dataclass(frozen=True)
+class TeachResult:
+    """What :meth:`Pipeline.add_references` changed: versions, τ and s_max before → after, the taught images."""
+
+    bank: str
+    version_before: int | None
+    version: int
+    tau_before: float
+    tau_after: float
+    s_max_before: float
+    s_max_after: float
+    references_before: int
+    references_after: int
+    taught: list[TaughtImage] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (the API's and ``eagle bank add --json``'s answer)."""
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One paragraph for people: ``τ 0.41 → 0.47 (version 3 → 4); part.png: 0.52 → 0.31, passes now``."""
+        lines = [
+            f"bank {self.bank!r}: version {self.version_before or 'unversioned'} → {self.version}, "
+            f"references {self.references_before} → {self.references_after}, "
+            f"τ {self.tau_before:.4g} → {self.tau_after:.4g}, s_max {self.s_max_before:.4g} → {self.s_max_after:.4g}"
+        ]
+        for image in self.taught:
+            verdict = "passes now" if image.passes_now else "would still be flagged"
+            lines.append(f"  {image.name}: score {image.score_before:.4g} → {image.score_after:.4g}, {verdict}")
+        return "\n".join(lines)
+
+
+def _unique_names(new: Sequence[str], taken: Sequence[str]) -> list[str]:
+    """``new`` with a ``-taught-N`` suffix where a name is already in ``taken`` (bank names must be unique)."""
+    used, out = set(taken), []
+    for original in new:
+        candidate, n = original, 1
+        while candidate in used:
+            stem, dot, suffix = original.rpartition(".")
+            candidate = f"{stem}-taught-{n}.{suffix}" if dot else f"{original}-taught-{n}"
+            n += 1
+        used.add(candidate)
+        out.append(candidate)
+    return out
+
+
+_THRESHOLD_PARAMS = ("kappa", "quantile", "mad_k", "evt_quantile")
+
+
+def _settings_of_bank(running: ExpertSettings, meta: BankMeta) -> ExpertSettings:
+    """The running expert settings with the bank's own coreset, seed, threshold and reference-size settings.
+
+    A rebuild (teach) must derive τ the way the bank's first build did, whatever the running threshold settings.
+    """
+    update = {
+        "coreset_ratio": meta.coreset.ratio,
+        "coreset_projection_dim": meta.coreset.projection_dim,
+        "coreset_starts": meta.coreset.num_starts,
+        "coreset_start_method": meta.coreset.start_method,
+        "seed": meta.coreset.seed,
+        "threshold_method": meta.threshold.method,
+        "min_unsampled_patches": meta.threshold.min_unsampled_patches,
+        "dbt_search": meta.threshold.search,
+        "reference_max_side": meta.reference_max_side or running.reference_max_side,
+    }
+    update.update({k: float(v) for k, v in meta.threshold.params.items() if k in _THRESHOLD_PARAMS})
+    return running.model_copy(update=update)
 
 
 class ReferenceImagesError(ImageError):
@@ -181,7 +284,11 @@ class Pipeline:
 
     def __init__(self, settings: Settings, *, banks_dir: Path | None = None) -> None:
         self.settings = settings
-        self.banks = BankStore(settings.banks_dir if banks_dir is None else Path(banks_dir), settings.expert)
+        self.banks = BankStore(
+            settings.banks_dir if banks_dir is None else Path(banks_dir),
+            settings.expert,
+            versions_kept=settings.bank_versions_kept,
+        )
         self._weights_info = None  # WeightsInfo once the weights were loaded; the torch module is not kept
         self._backbone_lock = threading.Lock()
         self._inspector: MLLMInspector | None = None
@@ -300,6 +407,7 @@ class Pipeline:
         skip_unreadable: bool = False,
         on_unreadable: Callable[[str], None] | None = None,
         out_dir: Path | None = None,
+        mask: object | None = None,
     ) -> BankSummary:
         """Build (or rebuild) the bank ``name`` from normal reference images.
 
@@ -312,10 +420,15 @@ class Pipeline:
                 --skip-unreadable``); the summary's ``n_references`` says how many were used.
             on_unreadable: called with each unreadable image's one-line message.
             out_dir: write the bank there instead of ``<banks_dir>/<name>`` (``eagle build-bank --out``).
+            mask: the inspection mask (issue 14, :mod:`expert.mask`): a ``.png`` / ``.json`` path, PNG bytes, a polygons
+                dict or list (JSON form), an ``H × W`` picture in original-image pixels (bool, or RGB/RGBA: white and
+                opaque = inspected), or a bool array of the patch grid's shape (an existing bank's ``bank.mask``,
+                taken as is). Polygons without a size are sized like the first reference image. None: no mask.
 
         Raises:
             ReferenceImagesError: some images are unreadable (all are listed; nothing is built).
             BankNameError: the name is not allowed.
+            EagleError: ``invalid_mask`` (422): the mask cannot be read or covers no patch.
         """
         from expert.build import build_bank
 
@@ -326,25 +439,173 @@ class Pipeline:
         decoded, kept_names = self.read_images(
             images, names, skip_unreadable=skip_unreadable, on_unreadable=on_unreadable
         )
+        grid_mask, mask_source = self._grid_mask(mask, decoded)
         if progress:
             progress("read", 1.0)
         with self._backbone_lock:  # waits for a start-up warm-up that is exporting the graph right now
             weights_info, backbone = self._weights()
-        build_bank(
-            decoded,
-            kept_names,
-            settings=self.settings.expert,
-            backbone=backbone,
-            weights_info=weights_info,
-            out_dir=target,
-            name=name,
-            progress=progress,
-            onnx_cache=self.onnx_cache,
-        )
+
+        def write(directory: Path) -> None:
+            build_bank(
+                decoded,
+                kept_names,
+                settings=self.settings.expert,
+                backbone=backbone,
+                weights_info=weights_info,
+                out_dir=directory,
+                name=name,
+                progress=progress,
+                onnx_cache=self.onnx_cache,
+                mask=grid_mask,
+                mask_source=mask_source,
+            )
+
         if out_dir is not None:
+            write(target)
             return summarize_bank(target, self.settings.expert, name=name)
+        self.banks.write_version(name, write, action="build", note=f"{len(decoded)} reference images")
         self.banks.forget(name)
         return self.banks.summary(name)
+
+    def check_mask(self, mask: bytes | str) -> None:
+        """Check a mask before a background build (PNG bytes, or polygons JSON text) so it fails now, not later.
+
+        Polygons without a size are only parsed here; they are mapped once the references give the size.
+
+        Raises:
+            EagleError: ``invalid_mask`` (422).
+        """
+        import json
+
+        from expert.mask import MaskError, parse_polygons
+
+        if isinstance(mask, bytes):
+            self._grid_mask(mask, [])
+            return
+        try:
+            spec = json.loads(mask)
+        except json.JSONDecodeError as err:
+            raise EagleError(f"mask polygons: not valid JSON ({err})", code="invalid_mask", http_status=422) from None
+        try:
+            parse_polygons(spec, default_size=(1, 1))
+        except MaskError as err:
+            raise EagleError(one_line(err), code="invalid_mask", http_status=422) from None
+        if isinstance(spec, dict) and "width" in spec:
+            self._grid_mask(spec, [])
+
+    def _grid_mask(self, mask: object | None, decoded: Sequence[np.ndarray]) -> tuple[np.ndarray | None, str]:
+        """The bank's grid mask and its description from any mask source :meth:`build_bank` accepts."""
+        if mask is None:
+            return None, ""
+        from expert.bank import expected_grid
+        from expert.mask import MaskError, grid_mask_from_source
+
+        expert = self.settings.expert
+        grid = expected_grid(expert.crop)
+        if isinstance(mask, np.ndarray) and mask.ndim == 2 and mask.shape == grid:  # a grid mask (e.g. a bank's own)
+            return np.asarray(mask, dtype=bool), "grid"
+        default_size = (decoded[0].shape[1], decoded[0].shape[0]) if decoded else None
+        try:
+            return grid_mask_from_source(
+                mask,
+                resize=expert.resize,
+                crop=expert.crop,
+                center_crop=expert.center_crop,
+                grid=grid,
+                default_size=default_size,
+            )
+        except MaskError as err:
+            raise EagleError(one_line(err), code="invalid_mask", http_status=422) from None
+
+    def add_references(
+        self,
+        images: Sequence[Path | bytes | np.ndarray],
+        name: str,
+        *,
+        names: Sequence[str] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> TeachResult:
+        """Teach bank ``name`` that ``images`` are normal: rebuild it from its references plus these, as a new version.
+
+        The bank is rebuilt from its stored reference copies (at their stored size, up to
+        ``expert.reference_max_side`` px) followed by the new images, with the bank's own coreset, seed and
+        threshold settings, so τ and s_max are recomputed the way they were first derived. The new version is
+        written completely, then made current atomically (:meth:`~eagle.banks.BankStore.write_version`); the
+        previous one stays in the history. Each taught image is scored against the old and the new bank.
+
+        Raises:
+            BankNotFoundError: no such bank. ReferenceImagesError: some images are unreadable (nothing changes).
+            BankError: the bank cannot be loaded, or the running backbone weights are not the bank's.
+        """
+        from expert.build import build_bank
+
+        validate_bank_name(name)
+        if not images:
+            raise ReferenceImagesError("no images to add: give at least one image of a good part")
+        decoded, new_names = self.read_images(images, names)
+        with self._backbone_lock:
+            weights_info, backbone = self._weights()
+        before: dict = {}
+
+        def write(directory: Path) -> None:
+            scorer = self.banks.load(name)  # the current version, read under the store's write lock
+            bank = scorer.bank
+            meta = bank.meta
+            if weights_info.checksum != meta.backbone.weights_checksum:
+                raise BankError(
+                    f"bank {name!r} was built with other backbone weights ({meta.backbone.weights_source}) than the "
+                    f"running ones ({weights_info.source}); rebuild it from its images instead"
+                )
+            before.update(
+                version=self.banks.current_version(name),
+                tau=bank.tau,
+                s_max=bank.s_max,
+                n=len(meta.references),
+                scores=[float(scorer.score(image).score) for image in decoded],
+            )
+            stored = [bank.load_reference(i) for i in range(len(meta.references))]
+            stored_names = [ref.name for ref in meta.references]
+            build_bank(
+                [*stored, *decoded],
+                [*stored_names, *_unique_names(new_names, stored_names)],
+                settings=_settings_of_bank(self.settings.expert, meta),
+                backbone=backbone,
+                weights_info=weights_info,
+                out_dir=directory,
+                name=meta.name,
+                progress=progress,
+                onnx_cache=self.onnx_cache,
+                mask=bank.mask,  # the inspection mask stays (issue 14 §2)
+                mask_source=meta.mask.source if meta.mask is not None else "",
+            )
+
+        shown = ", ".join(new_names[:3]) + (f" and {len(new_names) - 3} more" if len(new_names) > 3 else "")
+        version = self.banks.write_version(name, write, action="teach", note=f"added {shown}")
+        scorer = self.banks.load(name)
+        taught = []
+        for image_name, image, old_score in zip(new_names, decoded, before["scores"], strict=True):
+            now = scorer.score(image)
+            taught.append(
+                TaughtImage(
+                    name=image_name,
+                    score_before=old_score,
+                    score_after=float(now.score),
+                    passed_before=old_score < before["tau"],
+                    passes_now=not now.anomalous,
+                )
+            )
+        return TeachResult(
+            bank=name,
+            version_before=before["version"],
+            version=version,
+            tau_before=float(before["tau"]),
+            tau_after=float(scorer.bank.tau),
+            s_max_before=float(before["s_max"]),
+            s_max_after=float(scorer.bank.s_max),
+            references_before=int(before["n"]),
+            references_after=len(scorer.bank.meta.references),
+            taught=taught,
+        )
 
     # ------------------------------------------------------------------ MLLM
     @property
@@ -451,9 +712,7 @@ class Pipeline:
 
     def run_expert(self, image: np.ndarray | DecodedImage, bank: str) -> ExpertResult:
         """Score one decoded image with the bank's expert (the evaluation calls this once per image)."""
-        if isinstance(image, DecodedImage):
-            return self.banks.load(bank).score(image.pixels, original_size=image.original_size)
-        return self.banks.load(bank).score(image)
+        return _score(self.banks.load(bank), image)
 
     def inspect(
         self,
@@ -474,8 +733,11 @@ class Pipeline:
         decoded = self.decode(image, image_name=image_name)
         sha = sha256_of_image(decoded)
         decode_ms = (time.perf_counter() - t0) * 1000
-        expert = self.run_expert(decoded, bank)
-        result = self.finish(decoded, expert, bank, options, image_name=image_name, image_sha256=sha)
+        # One scorer for the whole request: a new bank version made current meanwhile (teach, rollback) is used
+        # from the next request on, never half-way through this one (score, template and bank id agree).
+        scorer = self.banks.load(bank)
+        expert = _score(scorer, decoded)
+        result = self.finish(decoded, expert, bank, options, image_name=image_name, image_sha256=sha, scorer=scorer)
         result.timings_ms = {"decode": decode_ms, **result.timings_ms}
         result.timings_ms["total"] = (time.perf_counter() - t0) * 1000
         return result
@@ -502,6 +764,7 @@ class Pipeline:
         image_sha256: str | None = None,
         template: np.ndarray | None = None,
         template_name: str | None = None,
+        scorer: ExpertScorer | None = None,
     ) -> InspectionResult:
         """Turn an expert result into the full record, asking the MLLM when enabled and requested.
 
@@ -510,16 +773,17 @@ class Pipeline:
         at its bounded :meth:`view`, the boxes and sizes in the record are the ORIGINAL image's.
         ``template`` (RGB uint8) replaces the bank's retrieved template (the evaluation passes MMAD's own
         ``similar_templates`` image); ``template_name`` is then recorded as the result's ``template``.
+        ``scorer`` is the bank's expert that produced ``expert`` (default: the bank's current one).
         """
         from expert.boxes import draw_boxes, heatmap_overlay
 
         options = options or InspectOptions()
-        scorer = self.banks.load(bank)
+        scorer = scorer or self.banks.load(bank)
         timings = dict(expert.timings_ms)
         t0 = time.perf_counter()
         if template is None:
-            template_img = self.banks.template_image(bank, expert.template_index)
-            template_name = self.banks.reference_name(bank, expert.template_index)
+            template_img = self.banks.template_image(bank, expert.template_index, scorer=scorer)
+            template_name = scorer.reference_name(expert.template_index)
         else:
             template_img = np.ascontiguousarray(template)
             template_name = template_name or "external template"
@@ -625,3 +889,10 @@ class Pipeline:
             answer=answer,
             setting=result.prompt_setting or self.settings.prompt.setting,
         )
+
+
+def _score(scorer: ExpertScorer, image: np.ndarray | DecodedImage) -> ExpertResult:
+    """Score a query with ``scorer``; a reduced decode is scored with its ORIGINAL geometry."""
+    if isinstance(image, DecodedImage):
+        return scorer.score(image.pixels, original_size=image.original_size)
+    return scorer.score(image)

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=_default_data_dir, description="Banks, audit log and app state.")
     max_image_pixels: int = Field(64_000_000, ge=1, description="Larger images are refused (decompression-bomb guard).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    bank_versions_kept: int = Field(
+        5, ge=1, description="Versions kept per bank (every build, teach or import writes one; the oldest are pruned)."
+    )
     expert: ExpertSettings = Field(default_factory=ExpertSettings)
     mllm: MLLMSettings = Field(default_factory=MLLMSettings)
     caas: CAASSettings = Field(default_factory=CAASSettings)

@@ -4,7 +4,7 @@ A bank is a directory (format described for users in ``docs/bank-format.md``)::
 
     <bank>/
       bank.safetensors   memory_bank [M, D] f32, train_scores [U] f32, coreset_image_ids [M] i64,
-                         global_descriptors [N, Dg] f32
+                         global_descriptors [N, Dg] f32, optional inspection_mask [grid_h, grid_w] u8 (format 2)
       meta.json          BankMeta: versions, settings it was built with, tau, counts, references
       backbone.onnx      the exported feature extractor (optional: see BackboneMeta.onnx_sha256)
       references/        downscaled PNG copies of the N reference images (0000.png, 0001.png, ...)
@@ -45,8 +45,10 @@ if TYPE_CHECKING:
     from expert.config import ExpertSettings
     from expert.dbt import Threshold
 
-BANK_FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+BANK_FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2})
+"""Format 2 added the optional inspection mask (``mask`` in meta.json, ``inspection_mask`` tensor); format-1 banks
+(no mask) still load."""
 TENSORS_FILE = "bank.safetensors"
 META_FILE = "meta.json"
 ONNX_FILE = "backbone.onnx"
@@ -57,6 +59,8 @@ TENSOR_DTYPES = {
     "coreset_image_ids": np.int64,
     "global_descriptors": np.float32,
 }
+MASK_TENSOR = "inspection_mask"
+"""Optional tensor (format 2): uint8 [grid_h, grid_w], 1 = the patch is inspected; present iff meta.json's ``mask``."""
 _CHUNK = 1 << 20
 DEFAULT_REFERENCE_MAX_SIDE = 1024
 """Longest side of the stored reference copies (``expert.reference_max_side``): large enough for the MLLM's budget."""
@@ -141,6 +145,16 @@ class ThresholdMeta(_Meta):
     )
 
 
+class MaskMeta(_Meta):
+    """The bank's inspection mask (format 2): how many patches it keeps, the rule and where it came from."""
+
+    patches: int = Field(ge=1, description="grid patches inside the mask (= sum of the inspection_mask tensor)")
+    rule: Literal["patch_centre"] = Field(
+        "patch_centre", description="a patch counts iff the original pixel under its centre is inside"
+    )
+    source: str = Field("", description="where the mask came from, e.g. 'png:mask.png 640x480' or 'polygons:2 ...'")
+
+
 class CountsMeta(_Meta):
     """References, how many were used/skipped by DBT, patches embedded, memory-bank rows."""
 
@@ -183,6 +197,9 @@ class BankMeta(_Meta):
         ge=1,
         description="longest side the reference copies were stored at, at most (never upscaled); absent in banks "
         "saved before references were kept large (they hold 512-px thumbnails)",
+    )
+    mask: MaskMeta | None = Field(
+        None, description="the inspection mask (format 2; null or absent: every patch is inspected)"
     )
 
 
@@ -316,6 +333,8 @@ class Bank:
         meta: the :class:`BankMeta`.
         directory: where the bank lives (None until saved).
         notes: non-fatal differences between the bank and the running settings found by :func:`load_bank`.
+        inspection_mask: bool [grid_h, grid_w], True where patches are inspected; None: every patch (no mask).
+            Patches outside never count: the memory bank, ``train_scores`` and query scores only use those inside.
     """
 
     memory_bank: np.ndarray
@@ -325,10 +344,21 @@ class Bank:
     meta: BankMeta
     directory: Path | None = None
     notes: list[str] = field(default_factory=list)
+    inspection_mask: np.ndarray | None = None
 
     def tensors(self) -> dict[str, np.ndarray]:
-        """The four tensors by their file names, as contiguous arrays of their file dtypes."""
-        return {name: np.ascontiguousarray(getattr(self, name), dtype=dtype) for name, dtype in TENSOR_DTYPES.items()}
+        """The tensors by their file names, as contiguous arrays of their file dtypes (the mask only when set)."""
+        tensors = {
+            name: np.ascontiguousarray(getattr(self, name), dtype=dtype) for name, dtype in TENSOR_DTYPES.items()
+        }
+        if self.inspection_mask is not None:
+            tensors[MASK_TENSOR] = np.ascontiguousarray(self.inspection_mask, dtype=np.uint8)
+        return tensors
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """The inspection mask as bool [grid_h, grid_w], or None when every patch is inspected."""
+        return None if self.inspection_mask is None else np.asarray(self.inspection_mask, dtype=bool)
 
     def _require_directory(self) -> Path:
         if self.directory is None:
@@ -407,6 +437,7 @@ def save_bank(
     """
     target = Path(directory).expanduser().absolute()
     meta = bank.meta.model_copy(deep=True)
+    meta.format_version = BANK_FORMAT_VERSION
     tensors = bank.tensors()
     _check_consistency(tensors, meta, where="bank to save")
     _check_target(target)
@@ -513,7 +544,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-_LATER_FIELDS: dict[tuple[str, str], Any] = {("threshold", "search"): "leave_own_out", ("", "reference_max_side"): None}
+_LATER_FIELDS: dict[tuple[str, str], Any] = {
+    ("threshold", "search"): "leave_own_out",
+    ("", "reference_max_side"): None,
+    ("", "mask"): None,
+}
 """(meta group, field) added to format 1 after banks were saved without it, with its default ("": top level)."""
 
 
@@ -642,7 +677,7 @@ def _read_tensors(root: Path) -> dict[str, np.ndarray]:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise BankError(f"{path}: unreadable safetensors file ({err})") from None
-    names = set(tensors)
+    names = set(tensors) - {MASK_TENSOR}
     if names != set(TENSOR_DTYPES):
         missing, extra = sorted(set(TENSOR_DTYPES) - names), sorted(names - set(TENSOR_DTYPES))
         raise BankError(f"{path}: tensors missing {missing} / unexpected {extra}")
@@ -679,6 +714,33 @@ def _check_consistency(tensors: dict[str, np.ndarray], meta: BankMeta, *, where:
         )
     if counts.patches != counts.references * dims.patches_per_image:
         raise BankError(f"{where}: counts.patches={counts.patches} != references x grid ({dims.patches_per_image})")
+    _check_mask(tensors.get(MASK_TENSOR), meta, where=where)
+
+
+def _check_mask(mask: np.ndarray | None, meta: BankMeta, *, where: str) -> None:
+    """The inspection mask: present iff meta.json has ``mask`` (format 2 only), uint8 0/1 of the grid's shape."""
+    if meta.mask is None:
+        if mask is not None:
+            raise BankError(f"{where}: {MASK_TENSOR} present but meta.json has no mask")
+        return
+    if meta.format_version < 2:
+        raise BankError(f"{where}: format_version {meta.format_version} banks carry no inspection mask")
+    if mask is None:
+        raise BankError(f"{where}: meta.json has a mask but {MASK_TENSOR} is missing")
+    grid = (meta.dims.grid_h, meta.dims.grid_w)
+    if mask.dtype != np.uint8:
+        raise BankError(f"{where}: {MASK_TENSOR} dtype {mask.dtype}, expected uint8")
+    if mask.shape != grid:
+        raise BankError(f"{where}: {MASK_TENSOR} shape {mask.shape}, the patch grid is {grid}")
+    if not np.isin(mask, (0, 1)).all():
+        raise BankError(f"{where}: {MASK_TENSOR} values must be 0 or 1")
+    inside = int(mask.sum())
+    if inside == 0:
+        raise BankError(f"{where}: {MASK_TENSOR} is empty (no patch inspected)")
+    if inside != meta.mask.patches:
+        raise BankError(
+            f"{where}: {MASK_TENSOR} has {inside} patches inside, meta.json mask.patches says {meta.mask.patches}"
+        )
 
 
 def _check_files(root: Path, meta: BankMeta) -> None:
@@ -748,6 +810,11 @@ def check_meaning(root: Path, meta: BankMeta, tensors: dict[str, np.ndarray]) ->
         )
     if meta.counts.coreset > meta.counts.patches:
         raise BankError(f"{where}: counts.coreset {meta.counts.coreset} > counts.patches {meta.counts.patches}")
+    if meta.mask is not None and meta.counts.coreset > meta.counts.references * meta.mask.patches:
+        raise BankError(
+            f"{where}: counts.coreset {meta.counts.coreset} > references x mask.patches "
+            f"({meta.counts.references} x {meta.mask.patches}): the memory bank holds only patches inside the mask"
+        )
     _check_threshold(where, meta.threshold, tensors["train_scores"])
     if meta.backbone.onnx_sha256 is not None:
         _check_onnx(root / ONNX_FILE, crop=crop, patches=grid[0] * grid[1], dim=dims.feature_dim)

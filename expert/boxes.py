@@ -223,7 +223,12 @@ def box_grid_size(height: int, width: int, max_side: int = BOX_GRID_MAX_SIDE) ->
 
 
 def find_boxes_in_original(
-    crop_map: np.ndarray, geometry: Geometry, *, max_boxes: int = 3, max_side: int = BOX_GRID_MAX_SIDE
+    crop_map: np.ndarray,
+    geometry: Geometry,
+    *,
+    max_boxes: int = 3,
+    max_side: int = BOX_GRID_MAX_SIDE,
+    crop_mask: np.ndarray | None = None,
 ) -> list[Box]:
     """Boxes in ORIGINAL pixels from the crop-resolution map, at a cost bounded by ``max_side``.
 
@@ -238,12 +243,16 @@ def find_boxes_in_original(
         geometry: the image's :class:`~expert.preprocess.Geometry` (original size, resize, crop).
         max_boxes: most boxes returned.
         max_side: longest side of the working grid.
+        crop_mask: bool ``crop_h × crop_w`` inspection mask (:func:`expert.mask.crop_mask`): pixels outside it are
+            not valid, so no box comes from them and they do not enter the binarisation statistics.
 
     Returns:
         Boxes in original pixel coordinates, highest peak first.
     """
     rows, cols = box_grid_size(geometry.orig_h, geometry.orig_w, max_side)
     amap, valid = render_map(crop_map, geometry, rows, cols)
+    if crop_mask is not None:
+        valid &= render_map(np.asarray(crop_mask, dtype=np.float32), geometry, rows, cols)[0] >= 0.5
     boxes = find_boxes(amap, valid, max_boxes=max_boxes)
     if (rows, cols) == (geometry.orig_h, geometry.orig_w):
         return boxes

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from expert.backbone import PatchEmbedder, build_patch_embedder
-from expert.bank import Bank, make_meta, save_bank
+from expert.bank import Bank, MaskMeta, make_meta, save_bank
 from expert.config import ExpertSettings
 from expert.coreset import greedy_coreset
 from expert.dbt import (
@@ -54,6 +54,7 @@ from expert.dbt import (
     training_scores,
 )
 from expert.embedder import Embedder, OnnxEmbedder, TorchEmbedder, embed_images
+from expert.mask import MaskError, check_grid_mask
 from expert.onnx_cache import BackboneSource, ExportKey, OnnxCache
 from expert.progress import BUILD_STAGES, ProgressCallback, report
 from expert.retrieval import global_descriptors
@@ -175,11 +176,16 @@ def _assemble_bank(
     threshold: Threshold,
     warnings: list[str],
     name: str,
+    mask: np.ndarray | None = None,
+    mask_source: str = "",
 ) -> Bank:
     n_images, n_patches, dim = features.shape
     if grid[0] * grid[1] != n_patches:
         raise ValueError(f"patch grid {grid} does not match {n_patches} patches per image")
-    descriptors = global_descriptors(features)
+    descriptors = global_descriptors(features)  # the whole image: retrieval picks the most similar reference
+    if mask is not None:  # memory bank, coreset ids and DBT skips are over the patches inside the mask only
+        features = features[:, mask.reshape(-1)]
+        n_patches = features.shape[1]
     meta = make_meta(
         name=name,
         settings=settings,
@@ -196,12 +202,15 @@ def _assemble_bank(
         coreset_size=len(selected),
     )
     meta.warnings = list(warnings)
+    if mask is not None:
+        meta.mask = MaskMeta(patches=int(mask.sum()), source=mask_source)
     return Bank(
         memory_bank=features.reshape(n_images * n_patches, dim)[selected],
         train_scores=np.asarray(scores, dtype=np.float32),
         coreset_image_ids=(selected // n_patches).astype(np.int64),
         global_descriptors=descriptors,
         meta=meta,
+        inspection_mask=None if mask is None else mask.astype(np.uint8),
     )
 
 
@@ -249,6 +258,8 @@ def fit_bank(
     name: str,
     progress: ProgressCallback | None = None,
     embedder: Embedder | None = None,
+    mask: np.ndarray | None = None,
+    mask_source: str = "",
 ) -> Bank:
     """Compute a bank in memory (stages ``embed``, ``coreset``, ``dbt``); nothing is written.
 
@@ -259,6 +270,7 @@ def fit_bank(
     ``embedder``: what computes the reference features (default: the torch module built on ``backbone``;
     :func:`build_bank` passes the exported ONNX backbone, the same one that will score queries).
     ``backbone`` may be None when ``embedder`` is given (the patch grid then follows the features).
+    ``mask`` / ``mask_source``: as :func:`build_bank`.
 
     Returns:
         An unsaved :class:`~expert.bank.Bank` (``directory`` is None).
@@ -272,14 +284,23 @@ def fit_bank(
             raise ValueError("fit_bank needs a backbone or an embedder")
         embedder = TorchEmbedder(_as_patch_embedder(backbone, settings.crop))
     features = _embed_stage(embedder, images, settings, progress)
-    selected = _coreset_stage(features, settings, progress)
-    scores, used, threshold = _dbt_stage(features, selected, settings, progress)
+    grid = _patch_grid(backbone, settings.crop, features.shape[1])
+    if mask is not None:
+        try:
+            mask = check_grid_mask(mask, grid)
+        except MaskError as err:
+            raise ValueError(str(err)) from None
+    # Patches outside the inspection mask never count: the coreset and the DBT training scores see only those inside.
+    inside = features if mask is None else features[:, mask.reshape(-1)]
+    selected = _coreset_stage(inside, settings, progress)
+    scores, used, threshold = _dbt_stage(inside, selected, settings, progress)
+    del inside
     for warning in _threshold_warnings(scores, used, threshold):
         log.warning("bank %s: %s", name, warning)
         warnings.append(warning)
     return _assemble_bank(
         names=names,
-        grid=_patch_grid(backbone, settings.crop, features.shape[1]),
+        grid=grid,
         settings=settings,
         weights_info=weights_info,
         features=features,
@@ -289,6 +310,8 @@ def fit_bank(
         threshold=threshold,
         warnings=warnings,
         name=name,
+        mask=mask,
+        mask_source=mask_source,
     )
 
 
@@ -303,6 +326,8 @@ def build_bank(
     name: str,
     progress: ProgressCallback | None = None,
     onnx_cache: OnnxCache | str | Path | None = None,
+    mask: np.ndarray | None = None,
+    mask_source: str = "",
 ) -> Bank:
     """Build a bank from normal reference images and save it to ``out_dir`` (atomically).
 
@@ -327,6 +352,10 @@ def build_bank(
         progress: ``progress(stage, fraction)`` called as each stage of :data:`BUILD_STAGES` advances.
         onnx_cache: the :class:`~expert.onnx_cache.OnnxCache` (or its directory) to take the graph from and
             store it in; None exports into a scratch directory every time (nothing cached).
+        mask: the inspection mask, bool ``[grid_h, grid_w]`` (:mod:`expert.mask` makes it from a PNG or polygons);
+            patches outside it never count: not in the coreset, not in the DBT training scores (τ), and queries
+            scored against the bank ignore them too. None: every patch.
+        mask_source: where the mask came from (recorded in meta.json ``mask.source``).
 
     Returns:
         The saved :class:`~expert.bank.Bank` (``bank.directory`` set).
@@ -334,7 +363,8 @@ def build_bank(
     Raises:
         ReferenceCountError: fewer than ``settings.min_references`` images (fewer than
             ``settings.recommended_references`` only logs a warning, also kept in the bank's meta).
-        ValueError: images and names differ in length, repeated names, or an image is not RGB uint8.
+        ValueError: images and names differ in length, repeated names, an image is not RGB uint8, or the mask is
+            not the patch grid's shape or is empty.
         DBTError: no reference image is usable for the threshold (the message says why).
         BankError: the bank cannot be written.
     """
@@ -357,6 +387,8 @@ def build_bank(
             name=name,
             progress=progress,
             embedder=OnnxEmbedder(onnx_file),
+            mask=mask,
+            mask_source=mask_source,
         )
         report(progress, "save", 0.0)
         save_bank(

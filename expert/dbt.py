@@ -12,6 +12,11 @@ An image is skipped (it gets no score, never NaN) when it has fewer than ``min_u
 patches (the reference uses 32), or, leave-own-out only, when every coreset entry came from it (nothing
 is left to compare against).
 
+With an inspection mask (:mod:`expert.mask`) the features passed in are only the patches inside it
+(:func:`expert.build.fit_bank` selects them): patches outside never count for a training score, nor for the
+coreset, so τ is consistent with query scores, which also ignore them; ``min_unsampled`` then counts unsampled
+patches inside the mask.
+
 Thresholds (:func:`compute_threshold`), on the scores S of the used images, s_max = max(S):
 
 * ``k_sigma``: τ = mean(S) + kappa · std(S), population std (ddof = 0). Parameter ``kappa`` (3).
@@ -314,7 +319,7 @@ def _no_scores_message(n_images: int, n_patches: int, m: int, min_unsampled: int
         parts.append(f"{no_other} contributed every one of the {m} coreset entries (nothing left to compare with)")
     return (
         f"DBT has no usable training image: all {n_images} were skipped ({'; '.join(parts)}); "
-        "add reference images or lower the coreset ratio"
+        "add reference images, lower the coreset ratio, or (with an inspection mask) enlarge the mask"
     )
 
 

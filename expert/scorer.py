@@ -26,6 +26,7 @@ from expert.bank import Bank, BankError, check_weights, load_bank
 from expert.boxes import Box, find_boxes_in_original
 from expert.config import ExpertSettings
 from expert.embedder import Embedder, OnnxEmbedder, TorchEmbedder
+from expert.mask import crop_mask
 from expert.preprocess import Geometry, compute_geometry, preprocess
 from expert.retrieval import global_descriptors, most_similar
 from expert.search import PatchIndex
@@ -55,6 +56,9 @@ class ExpertResult:
         template_name: that reference's name.
         geometry: how the original image (its size, even when a reduced copy was scored) was resized and cropped.
         timings_ms: milliseconds per stage of :data:`SCORE_STAGES`.
+        crop_mask: bool ``crop_h × crop_w`` inspection mask at crop resolution (the bank's, :mod:`expert.mask`), or
+            None without a mask. Patches outside it never count: ``patch_scores`` and the map are 0 there, the
+            image score is the max over the patches inside, and :meth:`map_at` reports them as not inspected.
     """
 
     score: float
@@ -69,6 +73,7 @@ class ExpertResult:
     template_name: str
     geometry: Geometry
     timings_ms: dict[str, float] = field(default_factory=dict)
+    crop_mask: np.ndarray | None = None
 
     @property
     def inspected_region(self) -> tuple[int, int, int, int]:
@@ -83,9 +88,14 @@ class ExpertResult:
     def map_at(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """The anomaly map and inspected mask on a ``height × width`` grid over the original image.
 
-        Costs ~5 bytes per output pixel: use a bounded size for display (the pipeline does).
+        Costs ~5 bytes per output pixel: use a bounded size for display (the pipeline does). With an inspection
+        mask, pixels outside it are not inspected (False; value 0), so the heatmap greys them like the border.
         """
-        return render_map(self.crop_map, self.geometry, height, width)
+        values, inspected = render_map(self.crop_map, self.geometry, height, width)
+        if self.crop_mask is not None:
+            inspected &= render_map(self.crop_mask.astype(np.float32), self.geometry, height, width)[0] >= 0.5
+            values[~inspected] = 0.0
+        return values, inspected
 
     @property
     def anomaly_map(self) -> np.ndarray:
@@ -97,8 +107,10 @@ class ExpertResult:
 
     @property
     def valid_mask(self) -> np.ndarray:
-        """The bool ``orig_h × orig_w`` mask, True where the network saw the image (computed on each access)."""
-        return self.geometry.inspected_mask()
+        """The bool ``orig_h × orig_w`` mask, True where the network saw the image inside the inspection mask."""
+        if self.crop_mask is None:
+            return self.geometry.inspected_mask()
+        return self.map_at(self.geometry.orig_h, self.geometry.orig_w)[1]
 
 
 class _Stopwatch:
@@ -133,6 +145,7 @@ class ExpertScorer:
         self.settings = settings
         self.index = PatchIndex(bank.memory_bank, distance=bank.meta.distance)
         self.grid = (bank.meta.dims.grid_h, bank.meta.dims.grid_w)
+        self.mask = bank.mask  # bool grid, or None: every patch counts
         preprocessing = bank.meta.preprocessing
         self._preprocess = dict(
             resize=preprocessing.resize, crop=preprocessing.crop, center_crop=preprocessing.center_crop
@@ -201,13 +214,22 @@ class ExpertScorer:
         features = np.asarray(self.embedder(tensor[None]), dtype=np.float32)[0]
         watch.lap("embed")
         patch_scores = self.index.search(features).reshape(self.grid)
+        if self.mask is not None:  # patches outside the inspection mask never count (score, map, boxes)
+            patch_scores = np.where(self.mask, patch_scores, np.float32(0.0)).astype(np.float32)
         score = float(patch_scores.max())
         watch.lap("search")
         crop_size = (geometry.crop_h, geometry.crop_w)
         crop_map = crop_anomaly_map(patch_scores, crop_size, sigma=self.settings.gaussian_sigma)
+        inside = None if self.mask is None else crop_mask(self.mask, crop_size)
+        if inside is not None:
+            crop_map[~inside] = 0.0
         watch.lap("map")
         anomalous = score >= self.tau
-        boxes = find_boxes_in_original(crop_map, geometry, max_boxes=self.settings.max_boxes) if anomalous else []
+        boxes = (
+            find_boxes_in_original(crop_map, geometry, max_boxes=self.settings.max_boxes, crop_mask=inside)
+            if anomalous
+            else []
+        )
         watch.lap("boxes")
         template = most_similar(global_descriptors(features)[0], self.bank.global_descriptors)
         watch.lap("retrieval")
@@ -224,6 +246,7 @@ class ExpertScorer:
             template_name=self.reference_name(template),
             geometry=geometry,
             timings_ms=watch.timings,
+            crop_mask=inside,
         )
 
 

@@ -1,15 +1,11 @@
-"""Helpers for the service tests: a real uvicorn on 127.0.0.1, a contract-faithful fake pipeline, images, zips.
+"""Helpers for the service tests: a real uvicorn on 127.0.0.1, images, zips, metrics parsing, a real bank.
 
-The fake pipeline implements exactly the part of ``eagle.pipeline.Pipeline`` the service uses (``banks``,
-``inspect``, ``build_bank``, ``ready``, ``mllm_enabled``, ``load_mllm``), decodes with the real
-``eagle.images.load_image`` and returns real ``InspectionResult`` records with pictures. A ``gate`` (a
-``threading.Event``) makes inspections block until released: the deterministic "slow stage" of the 429 and
-graceful-shutdown tests (no timing assumptions).
+The fake pipeline the service tests use is :class:`tests.fake_pipeline.FakePipeline` (the one test double of
+:class:`eagle.pipeline.InspectionPipeline`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 import socket
@@ -24,10 +20,6 @@ import httpx
 import numpy as np
 import uvicorn
 from PIL import Image
-
-from eagle.banks import BankNotFoundError, validate_bank_name
-from eagle.images import image_sha256
-from eagle.records import BoxRecord, InspectionImages, InspectionResult, InspectOptions
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -47,116 +39,6 @@ def zip_bytes(files: dict[str, bytes]) -> bytes:
         for name, content in files.items():
             archive.writestr(name, content)
     return buffer.getvalue()
-
-
-@dataclass
-class FakeSummary:
-    name: str
-    bank_id: str
-    n_references: int
-
-
-class FakeBankStore:
-    """The ``eagle.banks.BankStore`` calls used by the service, over a dict."""
-
-    def __init__(self) -> None:
-        self.banks: dict[str, FakeSummary] = {}
-        self.loaded: list[str] = []
-
-    def path(self, name: str) -> Path:
-        return Path("/nonexistent") / validate_bank_name(name)
-
-    def exists(self, name: str) -> bool:
-        return name in self.banks
-
-    def list(self) -> list[FakeSummary]:
-        return sorted(self.banks.values(), key=lambda s: s.name)
-
-    def load(self, name: str) -> FakeSummary:
-        if name not in self.banks:
-            raise BankNotFoundError(f"no bank named {name!r}")
-        self.loaded.append(name)
-        return self.banks[name]
-
-    def delete(self, name: str) -> None:
-        del self.banks[name]
-
-
-class FakePipeline:
-    """Expert-only fake: score = mean intensity / 255, τ = 0.5; decoding by the real ``load_image``."""
-
-    def __init__(self, *, banks: tuple[str, ...] = ("widget",), max_pixels: int = 64_000_000) -> None:
-        self.banks = FakeBankStore()
-        for name in banks:
-            self.banks.banks[name] = FakeSummary(name, hashlib.sha256(name.encode()).hexdigest()[:16], 3)
-        self.max_pixels = max_pixels
-        self.gate: threading.Event | None = None
-        self.entered = threading.Semaphore(0)
-        self.calls = 0
-        self.fail_with: BaseException | None = None
-        self.built: list[tuple[str, list[str]]] = []
-
-    mllm_enabled = False
-
-    def mllm_loaded(self) -> bool:
-        return False
-
-    def load_mllm(self) -> None:
-        raise RuntimeError("disabled")
-
-    def ready(self) -> dict[str, bool]:
-        return {"banks": bool(self.banks.banks), "mllm": True}
-
-    def inspect(
-        self, image: bytes, bank: str, options: InspectOptions | None = None, *, image_name: str | None = None
-    ) -> InspectionResult:
-        from eagle.images import load_image
-
-        self.calls += 1
-        self.entered.release()
-        if self.gate is not None:
-            self.gate.wait(30)
-        if self.fail_with is not None:
-            raise self.fail_with
-        if bank not in self.banks.banks:
-            raise BankNotFoundError(f"no bank named {bank!r}")
-        array = load_image(image, max_pixels=self.max_pixels, name=image_name)
-        h, w = array.shape[:2]
-        score = float(array.mean() / 255.0)
-        anomalous = score >= 0.5
-        boxes = [BoxRecord(x0=1, y0=1, x1=max(2, w // 2), y1=max(2, h // 2), peak=score)] if anomalous else []
-        overlay = (array.astype(np.float32) * 0.5 + 60).clip(0, 255).astype(np.uint8)
-        return InspectionResult(
-            image_name=image_name,
-            image_sha256=image_sha256(image),
-            image_size=(w, h),
-            bank=bank,
-            bank_id=self.banks.banks[bank].bank_id,
-            score=score,
-            tau=0.5,
-            s_max=0.7,
-            expert_decision="anomalous" if anomalous else "normal",
-            low_confidence=0.5 <= score <= 0.7,
-            boxes=boxes,
-            inspected_region=(0, 0, w, h),
-            mode="expert-only",
-            verdict="defect" if anomalous else "no_defect",
-            timings_ms={"decode": 1.0, "embed": 2.0, "total": 3.5},
-            images=InspectionImages(heatmap_overlay=overlay, boxed=None, template=None),
-        )
-
-    def build_bank(
-        self, images: list[Path], name: str, *, names: list[str] | None = None, progress: Any = None
-    ) -> FakeSummary:
-        if progress:
-            progress("embed", 0.5)
-            progress("save", 1.0)
-        for path in images:
-            Image.open(path).verify()
-        self.built.append((name, list(names or [p.name for p in images])))
-        summary = FakeSummary(name, hashlib.sha256(name.encode()).hexdigest()[:16], len(images))
-        self.banks.banks[name] = summary
-        return summary
 
 
 class LiveServer:

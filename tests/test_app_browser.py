@@ -131,7 +131,17 @@ def test_build_a_bank_and_inspect_in_the_browser(app_url, synthetic_root):
             )
             verdicts[label] = page.get_attribute("#eagle-verdict", "data-verdict")
             page.screenshot(path=str(ARTIFACTS / f"2-inspect-{label}.png"), full_page=True)
+        # Operator feedback on the last verdict: a feedback row in the audit log, linked by the run id.
+        page.locator("#feedback-confirm").click()
+        page.wait_for_function(
+            "() => { const s = document.querySelector('#feedback-status');"
+            " return s && s.innerText.includes('confirmed'); }",
+            timeout=30_000,
+        )
+        run_id = page.get_attribute("#eagle-verdict", "data-run-id")
         browser.close()
+
+    assert run_id and run_id.startswith("app-")
 
     assert verdicts["defective"] == "defect"
     assert verdicts["good"] == "no_defect"

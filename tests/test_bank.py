@@ -288,11 +288,11 @@ def test_tensor_problems(saved, edit, message):
 
 
 @pytest.mark.parametrize(
-    ("version", "hint"), [(2, "upgrade EAGLE"), (0, "rebuild the bank"), ("1", "rebuild the bank")]
+    ("version", "hint"), [(3, "upgrade EAGLE"), (0, "rebuild the bank"), ("1", "rebuild the bank")]
 )
 def test_unsupported_format_version(saved, version, hint):
     _rewrite_meta(saved, lambda raw: raw.update(format_version=version))
-    with pytest.raises(BankError, match=rf"format_version .* is not supported \(supported: 1\); {hint}"):
+    with pytest.raises(BankError, match=rf"format_version .* is not supported \(supported: 1, 2\); {hint}"):
         load_bank(saved)
 
 

@@ -69,7 +69,7 @@ def _id_as_before(tensors: dict[str, np.ndarray], meta) -> str:
         array = np.ascontiguousarray(tensors[name])
         digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
         digest.update(memoryview(array).cast("B"))
-    described = meta.model_dump(mode="json", exclude={"bank_id", "created_utc", "reference_max_side"})
+    described = meta.model_dump(mode="json", exclude={"bank_id", "created_utc", "reference_max_side", "mask"})
     described["threshold"].pop("search", None)
     digest.update(json.dumps(described, sort_keys=True, separators=(",", ":")).encode())
     return digest.hexdigest()[:16]
@@ -79,6 +79,8 @@ def _make_legacy(bank_dir: Path) -> None:
     """Turn a bank into one saved before reference_max_side existed, its bank_id computed as it was then."""
     raw = json.loads((bank_dir / "meta.json").read_text())
     del raw["reference_max_side"]
+    del raw["mask"]  # format 1: no inspection mask either
+    raw["format_version"] = 1
     (bank_dir / "meta.json").write_text(json.dumps(raw))
     raw["bank_id"] = _id_as_before(load_file(str(bank_dir / "bank.safetensors")), read_meta(bank_dir))
     (bank_dir / "meta.json").write_text(json.dumps(raw))

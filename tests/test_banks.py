@@ -8,6 +8,7 @@ import pytest
 
 import eagle.banks as banks_module
 from eagle.archives import ArchiveError, ArchiveTooLargeError
+from eagle.bank_versions import VERSIONS_DIR
 from eagle.banks import BankError, BankNameError, BankStore, validate_bank_name
 from eagle.settings import ExpertSettings
 from expert.bank import load_bank
@@ -109,7 +110,12 @@ def _zip_dir(bank_dir: Path, dest: Path, extra: dict[str, bytes] | None = None) 
 
 
 def _leftovers(store: BankStore) -> list[str]:
-    return sorted(p.name for p in store.root.iterdir() if p.name.startswith("."))
+    """Hidden staging debris in the banks folder (the versions folder is not debris; its own debris is)."""
+    found = [p.name for p in store.root.iterdir() if p.name.startswith(".") and p.name != VERSIONS_DIR]
+    versions = store.root / VERSIONS_DIR
+    if versions.is_dir():
+        found += [f"{VERSIONS_DIR}/{p.parent.name}/{p.name}" for p in versions.glob("*/.*")]
+    return sorted(found)
 
 
 def test_import_refuses_the_issues_crafted_bank_in_one_line(built_pipeline, tmp_path):

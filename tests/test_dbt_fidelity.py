@@ -165,8 +165,8 @@ def test_the_app_bank_facts_show_the_empty_band(ten_reference_bank, ten_referenc
 
 
 @pytest.mark.slow
-def test_build_bank_output_shows_the_empty_band(ten_reference_bank):
-    summary = _bank_summary(ten_reference_bank, n_files=10, stage_seconds={"embed": 1.0})
+def test_build_bank_output_shows_the_empty_band(ten_reference_bank, tmp_path):
+    summary = _bank_summary(ten_reference_bank.meta, tmp_path, n_files=10, stage_seconds={"embed": 1.0})
     (warning,) = _band_warnings(summary["warnings"])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -10,7 +10,7 @@ import pytest
 
 from eagle.evaluation.bankcache import BankCache, bank_name, cache_key
 from eagle.settings import ExpertSettings
-from tests.eval_fakes import FakePipeline
+from tests.fake_pipeline import FakePipeline
 from tests.synthetic import make_mvtec_like
 
 

@@ -23,7 +23,7 @@ import pytest
 from eagle.evaluation.records import RECORDS_FILE, read_records
 from eagle.evaluation.runner import EvalConfig, EvalConfigError, EvalRunner, bank_root, parse_settings
 from eagle.settings import Settings
-from tests.eval_fakes import FakePipeline
+from tests.fake_pipeline import FakePipeline
 from tests.synthetic import make_mvtec_like
 
 ray = pytest.importorskip("ray")
@@ -38,11 +38,12 @@ CLASS_SIZES = {"big": 30, "small1": 4, "small2": 4}
 N_IMAGES = sum(CLASS_SIZES.values())
 
 
-@dataclass
 class SlowFakePipeline(FakePipeline):
     """The fake pipeline with a fixed cost per image, so that dispatch order and timing matter."""
 
-    delay: float = 0.0
+    def __init__(self, data_dir: Path, *, delay: float = 0.0, **kwargs) -> None:
+        super().__init__(data_dir, **kwargs)
+        self.delay = delay
 
     def run_expert(self, image, bank):
         time.sleep(self.delay)
@@ -115,7 +116,9 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def local_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("local") / "out"
     config = _config(data_root, out)
-    report = EvalRunner(FakePipeline(bank_root(config)), Settings(expert={"weights": "random"}), config).run()
+    report = EvalRunner(
+        FakePipeline(bank_root(config), mllm_enabled=True), Settings(expert={"weights": "random"}), config
+    ).run()
     return out, report
 
 

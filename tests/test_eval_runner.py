@@ -22,7 +22,7 @@ from eagle.evaluation.runner import (
 )
 from eagle.evaluation.shards import Shard
 from eagle.settings import Settings
-from tests.eval_fakes import FakePipeline
+from tests.fake_pipeline import FakePipeline
 from tests.synthetic import make_mvtec_like
 
 SETTINGS = "baseline,visual,textual,full,full+caas"
@@ -58,7 +58,9 @@ def _run(
         plots=plots,
         **config,
     )
-    pipeline = FakePipeline(bank_root(cfg), mllm_enabled=mllm, fail_after=fail_after)
+    # fail_after: a simulated kill (KeyboardInterrupt) once that many images were scored
+    kill = {} if fail_after is None else {"fail_with": KeyboardInterrupt(), "fail_after": fail_after}
+    pipeline = FakePipeline(bank_root(cfg), mllm_enabled=mllm, **kill)
     return EvalRunner(pipeline, Settings(expert={"weights": "random"}), cfg).run(), pipeline
 
 
@@ -170,7 +172,9 @@ def test_output_folder_of_another_configuration_is_refused(data_root: Path, tmp_
     out = tmp_path / "out"
     _run(data_root, out, settings="full")
     cfg = EvalConfig(dataset="mvtec", root=data_root, out=out, settings=parse_settings("full"), progress=False)
-    runner = EvalRunner(FakePipeline(bank_root(cfg)), Settings(expert={"weights": "random", "kappa": 2.0}), cfg)
+    runner = EvalRunner(
+        FakePipeline(bank_root(cfg), mllm_enabled=True), Settings(expert={"weights": "random", "kappa": 2.0}), cfg
+    )
     with pytest.raises(EvalConfigError, match="different expert"):
         runner.run()
     with pytest.raises(EvalConfigError, match="different pixel_size"):

@@ -17,7 +17,7 @@ from eagle.evaluation.runner import (
     parse_settings,
 )
 from eagle.settings import Settings
-from tests.eval_fakes import FakePipeline
+from tests.fake_pipeline import FakePipeline
 from tests.test_eval_readers import mmad_root, mvtec_root  # noqa: F401 - fixtures
 
 
@@ -25,7 +25,7 @@ def _run(dataset: str, root: Path, out: Path, settings: str = "full,full+caas") 
     config = EvalConfig(
         dataset=dataset, root=root, out=out, settings=parse_settings(settings), progress=False, plots=False
     )
-    pipeline = FakePipeline(bank_root(config))
+    pipeline = FakePipeline(bank_root(config), mllm_enabled=True)
     EvalRunner(pipeline, Settings(expert={"weights": "random"}), config).run()
     answers = [r for r in read_records(out / RECORDS_FILE) if isinstance(r, AnswerRecord)]
     return answers, pipeline

@@ -21,15 +21,15 @@ from PIL import Image
 
 from app import handlers
 from deploy.api import create_app
-from deploy.audit import AuditLog
 from deploy.watch import FolderWatcher
 from eagle import cli
+from eagle.audit import AuditLog
 from eagle.errors import one_line
 from eagle.images import image_sha256, load_image
 from eagle.pipeline import InspectionPipeline, MLLMUnavailableError, Pipeline
 from eagle.records import InspectOptions
-from tests.fixtures_pipeline import BANK, pipeline_settings
-from tests.service_helpers import FakePipeline
+from tests.fake_pipeline import FakePipeline
+from tests.fixtures_pipeline import BANK, pipeline_settings, split_test_images
 
 
 def _no_progress(*args, **kwargs) -> None:
@@ -39,7 +39,7 @@ def _no_progress(*args, **kwargs) -> None:
 def _app_inspect(pipeline: Pipeline, photo: Path, monkeypatch, *, use_mllm: bool = False):
     """Run the app's Inspect button; returns the InspectionResult it rendered."""
     rendered = []
-    monkeypatch.setattr(handlers, "_render", lambda result, _pipeline: rendered.append(result) or ("",) * 10)
+    monkeypatch.setattr(handlers, "_render", lambda result, *_: rendered.append(result) or ("",) * 10)
     outputs = handlers.inspect(pipeline, str(photo), BANK, "full", "auto", 0.6, False, use_mllm, False, _no_progress)
     list(outputs)
     return rendered[0]
@@ -52,6 +52,20 @@ def _api_inspect(pipeline: Pipeline, photo: Path, tmp_path: Path, **fields):
             return client.post(
                 "/v1/inspect", files={"image": (photo.name, photo.read_bytes())}, data={"bank": BANK, **fields}
             )
+
+
+def _watch_once(pipeline: Pipeline, photo: Path, tmp_path: Path):
+    """Drop ``photo`` into a watched folder and run the watcher once; returns (outcomes, out folder)."""
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    (incoming / photo.name).write_bytes(photo.read_bytes())
+    with AuditLog(tmp_path / "watch-audit.sqlite3") as audit:
+        watcher = FolderWatcher(pipeline, incoming, out, BANK, audit=audit, poll_s=0.01)
+        watcher.open()
+        try:
+            return watcher.run(threading.Event(), once=True), out
+        finally:
+            watcher.close()
 
 
 @pytest.fixture
@@ -72,16 +86,7 @@ def test_one_photo_has_one_sha256_in_the_app_the_api_and_the_watcher(built_pipel
     assert response.status_code == 200, response.text
     from_api = response.json()["result"]
 
-    incoming, out = tmp_path / "in", tmp_path / "out"
-    incoming.mkdir()
-    (incoming / photo.name).write_bytes(photo.read_bytes())
-    with AuditLog(tmp_path / "watch-audit.sqlite3") as audit:
-        watcher = FolderWatcher(pipeline, incoming, out, BANK, audit=audit, poll_s=0.01)
-        watcher.open()
-        try:
-            outcomes = watcher.run(threading.Event(), once=True)
-        finally:
-            watcher.close()
+    outcomes, out = _watch_once(pipeline, photo, tmp_path)
     assert [o.status for o in outcomes] == ["done"]
     from_watcher = json.loads(outcomes[0].record.read_text())
 
@@ -130,7 +135,7 @@ def test_watch_with_a_bad_bank_name_is_one_line_not_a_traceback(tmp_path, monkey
 
 def test_the_real_and_the_fake_pipeline_share_one_protocol(built_pipeline):
     assert isinstance(built_pipeline.pipeline, InspectionPipeline)
-    assert isinstance(FakePipeline(), InspectionPipeline)
+    assert isinstance(FakePipeline(banks=["widget"]), InspectionPipeline)
 
 
 def test_an_unreadable_image_is_the_same_error_in_the_app_the_api_and_the_watcher(
@@ -162,3 +167,32 @@ def test_an_unreadable_image_is_the_same_error_in_the_app_the_api_and_the_watche
 
     assert from_watcher["code"] == from_api["code"] == "invalid_image"
     assert shown.value.message == from_api["message"] == from_watcher["message"]
+
+
+def test_one_annotated_picture_in_the_app_the_api_and_the_watcher(built_pipeline, synthetic_root, tmp_path):
+    """The app's heatmap panel, the API's annotated PNG and the watcher's .annotated.png are one picture."""
+    import base64
+
+    import numpy as np
+
+    pipeline = built_pipeline.pipeline
+    photo = split_test_images(synthetic_root)[1][0]  # a defective part: the picture carries red boxes
+
+    app_outputs = next(
+        iter(handlers.inspect(pipeline, str(photo), BANK, "full", "auto", 0.6, False, False, False, _no_progress))
+    )
+    from_app = np.asarray(app_outputs[2])
+
+    response = _api_inspect(pipeline, photo, tmp_path, annotated="true")
+    assert response.status_code == 200, response.text
+    assert response.json()["result"]["boxes"], "a defective part should get at least one box"
+    png = base64.b64decode(response.json()["annotated_png"])
+    from_api = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+    _, out = _watch_once(pipeline, photo, tmp_path)
+    from_watcher = np.asarray(Image.open(out / f"{photo.stem}.annotated.png").convert("RGB"))
+
+    assert from_app.shape == from_api.shape == from_watcher.shape
+    assert np.array_equal(from_app, from_api) and np.array_equal(from_api, from_watcher)
+    red = (from_api[..., 0] == 255) & (from_api[..., 1] == 0) & (from_api[..., 2] == 0)
+    assert red.any(), "the boxes are drawn in pure red"

@@ -80,8 +80,14 @@ def test_render_map_on_a_reduced_grid_samples_the_same_map():
 
 @pytest.mark.parametrize(
     "height,width,kind,seed",
-    [(224, 224, "hole", 0), (240, 320, "stain", 1), (300, 200, "scratch", 2), (480, 640, "hole", 3),
-     (600, 800, "scratch", 5), (1024, 768, "stain", 6)],  # fmt: skip
+    [
+        (224, 224, "hole", 0),
+        (240, 320, "stain", 1),
+        (300, 200, "scratch", 2),
+        (480, 640, "hole", 3),
+        (600, 800, "scratch", 5),
+        (1024, 768, "stain", 6),
+    ],  # fmt: skip
 )
 def test_boxes_from_the_crop_map_equal_full_resolution_boxes_up_to_1024_px(height, width, kind, seed):
     scores, truth = _defect_scores(height, width, kind, seed)
@@ -215,7 +221,7 @@ def test_boxes_of_a_large_image_are_its_downscaled_boxes_times_k(built_pipeline,
 @pytest.mark.slow
 def test_inspecting_a_36_megapixel_jpeg_allocates_bounded_memory(built_pipeline, defect_image):
     """Traced (numpy and Python) allocations of one inspection + annotated PNG stay far below ONE RGB copy."""
-    from deploy.annotate import annotated_png_base64
+    from eagle.annotate import annotated_png_base64
     from expert.scorer import load_expert
 
     pipeline = built_pipeline.pipeline

@@ -32,7 +32,7 @@ LOCKS: dict[str, str] = {
 }
 
 #: Every subcommand `eagle --help` must list (CLI compatibility).
-SUBCOMMANDS = ("build-bank", "score", "warm-cache", "serve", "watch", "audit", "eval", "eval-merge", "app")
+SUBCOMMANDS = ("build-bank", "score", "warm-cache", "bank", "serve", "watch", "audit", "eval", "eval-merge", "app")
 
 
 def _pins(filename: str) -> dict[str, Version]:
@@ -124,7 +124,7 @@ def test_subcommand_modules_are_imported_explicitly():
     source = Path(cli.__file__).read_text(encoding="utf-8")
     assert "importlib" not in source and "except Exception" not in source
     names = [module.__name__ for module in cli.command_modules()]
-    assert names == ["eagle.cli_expert", "deploy.cli", "eagle.evaluation.cli", "app.cli"]
+    assert names == ["eagle.cli_expert", "eagle.cli_bank", "deploy.cli", "eagle.evaluation.cli", "app.cli"]
 
 
 def test_a_broken_command_module_fails_loudly(monkeypatch):

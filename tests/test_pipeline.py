@@ -250,3 +250,15 @@ def test_query_views_keep_the_presets_pixel_budget(tmp_path):
     assert pinned._view_limits()["min_pixels"] == 256 * 28 * 28
     expert_only = Pipeline(Settings(data_dir=tmp_path, mllm={"enabled": False}))
     assert expert_only._view_limits()["min_pixels"] == 0
+
+
+def test_one_request_uses_one_bank_version_even_if_a_new_one_lands_meanwhile(built, synthetic_root, monkeypatch):
+    """A teach or rollback that makes a new version current mid-request cannot mix versions in one record."""
+    pipeline, *_ = built
+    good, _ = split_test_images(synthetic_root)
+    real_load = pipeline.banks.load
+    loads = []
+    monkeypatch.setattr(pipeline.banks, "load", lambda name: loads.append(name) or real_load(name))
+    result = pipeline.inspect(good[0], "widget")
+    assert loads == ["widget"], "score, template and bank id must come from the one scorer loaded for the request"
+    assert result.bank_id == real_load("widget").bank.meta.bank_id

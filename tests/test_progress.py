@@ -16,7 +16,7 @@ from eagle.pipeline import BUILD_STAGES, Pipeline
 from eagle.progress_bars import StageBar, fan_out
 from expert.progress import BUILD_STAGES as EXPERT_BUILD_STAGES
 from expert.progress import report
-from tests.eval_fakes import FakePipeline
+from tests.fake_pipeline import FakePipeline
 from tests.fixtures_pipeline import pipeline_settings
 from tests.synthetic import make_mvtec_like
 
@@ -65,7 +65,7 @@ def test_building_a_bank_through_the_pipeline_prints_nothing(tmp_path, synthetic
 def eval_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A tiny data set, and ``eagle eval`` running on the fast fake pipeline (real runner, bank cache, CLI)."""
     root = make_mvtec_like(tmp_path / "data", n_train=3, n_test_good=1, n_test_bad_per_type=1, sizes=((40, 40),))
-    monkeypatch.setattr(eagle.pipeline, "Pipeline", lambda settings: FakePipeline(settings.data_dir, False))
+    monkeypatch.setattr(eagle.pipeline, "Pipeline", lambda settings: FakePipeline(settings.data_dir))
     monkeypatch.setenv("EAGLE_EXPERT__WEIGHTS", "random")
     return root
 

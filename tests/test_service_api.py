@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from deploy.api import create_app
-from deploy.audit import AuditLog
+from eagle.audit import AuditLog
 from eagle.settings import Settings
+from tests.fake_pipeline import FakePipeline
 from tests.service_helpers import (
     TOKEN,
-    FakePipeline,
     LiveServer,
     assert_error,
     parse_metrics,
@@ -50,7 +50,7 @@ def make_settings(tmp_path, **service) -> Settings:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("service")
-    pipeline = FakePipeline()
+    pipeline = FakePipeline(banks=["widget"])
     app = create_app(pipeline, make_settings(tmp))
     server = LiveServer(app).start()
     yield server, pipeline, app.state.service
@@ -261,7 +261,8 @@ def test_bank_build_job_list_and_delete(live, client):
     assert job["bank"] == "bolts" and job["n_images"] == 2 and job["state"] in ("queued", "running", "succeeded")
     done = wait_job(client, job["id"])
     assert done["state"] == "succeeded" and done["result"]["name"] == "bolts" and done["result"]["n_references"] == 2
-    assert pipeline.built[-1] == ("bolts", ["good/a.png", "good/b.png"])  # only the images, in name order
+    assert pipeline.builds[-1] == "bolts"
+    assert pipeline.banks.load("bolts")["names"] == ["good/a.png", "good/b.png"]  # only the images, in name order
     assert job["id"] in [j["id"] for j in client.get("/v1/jobs").json()["jobs"]]
     assert "bolts" in [b["name"] for b in client.get("/v1/banks").json()["banks"]]
 
@@ -409,7 +410,7 @@ def _post_in_thread(server: LiveServer, results: list, data: bytes) -> threading
 
 
 def test_full_queue_gives_429_with_retry_after_then_recovers(tmp_path):
-    pipeline = FakePipeline()
+    pipeline = FakePipeline(banks=["widget"])
     pipeline.gate = threading.Event()
     app = create_app(pipeline, make_settings(tmp_path, queue_size=2, retry_after_s=3))
     service = app.state.service
@@ -445,7 +446,7 @@ def test_full_queue_gives_429_with_retry_after_then_recovers(tmp_path):
 
 
 def test_graceful_shutdown_finishes_accepted_work(tmp_path):
-    pipeline = FakePipeline()
+    pipeline = FakePipeline(banks=["widget"])
     pipeline.gate = threading.Event()
     audit = AuditLog(tmp_path / "audit.sqlite3")
     app = create_app(pipeline, make_settings(tmp_path, queue_size=4), audit=audit)
@@ -481,7 +482,7 @@ def test_soak_600_requests_zero_errors_bounded_memory(tmp_path):
     annotation, the audit log and metrics: not one error, and the process's RSS stays flat after warm-up."""
     import psutil
 
-    pipeline = FakePipeline()
+    pipeline = FakePipeline(banks=["widget"])
     app = create_app(pipeline, make_settings(tmp_path, queue_size=16))
     service = app.state.service
     server = LiveServer(app).start()
@@ -599,7 +600,7 @@ def test_a_file_part_without_a_file_name_gets_a_clear_4xx(live, client, size):
 
 
 def test_simultaneous_requests_fill_exactly_one_running_plus_the_queue(tmp_path):
-    pipeline = FakePipeline()
+    pipeline = FakePipeline(banks=["widget"])
     pipeline.gate = threading.Event()
     app = create_app(pipeline, make_settings(tmp_path, queue_size=2))
     service = app.state.service

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from deploy.api import create_app
-from deploy.audit import AuditLog
+from eagle.audit import AuditLog
 from eagle.pipeline import Pipeline
 from tests.fixtures_mllm import tiny_qwen_dir  # noqa: F401 - session fixture
 from tests.service_helpers import LiveServer, parse_metrics, real_bank, real_settings

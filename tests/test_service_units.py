@@ -15,7 +15,6 @@ import pytest
 from pydantic import SecretStr
 
 from deploy.archive import scan_archive
-from deploy.audit import AuditFilter, AuditLog, parse_time, write_csv
 from deploy.auth import BearerAuth, InsecureBindError, check_bind, is_loopback
 from deploy.errors import (
     ArchiveTooLarge,
@@ -29,6 +28,7 @@ from deploy.limits import check_image_pixels
 from deploy.metrics import Registry, ServiceMetrics
 from deploy.worker import InferenceWorker
 from eagle.archives import ArchiveError, ArchiveLimits, ArchiveTooLargeError
+from eagle.audit import AuditFilter, AuditLog, parse_time, write_csv
 from eagle.banks import validate_bank_name
 from eagle.errors import as_eagle_error
 from eagle.records import InspectionResult

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deploy.audit import AuditLog
 from deploy.watch import FolderWatcher, WatcherBusyError
-from tests.service_helpers import FakePipeline, png_bytes, real_bank, real_env
+from eagle.audit import AuditLog
+from tests.fake_pipeline import FakePipeline
+from tests.service_helpers import png_bytes, real_bank, real_env
 
 
 class SimulatedCrash(BaseException):
@@ -29,7 +30,13 @@ def make_watcher(tmp_path: Path, pipeline=None, audit=None, **kw) -> FolderWatch
     (tmp_path / "in").mkdir(exist_ok=True)
     audit = audit or AuditLog(tmp_path / "audit.sqlite3")
     return FolderWatcher(
-        pipeline or FakePipeline(), tmp_path / "in", tmp_path / "out", "widget", audit=audit, poll_s=0.01, **kw
+        pipeline or FakePipeline(banks=["widget"]),
+        tmp_path / "in",
+        tmp_path / "out",
+        "widget",
+        audit=audit,
+        poll_s=0.01,
+        **kw,
     )
 
 
@@ -191,7 +198,7 @@ def test_one_watcher_per_folder_and_out_must_differ(tmp_path):
         make_watcher(tmp_path).open()
     first.close()
     make_watcher(tmp_path).open()  # released
-    same = FolderWatcher(FakePipeline(), tmp_path / "in", tmp_path / "in", "widget", audit=first.audit)
+    same = FolderWatcher(FakePipeline(banks=["widget"]), tmp_path / "in", tmp_path / "in", "widget", audit=first.audit)
     with pytest.raises(ValueError, match="--out must differ"):
         same.open()
 

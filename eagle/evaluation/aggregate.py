@@ -29,19 +29,12 @@ import numpy as np
 
 from eagle.evaluation.metrics import aupro, auroc, classification_metrics, pixel_auroc
 from eagle.evaluation.records import RECORDS_FILE, AnswerRecord, ExpertRecord, RecordSet, read_records
+from eagle.settings import PROMPT_SETTINGS
 
 log = logging.getLogger(__name__)
 
-SETTING_ORDER: tuple[str, ...] = (
-    "baseline",
-    "visual",
-    "textual",
-    "full",
-    "baseline+caas",
-    "visual+caas",
-    "textual+caas",
-    "full+caas",
-)
+# Table rows in the paper's order (Table 3: no hints → both hints), each setting then its CAAS variant.
+SETTING_ORDER: tuple[str, ...] = (*PROMPT_SETTINGS, *(f"{setting}+caas" for setting in PROMPT_SETTINGS))
 EXPERT_ROW = "expert"
 DATASET_TITLES = {"mvtec": "MVTec-AD", "visa": "VisA", "mmad": "MMAD", "folder": "Folder"}
 CLASSIFICATION_KEYS = ("accuracy", "precision", "recall", "f1", "balanced_accuracy")

@@ -1,8 +1,8 @@
 """The annotated picture of one inspection: the anomaly heatmap over the image with the defect boxes in red.
 
-Used by the API (``annotated=true`` → base64 PNG in the response) and by the watched folder
-(``<name>.annotated.png``). Drawing is the expert's own (:func:`expert.boxes.draw_boxes`), so the service's
-picture is the one the app and the MLLM see. The picture has the size of the pipeline's bounded view (at most
+One picture for every front end: the app shows it, the API returns it (``annotated=true`` → base64 PNG) and the
+watched folder writes it (``<name>.annotated.png``). Drawing is the expert's own (:func:`expert.boxes.draw_boxes`),
+the same red boxes the MLLM sees. The picture has the size of the pipeline's bounded view (at most
 1024 px on the longest side for usual images, :meth:`eagle.pipeline.Pipeline.view`), not the original's: the
 boxes (ORIGINAL pixels in the record) are scaled onto it, so its cost does not grow with the image.
 """

@@ -1,0 +1,358 @@
+"""``eagle bank``: manage the saved banks of the data directory from the command line.
+
+Every subcommand goes through :class:`eagle.banks.BankStore`, the one implementation the app and the API use:
+the same bank-name rule, the same zip checks and limits on import (:data:`eagle.banks.BANK_ZIP_LIMITS`), the
+same validation and test inspection before an imported bank is put in place. Read commands (``list``,
+``show``) take ``--json``. Errors are one line on stderr and exit code 2 (see :mod:`eagle.cli`).
+
+Each subcommand is one ``_add_<name>(bank_subparsers)`` function registering one ``run_<name>`` handler;
+:func:`register` lists them in help order.
+
+Examples:
+    $ eagle bank list --json
+    $ eagle bank show widget
+    $ eagle bank export widget --out widget.zip
+    $ eagle bank import widget.zip --name widget-line4
+    $ eagle bank delete widget-line4
+    $ eagle bank add widget flagged-but-good.png
+    $ eagle bank history widget --json
+    $ eagle bank rollback widget 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from eagle.cli import CommandError
+from eagle.settings import Settings
+
+if TYPE_CHECKING:
+    from eagle.banks import BankStore, BankSummary
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``bank`` and its subcommands to the ``eagle`` parser."""
+    bank = subparsers.add_parser(
+        "bank",
+        help="List, show, export, import, delete, teach (add), version history and rollback of saved banks.",
+        description="Manage the banks under <data_dir>/banks with the same checks as the app and the API.",
+    )
+    bank_subparsers = bank.add_subparsers(dest="bank_command", metavar="SUBCOMMAND")
+    bank.set_defaults(func=_missing_subcommand(bank))
+    for add in BANK_SUBCOMMANDS:
+        add(bank_subparsers)
+
+
+def _missing_subcommand(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace, Settings], int]:
+    def handler(args: argparse.Namespace, settings: Settings) -> int:
+        parser.print_help(sys.stderr)
+        return 2
+
+    return handler
+
+
+# -- helpers -----------------------------------------------------------------------------------------------------
+def open_store(settings: Settings) -> BankStore:
+    """The bank store of the configured data directory (the one the app, the API and the watcher use)."""
+    from eagle.pipeline import Pipeline
+
+    return Pipeline(settings).banks
+
+
+def as_command_error(err: Exception) -> CommandError:
+    """A known failure (bad name, unknown bank, bad zip, unusable bank) as one :class:`CommandError` line (exit 2).
+
+    Raises:
+        Exception: ``err`` itself when it is not a known failure (a bug: the traceback is wanted).
+    """
+    from eagle.errors import describe
+
+    info = describe(err)
+    if info is None:
+        raise err
+    return CommandError(info.message)
+
+
+def summary_dict(summary: BankSummary, store: BankStore) -> dict[str, Any]:
+    """A bank summary as JSON-ready data, with its directory."""
+    data = dataclasses.asdict(summary)
+    data["build_warnings"] = list(summary.build_warnings)
+    data["path"] = str(store.path(summary.name))
+    return data
+
+
+def _add_name(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="Bank name.")
+
+
+# -- list --------------------------------------------------------------------------------------------------------
+def _add_list(bank_subparsers: argparse._SubParsersAction) -> None:
+    parser = bank_subparsers.add_parser("list", help="List the saved banks, newest first.")
+    parser.add_argument("--json", action="store_true", help="Print one JSON array of bank summaries.")
+    parser.set_defaults(func=run_list)
+
+
+def run_list(args: argparse.Namespace, settings: Settings) -> int:
+    """``eagle bank list``."""
+    store = open_store(settings)
+    summaries = store.list()
+    if args.json:
+        print(json.dumps([summary_dict(s, store) for s in summaries]))
+        return 0
+    print(f"{'bank':<24} {'refs':>5} {'coreset':>8} {'tau':>10} {'s_max':>10}  {'created (UTC)':<26} bank_id")
+    for s in summaries:
+        print(
+            f"{s.name:<24} {s.n_references:>5} {s.coreset_size:>8} {s.tau:>10.5g} {s.s_max:>10.5g}  "
+            f"{s.created[:26]:<26} {s.bank_id[:16]}"
+        )
+    print(f"({len(summaries)} banks in {store.root})", file=sys.stderr)
+    return 0
+
+
+# -- show --------------------------------------------------------------------------------------------------------
+def _add_show(bank_subparsers: argparse._SubParsersAction) -> None:
+    parser = bank_subparsers.add_parser("show", help="Show one bank: references, threshold, backbone, warnings.")
+    _add_name(parser)
+    parser.add_argument("--json", action="store_true", help="Print one JSON object.")
+    parser.set_defaults(func=run_show)
+
+
+def run_show(args: argparse.Namespace, settings: Settings) -> int:
+    """``eagle bank show NAME``."""
+    from expert.bank import read_meta
+
+    store = open_store(settings)
+    try:
+        summary = store.summary(args.name)
+        meta = read_meta(store.path(args.name))
+    except Exception as err:  # noqa: BLE001 - known failures become one line, others re-raise
+        raise as_command_error(err) from None
+    data = summary_dict(summary, store)
+    data["references"] = [ref.name for ref in meta.references]
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    width = max(len(key) for key in data)
+    for key, value in data.items():
+        if key == "references":
+            value = (
+                f"{len(value)}: " + ", ".join(value[:5]) + (f", … ({len(value) - 5} more)" if len(value) > 5 else "")
+            )
+        elif isinstance(value, list):
+            value = "; ".join(value) or "-"
+        print(f"{key:<{width}}  {'-' if value is None else value}")
+    return 0
+
+
+# -- export ------------------------------------------------------------------------------------------------------
+def _add_export(bank_subparsers: argparse._SubParsersAction) -> None:
+    parser = bank_subparsers.add_parser("export", help="Write a bank as a zip (to copy it to another box).")
+    _add_name(parser)
+    parser.add_argument("--out", type=Path, default=None, help="Zip file to write (default: ./NAME.zip).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing zip file.")
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace, settings: Settings) -> int:
+    """``eagle bank export NAME [--out FILE]``."""
+    store = open_store(settings)
+    dest = (args.out or Path(f"{args.name}.zip")).expanduser()
+    try:
+        store.summary(args.name)  # name rule and existence first: nothing is written for a bad name
+    except Exception as err:  # noqa: BLE001
+        raise as_command_error(err) from None
+    if dest.exists() and not args.overwrite:
+        raise CommandError(f"{str(dest)!r} exists; pass --overwrite to replace it")
+    if dest.is_dir():
+        raise CommandError(f"{str(dest)!r} is a directory; give a zip file name")
+    partial = dest.with_name(f".{dest.name}.partial")
+    try:
+        store.export_zip(args.name, partial)
+        partial.replace(dest)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise CommandError(f"cannot write {str(dest)!r}: {err.strerror or err}") from None
+    print(f"eagle bank export: {args.name!r} written to {dest}", file=sys.stderr)
+    return 0
+
+
+# -- import ------------------------------------------------------------------------------------------------------
+def _add_import(bank_subparsers: argparse._SubParsersAction) -> None:
+    parser = bank_subparsers.add_parser(
+        "import",
+        help="Import a bank zip (checked, validated and test-inspected before it is put in place).",
+    )
+    parser.add_argument("zip", type=Path, metavar="ZIP", help="Bank zip (from `eagle bank export` or the app).")
+    parser.add_argument("--name", default=None, help="Name of the imported bank (default: the zip's file name).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing bank of that name.")
+    parser.add_argument("--json", action="store_true", help="Print the imported bank's summary as JSON.")
+    parser.set_defaults(func=run_import)
+
+
+def run_import(args: argparse.Namespace, settings: Settings) -> int:
+    """``eagle bank import ZIP [--name NAME]``."""
+    from eagle.banks import validate_bank_name
+
+    zip_path: Path = args.zip.expanduser()
+    name = args.name or zip_path.stem
+    store = open_store(settings)
+    try:
+        validate_bank_name(name)
+        if not zip_path.is_file():
+            raise CommandError(f"no such zip file: {str(zip_path)!r}")
+        if store.exists(name) and not args.overwrite:
+            raise CommandError(f"a bank named {name!r} exists; pass --overwrite to replace it, or choose --name")
+        summary = store.import_zip(zip_path, name)
+    except CommandError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise as_command_error(err) from None
+    if args.json:
+        print(json.dumps(summary_dict(summary, store)))
+    print(
+        f"eagle bank import: {summary.name!r} imported ({summary.n_references} references, tau {summary.tau:.5g}, "
+        f"bank_id {summary.bank_id[:16]})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# -- delete ------------------------------------------------------------------------------------------------------
+def _add_delete(bank_subparsers: argparse._SubParsersAction) -> None:
+    parser = bank_subparsers.add_parser("delete", help="Delete a saved bank.")
+    _add_name(parser)
+    parser.set_defaults(func=run_delete)
+
+
+def run_delete(args: argparse.Namespace, settings: Settings) -> int:
+    """``eagle bank delete NAME``."""
+    store = open_store(settings)
+    try:
+        store.delete(args.name)
+    except Exception as err:  # noqa: BLE001
+        raise as_command_error(err) from None
+    print(f"eagle bank delete: {args.name!r} deleted", file=sys.stderr)
+    return 0
+
+
+# -- add (teach: "these are normal") -------------------------------------------------------------------------
+def _add_add(bank_subparsers: argparse._SubParsersAction) -> None:
+    parser = bank_subparsers.add_parser(
+        "add",
+        help="Teach a bank that images are normal: rebuild it with them as a new version (old tau -> new tau).",
+        description="Add images of GOOD parts (files or folders) to a bank's references and rebuild it from its "
+        "stored references plus these, with the bank's own settings and seed, as a new version. Prints tau and "
+        "s_max before and after and whether each added image passes the new bank. Undo: `eagle bank rollback`.",
+    )
+    _add_name(parser)
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="Image files or folders of them.")
+    parser.add_argument("--json", action="store_true", help="Print the change as one JSON object.")
+    parser.add_argument("--no-progress", action="store_true", help="No progress bar on stderr.")
+    parser.set_defaults(func=run_add)
+
+
+def run_add(args: argparse.Namespace, settings: Settings) -> int:
+    """``eagle bank add NAME IMAGE...``."""
+    from eagle.images import list_images
+    from eagle.pipeline import BUILD_STAGES, Pipeline
+    from eagle.progress_bars import StageBar
+
+    paths: list[Path] = []
+    for item in args.images:
+        item = item.expanduser()
+        if item.is_dir():
+            paths.extend(list_images(item))
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise CommandError(f"no such image file or folder: {str(item)!r}")
+    if not paths:
+        raise CommandError("no images found to add")
+    pipeline = Pipeline(settings)
+    bar = StageBar(BUILD_STAGES, desc=f"bank {args.name}", enabled=not args.no_progress)
+    try:
+        with bar:
+            result = pipeline.add_references(paths, args.name, progress=bar)
+    except Exception as err:  # noqa: BLE001 - known failures become one line, others re-raise
+        raise as_command_error(err) from None
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(result.describe())
+    return 0
+
+
+# -- history -----------------------------------------------------------------------------------------------------
+def _add_history(bank_subparsers: argparse._SubParsersAction) -> None:
+    parser = bank_subparsers.add_parser(
+        "history", help="List a bank's kept versions: tau, s_max, reference count, date, what made each."
+    )
+    _add_name(parser)
+    parser.add_argument("--json", action="store_true", help="Print one JSON array of versions, oldest first.")
+    parser.set_defaults(func=run_history)
+
+
+def run_history(args: argparse.Namespace, settings: Settings) -> int:
+    """``eagle bank history NAME``."""
+    store = open_store(settings)
+    try:
+        versions = store.history(args.name)
+    except Exception as err:  # noqa: BLE001
+        raise as_command_error(err) from None
+    if args.json:
+        print(json.dumps([dataclasses.asdict(v) for v in versions]))
+        return 0
+    print(f"  {'version':>7} {'refs':>5} {'tau':>10} {'s_max':>10}  {'created (UTC)':<26} {'action':<10} note")
+    for v in versions:
+        mark = "*" if v.current else " "
+        print(
+            f"{mark} {v.version:>7} {v.n_references:>5} {v.tau:>10.5g} {v.s_max:>10.5g}  {v.created[:26]:<26} "
+            f"{v.action:<10} {v.note}"
+        )
+    print("(* = current; `eagle bank rollback NAME VERSION` makes another one current)", file=sys.stderr)
+    return 0
+
+
+# -- rollback ----------------------------------------------------------------------------------------------------
+def _add_rollback(bank_subparsers: argparse._SubParsersAction) -> None:
+    parser = bank_subparsers.add_parser(
+        "rollback",
+        help="Make a kept version of a bank current again (the pointer moves; nothing is deleted).",
+    )
+    _add_name(parser)
+    parser.add_argument("version", type=int, metavar="VERSION", help="Version number (see `eagle bank history`).")
+    parser.set_defaults(func=run_rollback)
+
+
+def run_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    """``eagle bank rollback NAME VERSION``."""
+    store = open_store(settings)
+    try:
+        summary = store.rollback(args.name, args.version)
+    except Exception as err:  # noqa: BLE001
+        raise as_command_error(err) from None
+    print(
+        f"eagle bank rollback: {args.name!r} is at version {args.version} ({summary.n_references} references, "
+        f"tau {summary.tau:.5g}, bank_id {summary.bank_id[:16]})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+BANK_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_list,
+    _add_show,
+    _add_export,
+    _add_import,
+    _add_delete,
+    _add_add,
+    _add_history,
+    _add_rollback,
+]
+"""The ``eagle bank`` subcommands in help order: each adds its parser and sets its handler."""
