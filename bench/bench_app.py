@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 import machine as bench_machine  # noqa: E402
 
-from tests.test_app_browser import CHROMIUM, CHROMIUM_FLAGS, _free_port  # noqa: E402  (one browser set-up for test and bench)
+from tests.browser_app import CHROMIUM, CHROMIUM_FLAGS, free_port  # noqa: E402  (one browser set-up for test and bench)
 
 VIEWPORT = {"width": 1400, "height": 1600}
 BANK = "bench"
@@ -158,7 +158,7 @@ class App:
     """One ``python -m eagle app`` subprocess in its own process group; :meth:`stop` always ends it."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()

@@ -8,16 +8,11 @@ the first reference, one at the far left (outside the mask: the right half) and 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_app_browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, _free_port, _wait_for
+from tests.browser_app import ARTIFACTS, browser_page, build_bank, inspect, running_app
 
 pytestmark = pytest.mark.browser
 
@@ -56,85 +51,42 @@ def files(tmp_path_factory) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    if CHROMIUM is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does it)")
-    port = _free_port()
-    data_dir = tmp_path_factory.mktemp("app-mask-data")
     env = {
-        **os.environ,
-        "EAGLE_DATA_DIR": str(data_dir),
         "EAGLE_EXPERT__WEIGHTS": "random",
         "EAGLE_EXPERT__RESIZE": "128",
         "EAGLE_EXPERT__CROP": "128",
         "EAGLE_EXPERT__MIN_REFERENCES": "2",
-        "EAGLE_MLLM__ENABLED": "false",
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "OMP_NUM_THREADS": "2",
     }
-    log = open(data_dir / "app.log", "w")  # noqa: SIM115 - closed in the teardown
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eagle", "app", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        _wait_for(url, 120, proc)
+    with running_app(tmp_path_factory.mktemp("app-mask-data"), env) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
-def _inspect(page, image: Path) -> str:
-    page.locator("#query-image input[type=file]").set_input_files(str(image))
-    page.wait_for_timeout(500)
-    before = page.get_attribute("#eagle-verdict", "data-sha") if page.locator("#eagle-verdict").count() else ""
-    page.locator("#inspect").click()
-    page.wait_for_function(
-        "(prev) => { const v = document.querySelector('#eagle-verdict');"
-        " return v && v.getAttribute('data-sha') !== prev; }",
-        arg=before,
-        timeout=180_000,
-    )
-    return page.get_attribute("#eagle-verdict", "data-verdict")
+def _upload_mask(path):
+    def step(page) -> None:
+        page.get_by_text("Inspection mask (optional)").click()
+        page.locator("#mask-file input[type=file]").set_input_files(str(path))
+        page.wait_for_timeout(500)
+
+    return step
 
 
 def test_a_bank_with_an_uploaded_mask_ignores_a_defect_outside_it(app_url, files):
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     root = files["root"]
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})
-        page.goto(app_url)
-        page.get_by_role("tab", name="References").click()
-        page.locator("#ref-files input[type=file]").set_input_files([str(p) for p in files["references"]])
-        page.locator("#bank-name textarea, #bank-name input").first.fill("masked")
-        page.get_by_text("Inspection mask (optional)").click()
-        page.locator("#mask-file input[type=file]").set_input_files(str(files["mask"]))
-        page.wait_for_timeout(500)
-        page.locator("#build-bank").click()
-        page.wait_for_function(
-            "() => { const f = document.querySelector('#bank-facts');"
-            " return f && f.innerText.includes('Inspection mask'); }",
-            timeout=300_000,
+    with browser_page(app_url) as page:
+        facts = build_bank(
+            page,
+            files["references"],
+            "masked",
+            before_build=_upload_mask(files["mask"]),
+            facts_contain="Inspection mask",
         )
-        facts = page.inner_text("#bank-facts")
         assert "6 references" in facts and "Inspection mask: 128 of 256 patches" in facts
         page.screenshot(path=str(ARTIFACTS / "mask-1-bank-built.png"), full_page=True)
 
         page.get_by_role("tab", name="Inspect").click()
         verdicts = {}
         for label in ("outside", "inside"):
-            verdicts[label] = _inspect(page, root / f"defect-{label}.png")
+            verdicts[label] = inspect(page, root / f"defect-{label}.png")
             page.screenshot(path=str(ARTIFACTS / f"mask-2-defect-{label}.png"), full_page=True)
-        browser.close()
 
     assert verdicts == {"outside": "no_defect", "inside": "defect"}
