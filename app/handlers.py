@@ -100,18 +100,9 @@ def bank_facts_markdown(pipeline: Pipeline, name: str) -> str:
         f"**{s.name}** — {s.n_references} references, {s.n_patches:,} patches, coreset {s.coreset_size:,} "
         f"({s.coreset_ratio:.0%}), threshold `{s.threshold_method}`: τ = {s.tau:.5g}, s_max = {s.s_max:.5g}; "
         f"backbone `{s.backbone}` ({s.weights_source} weights); distance `{s.distance}`."
-        + _mask_fact(pipeline, name)
+        + ("" if s.mask is None else f" Inspection mask: {s.mask}; the outside is greyed in the heatmap.")
         + "".join(f"\n\n⚠️ {warning}" for warning in warnings)
     )
-
-
-def _mask_fact(pipeline: Pipeline, name: str) -> str:
-    """`` Inspection mask: N of M patches`` for a bank with a mask (shown greyed in the heatmap), else ``""``."""
-    meta = getattr(getattr(pipeline.banks.load(name), "bank", None), "meta", None)
-    mask = getattr(meta, "mask", None)
-    if mask is None:
-        return ""
-    return f" Inspection mask: {mask.patches} of {meta.dims.patches_per_image} patches (outside greyed)."
 
 
 def _dbt_figure(pipeline: Pipeline, name: str):

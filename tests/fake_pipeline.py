@@ -258,7 +258,10 @@ class FakePipeline:
             )
         greys = [float(_grey(image).mean()) for image in decoded]
         names = list(names) if names is not None else [_name(item, i) for i, item in enumerate(images)]
-        version = self._banks.load(name).get("version", 0) + 1 if self._banks.exists(name) else 1
+        try:
+            version = self._banks.load(name).get("version", 0) + 1 if self._banks.exists(name) else 1
+        except BankError:  # an unreadable bank is replaced, as the real store does
+            version = 1
         for stage in BUILD_STAGES:
             if progress:
                 progress(stage, 1.0)
