@@ -13,24 +13,9 @@ import pytest
 from PIL import Image
 
 from tests.browser_app import ARTIFACTS, browser_page, build_bank, inspect, running_app
+from tests.test_mask_service import INSIDE, OUTSIDE, SIZE, defective_part, normal_part
 
 pytestmark = pytest.mark.browser
-
-SIZE = 96
-OUTSIDE = (2, 40, 14, 56)  # x0, y0, x1, y1 at the far left: the backbone's receptive field does not reach the mask
-INSIDE = (70, 36, 90, 60)
-
-
-def _normal(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.clip(128 + rng.normal(0, 12, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
-
-
-def _defect(box: tuple[int, int, int, int]) -> np.ndarray:
-    image = _normal(0)
-    x0, y0, x1, y1 = box
-    image[y0:y1, x0:x1] = (255, 0, 0)
-    return image
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +24,13 @@ def files(tmp_path_factory) -> dict[str, object]:
     references = []
     for i in range(6):
         path = root / f"good-{i}.png"
-        Image.fromarray(_normal(i)).save(path)
+        Image.fromarray(normal_part(i)).save(path)
         references.append(path)
     mask = np.zeros((SIZE, SIZE), np.uint8)
     mask[:, SIZE // 2 :] = 255  # inspect the right half only
     Image.fromarray(mask).save(root / "mask.png")
-    Image.fromarray(_defect(OUTSIDE)).save(root / "defect-outside.png")
-    Image.fromarray(_defect(INSIDE)).save(root / "defect-inside.png")
+    Image.fromarray(defective_part(OUTSIDE)).save(root / "defect-outside.png")
+    Image.fromarray(defective_part(INSIDE)).save(root / "defect-inside.png")
     return {"references": references, "mask": root / "mask.png", "root": root}
 
 

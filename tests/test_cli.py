@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -18,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eagle import cli
 from eagle.images import load_image
 from eagle.settings import load_settings
 from expert.bank import load_bank
 from expert.scorer import load_expert
+from tests.cli_helpers import run_cli as _run
 from tests.synthetic import make_good_image, make_mvtec_like
 
 pytestmark = pytest.mark.slow
@@ -44,13 +42,6 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_mvtec_like(tmp_path_factory.mktemp("cli-data"), n_train=4, n_test_good=1, n_test_bad_per_type=1)
-
-
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import zipfile
@@ -11,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from eagle import cli
 from eagle.banks import BankStore
 from eagle.images import load_image
 from eagle.settings import load_settings
+from tests.cli_helpers import run_cli as _run
 from tests.synthetic import make_mvtec_like
 
 pytestmark = pytest.mark.slow
@@ -34,13 +32,6 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_mvtec_like(tmp_path_factory.mktemp("bank-cli-data"), n_train=4, n_test_good=1, n_test_bad_per_type=1)
-
-
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 from pathlib import Path
 
@@ -13,9 +11,9 @@ import pytest
 
 from app import handlers
 from deploy.api import create_app
-from eagle import cli
 from eagle.audit import STATS_COLUMNS, AuditFilter, AuditLog, FeedbackError, InspectionNotFoundError, line_stats
 from eagle.settings import Settings
+from tests.cli_helpers import run_cli as _run
 from tests.fake_pipeline import FakePipeline
 from tests.service_helpers import TOKEN, LiveServer, assert_error, parse_metrics, png_bytes
 
@@ -190,13 +188,6 @@ def test_stats_per_day_and_since_and_bank(hand_made):
         ("a", 2, 1, 1, 1)
     ]
     assert line_stats([], {}) == []
-
-
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_eagle_audit_stats_csv_json_and_table(hand_made, tmp_path):

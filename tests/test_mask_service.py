@@ -7,7 +7,6 @@ left (outside the mask: the right half) and one inside it.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import time
@@ -17,14 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eagle import cli
 from expert.bank import load_bank
+from tests.cli_helpers import run_cli as _run
 from tests.service_helpers import TOKEN, LiveServer, assert_error, zip_bytes
 
 pytestmark = pytest.mark.slow
 
 SIZE = 96
-OUTSIDE = (2, 40, 14, 56)
+OUTSIDE = (2, 40, 14, 56)  # x0, y0, x1, y1 at the far left: the receptive field of the mask's patches misses it
 INSIDE = (70, 36, 90, 60)
 RIGHT_HALF = [[[48, 0], [95, 0], [95, 95], [48, 95]]]
 EXPERT = {
@@ -36,13 +35,13 @@ EXPERT = {
 }
 
 
-def _normal(seed: int) -> np.ndarray:
+def normal_part(seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return np.clip(128 + rng.normal(0, 12, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
 
 
-def _defect(box: tuple[int, int, int, int]) -> np.ndarray:
-    image = _normal(0)
+def defective_part(box: tuple[int, int, int, int]) -> np.ndarray:
+    image = normal_part(0)
     x0, y0, x1, y1 = box
     image[y0:y1, x0:x1] = (255, 0, 0)
     return image
@@ -66,9 +65,9 @@ def data(tmp_path_factory) -> Path:
     normals = root / "normals"
     normals.mkdir()
     for i in range(6):
-        (normals / f"good-{i}.png").write_bytes(_png(_normal(i)))
-    (root / "outside.png").write_bytes(_png(_defect(OUTSIDE)))
-    (root / "inside.png").write_bytes(_png(_defect(INSIDE)))
+        (normals / f"good-{i}.png").write_bytes(_png(normal_part(i)))
+    (root / "outside.png").write_bytes(_png(defective_part(OUTSIDE)))
+    (root / "inside.png").write_bytes(_png(defective_part(INSIDE)))
     (root / "mask.png").write_bytes(_mask_png())
     (root / "mask.json").write_text(json.dumps({"width": SIZE, "height": SIZE, "polygons": RIGHT_HALF}))
     (root / "bad.json").write_text(json.dumps({"polygons": []}))
@@ -83,13 +82,6 @@ def env(data):
         for key, value in values.items():
             patch.setenv(key, value)
         yield values
-
-
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 # ------------------------------------------------------------------------------------------- CLI
