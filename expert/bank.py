@@ -421,7 +421,7 @@ def save_bank(
     Args:
         bank: the tensors and meta (``meta.bank_id``, checksums and ``onnx_sha256`` are (re)computed).
         directory: target bank directory.
-        onnx_source: ``backbone.onnx`` to copy in; None copies the bank's own when it was loaded from a
+        onnx_source: ``backbone.onnx`` to link (hard link, else copy) in; None links the bank's own when it was loaded from a
             directory with one, else the bank has no ONNX file.
         reference_images: the N reference images (RGB uint8), stored as PNG downscaled to
             ``reference_max_side`` pixels on the longest side (never upscaled); None copies the bank's own
@@ -503,7 +503,7 @@ def _write_references(
             source = bank.reference_path(i)
             if not source.is_file():
                 raise BankError(f"{source}: reference image file missing, cannot copy the bank")
-            shutil.copyfile(source, out)
+            atomic.link_or_copy(source, out)
         ref.sha256 = file_sha256(out)
 
 
@@ -527,7 +527,7 @@ def _write_onnx(staging: Path, bank: Bank, onnx_source: str | Path | None) -> st
     source = Path(onnx_source)
     if not source.is_file():
         raise BankError(f"{source}: ONNX backbone file not found")
-    shutil.copyfile(source, staging / ONNX_FILE)
+    atomic.link_or_copy(source, staging / ONNX_FILE)  # the file is ~100 MB and never changed in place
     return file_sha256(staging / ONNX_FILE)
 
 

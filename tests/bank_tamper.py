@@ -14,6 +14,17 @@ from safetensors.numpy import load_file, save_file
 from expert.bank import META_FILE, ONNX_FILE, TENSORS_FILE, BankMeta, compute_bank_id, file_sha256
 
 
+def overwrite(path: Path, data: bytes) -> None:
+    """Replace one bank file's bytes without touching its other names.
+
+    ``backbone.onnx`` and the reference PNGs are hard links shared with the ONNX cache and other bank versions
+    (:func:`expert.atomic.link_or_copy`); writing into one in place would damage all of them, so the name is
+    unlinked first and a new file written in its place.
+    """
+    path.unlink()
+    path.write_bytes(data)
+
+
 def tamper(
     bank_dir: Path,
     *,
@@ -29,7 +40,7 @@ def tamper(
     if tensors is not None:
         tensors(arrays)
     if onnx_bytes is not None:
-        (bank_dir / ONNX_FILE).write_bytes(onnx_bytes)
+        overwrite(bank_dir / ONNX_FILE, onnx_bytes)
     if (bank_dir / ONNX_FILE).is_file() and raw["backbone"]["onnx_sha256"] is not None:
         raw["backbone"]["onnx_sha256"] = file_sha256(bank_dir / ONNX_FILE)
     save_file(arrays, str(bank_dir / TENSORS_FILE))

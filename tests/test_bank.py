@@ -24,6 +24,7 @@ from expert.bank import (
     save_bank,
 )
 from expert.dbt import compute_threshold
+from tests.bank_tamper import overwrite
 
 N_REFS, GRID, DIM, M = 3, (28, 28), 1024, 10  # dims of the default backbone at crop 224 (check_meaning)
 
@@ -253,9 +254,9 @@ def test_missing_directory(tmp_path):
         (lambda d: (d / "bank.safetensors").unlink(), "bank.safetensors: file missing"),
         (lambda d: (d / "bank.safetensors").write_bytes((d / "bank.safetensors").read_bytes()[:100]), "unreadable"),
         (lambda d: (d / "backbone.onnx").unlink(), "backbone.onnx: file missing"),
-        (lambda d: (d / "backbone.onnx").write_bytes(b"other"), "backbone.onnx: checksum differs"),
+        (lambda d: overwrite(d / "backbone.onnx", b"other"), "backbone.onnx: checksum differs"),
         (lambda d: (d / "references" / "0001.png").unlink(), "0001.png: reference image missing"),
-        (lambda d: (d / "references" / "0001.png").write_bytes(b"x"), "0001.png: checksum differs"),
+        (lambda d: overwrite(d / "references" / "0001.png", b"x"), "0001.png: checksum differs"),
     ],
 )
 def test_damaged_files(saved, damage, message):

@@ -73,6 +73,9 @@ def test_build_teach_history_rollback(tmp_path, images):
     for i in range(6):
         old_png = store.root / VERSIONS_DIR / BANK / "0001" / old_meta.references[i].file
         assert (link / meta.references[i].file).read_bytes() == old_png.read_bytes()
+    # the ~100 MB backbone graph is stored once: the new version's file is a hard link to the old one's
+    old_graph = store.root / VERSIONS_DIR / BANK / "0001" / "backbone.onnx"
+    assert (link / "backbone.onnx").stat().st_ino == old_graph.stat().st_ino
 
     history = store.history(BANK)
     assert [(v.version, v.current, v.n_references, v.action) for v in history] == [

@@ -93,12 +93,46 @@ def test_second_build_reuses_the_cached_graph(tmp_path, counted_exports, random_
     assert len(counted_exports) == 1 and len(loads) == 1
     second = build_bank(images, names, backbone=no_backbone, out_dir=tmp_path / "b2", **common)
     assert len(counted_exports) == 1, "the second build exported again"
-    # Each bank holds its own copy of the cached graph, identical to the cache entry.
+    # Each bank names the cached graph by a hard link of its own: one copy on disk, identical to the cache entry.
     (entry,) = OnnxCache(cache_dir).entries()
-    assert first.onnx_path != entry and first.onnx_path.stat().st_ino != entry.stat().st_ino
+    assert first.onnx_path != entry and first.onnx_path.stat().st_ino == entry.stat().st_ino
+    assert second.onnx_path.stat().st_ino == entry.stat().st_ino and entry.stat().st_nlink == 3
     assert first.meta.backbone.onnx_sha256 == second.meta.backbone.onnx_sha256 == file_sha256(entry)
     assert json.loads(entry.with_suffix(".json").read_text())["sha256"] == file_sha256(entry)
     np.testing.assert_array_equal(load_bank(first.directory).memory_bank, load_bank(second.directory).memory_bank)
+    # Emptying the cache leaves both banks whole.
+    OnnxCache(cache_dir).prune(keep=ExportKey.create("other", "sha256:00", crop=224))
+    assert not entry.exists() and load_bank(first.directory).has_onnx and load_bank(second.directory).has_onnx
+
+
+def test_banks_copy_the_graph_where_hard_links_are_impossible(
+    tmp_path, monkeypatch, counted_exports, random_backbone, random_weights_info
+):
+    """A cache on another filesystem (EXDEV) or one without hard links: the bank gets its own copy."""
+    import errno
+    import os
+
+    from expert.build import build_bank
+
+    def no_links(source, destination):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    images, names = _references()
+    cache_dir = tmp_path / "cache" / "onnx"
+    bank = build_bank(
+        images,
+        names,
+        settings=SETTINGS,
+        weights_info=random_weights_info,
+        name="w",
+        onnx_cache=cache_dir,
+        backbone=random_backbone,
+        out_dir=tmp_path / "b",
+    )
+    (entry,) = OnnxCache(cache_dir).entries()
+    assert bank.onnx_path.stat().st_ino != entry.stat().st_ino and bank.onnx_path.stat().st_nlink == 1
+    assert file_sha256(bank.onnx_path) == file_sha256(entry) == bank.meta.backbone.onnx_sha256
 
 
 def test_pipeline_warm_up_then_builds_never_export(tmp_path, monkeypatch, counted_exports, random_backbone_loaded):
