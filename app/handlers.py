@@ -21,6 +21,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
+from app.downloads import download_path
 from app.plots import dbt_histogram, score_gauge
 from app.uploads import collect_reference_files
 from eagle.annotate import annotated_image
@@ -180,10 +181,10 @@ def delete_bank(pipeline: Pipeline, name: str | None):
 
 @user_facing
 def export_bank(pipeline: Pipeline, name: str | None) -> str:
-    """Write the bank as a zip into a fresh temporary file; returns its path for download."""
+    """Write the bank as a zip into the app's download folder (:mod:`app.downloads`); returns its path."""
     if not name:
         raise gr.Error("Select a bank to download.", print_exception=False)
-    dest = Path(tempfile.mkdtemp(prefix="eagle-export-")) / f"{name}.zip"
+    dest = download_path(f"{name}.zip")
     return str(pipeline.banks.export_zip(name, dest))
 
 
@@ -298,7 +299,7 @@ def line_stats(pipeline: Pipeline, bank: str | None, since: str | None, per: str
         raise gr.Error(str(err), print_exception=False) from None
     stats = audit_log(pipeline).stats(AuditFilter(since=start, bank=bank or None), per=per or "all")
     rows = [[_cell(group[column]) for column in STATS_COLUMNS] for group in stats]
-    dest = Path(tempfile.mkdtemp(prefix="eagle-stats-")) / "line-stats.csv"
+    dest = download_path("line-stats.csv")
     with open(dest, "w", encoding="utf-8", newline="") as handle:
         write_stats_csv(stats, handle)
     return rows, str(dest)

@@ -231,10 +231,14 @@ def _stats_tab(pipeline: Pipeline) -> None:
     refresh.click(functools.partial(handlers.line_stats, pipeline), [bank, since, per], [table, download])
 
 
+GRADIO_CACHE_CLEANUP = (3600, 86400)  # (how often, how old) in seconds: gr.Blocks(delete_cache=...)
+
+
 def build_ui(pipeline: Pipeline) -> gr.Blocks:
     """Compose the app for one pipeline (which holds the banks and, lazily, the model)."""
     names = handlers.bank_names(pipeline)
-    with gr.Blocks(title=TITLE) as demo:
+    # Gradio keeps a copy of every picture and file it serves; drop copies older than a day, checked hourly.
+    with gr.Blocks(title=TITLE, delete_cache=GRADIO_CACHE_CLEANUP) as demo:
         gr.Markdown(f"# {TITLE}")
         if not pipeline.mllm_enabled:
             gr.Markdown("**Expert-only mode**: no multimodal model is configured; verdicts come from the expert.")

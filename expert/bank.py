@@ -421,8 +421,8 @@ def save_bank(
     Args:
         bank: the tensors and meta (``meta.bank_id``, checksums and ``onnx_sha256`` are (re)computed).
         directory: target bank directory.
-        onnx_source: ``backbone.onnx`` to link (hard link, else copy) in; None links the bank's own when it was loaded from a
-            directory with one, else the bank has no ONNX file.
+        onnx_source: ``backbone.onnx`` to hard-link in (copied where a link is impossible); None links the
+            bank's own when it was loaded from a directory with one, else the bank has no ONNX file.
         reference_images: the N reference images (RGB uint8), stored as PNG downscaled to
             ``reference_max_side`` pixels on the longest side (never upscaled); None copies the bank's own
             reference files.
