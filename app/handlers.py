@@ -90,6 +90,29 @@ def bank_table(pipeline: Pipeline) -> list[list[Any]]:
 BANK_TABLE_HEADERS = ["bank", "references", "coreset", "τ method", "τ", "s_max", "created"]
 
 
+def bank_choice(pipeline: Pipeline, selected: str | None, *, default_first: bool = False) -> dict[str, Any]:
+    """A dropdown update listing the banks on disk now; the selection stays when the bank still exists.
+
+    The app is built once but banks come and go (built in another tab, taught or imported through the API, the
+    CLI or another browser), so every list of banks is read again when a page loads or a tab opens.
+    """
+    names = bank_names(pipeline)
+    if selected not in names:
+        selected = names[0] if default_first and names else None
+    return gr.update(choices=names, value=selected)
+
+
+def refreshed_banks(pipeline: Pipeline, selected: str | None) -> tuple[list[list[Any]], dict[str, Any]]:
+    """The banks table and its dropdown, as they are on disk now (the Banks tab's Refresh, and opening the tab)."""
+    return bank_table(pipeline), bank_choice(pipeline, selected)
+
+
+def stats_bank_choice(pipeline: Pipeline, selected: str | None) -> dict[str, Any]:
+    """The line-statistics bank filter: "all banks" and every bank on disk now."""
+    names = bank_names(pipeline)
+    return gr.update(choices=[("all banks", ""), *[(n, n) for n in names]], value=selected if selected in names else "")
+
+
 def bank_facts_markdown(pipeline: Pipeline, name: str) -> str:
     """A short Markdown description of a bank."""
     s = pipeline.banks.summary(name)

@@ -86,9 +86,13 @@ def _mask_inputs() -> tuple[gr.File, gr.ImageEditor]:
     return mask_file, mask_drawing
 
 
-def _banks_tab(pipeline: Pipeline, selector: gr.Dropdown) -> tuple[gr.Dataframe, gr.Dropdown]:
+def _banks_tab(pipeline: Pipeline, selector: gr.Dropdown) -> gr.Dataframe:
     table = gr.Dataframe(
-        headers=handlers.BANK_TABLE_HEADERS, value=handlers.bank_table(pipeline), interactive=False, label="Saved banks"
+        headers=handlers.BANK_TABLE_HEADERS,
+        value=functools.partial(handlers.bank_table, pipeline),  # a callable: read again on every page load
+        interactive=False,
+        label="Saved banks",
+        elem_id="banks-table",
     )
     with gr.Row():
         refresh = gr.Button("Refresh")
@@ -102,16 +106,12 @@ def _banks_tab(pipeline: Pipeline, selector: gr.Dropdown) -> tuple[gr.Dataframe,
         upload_name = gr.Textbox(label="Name for the imported bank (default: the zip's name)")
         do_import = gr.Button("Import")
 
-    refresh.click(
-        lambda: (handlers.bank_table(pipeline), gr.update(choices=handlers.bank_names(pipeline))),
-        None,
-        [table, selector],
-    )
+    refresh.click(functools.partial(handlers.refreshed_banks, pipeline), selector, [table, selector])
     selector.change(functools.partial(handlers.show_bank, pipeline), selector, [facts, histogram])
     delete.click(functools.partial(handlers.delete_bank, pipeline), selector, [table, selector])
     export.click(functools.partial(handlers.export_bank, pipeline), selector, download)
     do_import.click(functools.partial(handlers.import_bank, pipeline), [upload, upload_name], [table, selector])
-    return table, selector
+    return table
 
 
 def _inspect_tab(pipeline: Pipeline, bank: gr.Dropdown) -> None:
@@ -213,7 +213,7 @@ def _teach_row(pipeline: Pipeline, image: gr.Image, bank: gr.Dropdown) -> gr.Mar
     return status
 
 
-def _stats_tab(pipeline: Pipeline) -> None:
+def _stats_tab(pipeline: Pipeline) -> gr.Dropdown:
     gr.Markdown(
         "Per bank and period, from the audit log (the service's, the watched folder's and this app's inspections): "
         "defect rate, how often operators overruled, precision/recall against their verdicts, expert-vs-MLLM "
@@ -229,6 +229,7 @@ def _stats_tab(pipeline: Pipeline) -> None:
     table = gr.Dataframe(headers=list(handlers.STATS_COLUMNS), interactive=False, label="Line statistics")
     download = gr.File(label="CSV", interactive=False)
     refresh.click(functools.partial(handlers.line_stats, pipeline), [bank, since, per], [table, download])
+    return bank
 
 
 GRADIO_CACHE_CLEANUP = (3600, 86400)  # (how often, how old) in seconds: gr.Blocks(delete_cache=...)
@@ -251,9 +252,22 @@ def build_ui(pipeline: Pipeline) -> gr.Blocks:
             _inspect_tab(pipeline, inspect_bank)
         with gr.Tab("References", id="references"):
             _references_tab(pipeline, [inspect_bank, banks_bank])
-        with gr.Tab("Banks", id="banks"):
+        with gr.Tab("Banks", id="banks") as banks_tab:
             banks_bank.render()
-            _banks_tab(pipeline, banks_bank)
-        with gr.Tab("Line statistics", id="stats"):
-            _stats_tab(pipeline)
+            banks_table = _banks_tab(pipeline, banks_bank)
+        with gr.Tab("Line statistics", id="stats") as stats_tab:
+            stats_bank = _stats_tab(pipeline)
+        # Banks change outside this page (the API, the CLI, another browser): every list of them is read again
+        # when a page loads and when its tab opens, so nobody has to restart the app to see a new bank.
+        demo.load(
+            lambda inspected, selected, filtered: (
+                handlers.bank_choice(pipeline, inspected, default_first=True),
+                *handlers.refreshed_banks(pipeline, selected),
+                handlers.stats_bank_choice(pipeline, filtered),
+            ),
+            [inspect_bank, banks_bank, stats_bank],
+            [inspect_bank, banks_table, banks_bank, stats_bank],
+        )
+        banks_tab.select(functools.partial(handlers.refreshed_banks, pipeline), banks_bank, [banks_table, banks_bank])
+        stats_tab.select(functools.partial(handlers.stats_bank_choice, pipeline), stats_bank, stats_bank)
     return demo

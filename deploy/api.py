@@ -163,6 +163,19 @@ class BankVersions(BaseModel):
     versions: list[dict[str, Any]]
 
 
+class RollbackRequest(BaseModel):
+    """``POST /v1/banks/{name}/rollback``: the kept version to make current again."""
+
+    version: int = Field(ge=1, description="A kept version number (GET /v1/banks/{name}/versions lists them).")
+
+
+class RolledBack(BaseModel):
+    """``POST /v1/banks/{name}/rollback``: the version now current and the bank as it now is."""
+
+    version: int
+    bank: dict[str, Any]
+
+
 MAX_TEACH_IMAGES = 64
 """Most images one ``POST /v1/banks/{name}/references`` may add."""
 
@@ -630,6 +643,28 @@ def _v1_router(service: Service) -> APIRouter:
             raise BankNotFound(f"no bank named {name!r}")
         found = await run_in_threadpool(pipeline.banks.history, name)
         return BankVersions(versions=[jsonable(v) for v in found])
+
+    @router.post(
+        "/banks/{name}/rollback",
+        response_model=RolledBack,
+        tags=["banks"],
+        summary="Make a kept version of a bank current again (nothing is copied or deleted)",
+    )
+    async def rollback_bank(name: str, request: RollbackRequest) -> RolledBack:
+        validate_bank_name(name)
+        if service.jobs.active_for(name):
+            raise BankBusy(f"bank {name!r} is being built; roll it back when the job has finished")
+        if not await run_in_threadpool(pipeline.banks.exists, name):
+            raise BankNotFound(f"no bank named {name!r}")
+        try:
+            summary = await run_in_threadpool(pipeline.banks.rollback, name, request.version)
+        except Exception as exc:
+            mapped = as_eagle_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from None
+        logger.info("bank %r rolled back to version %d", name, request.version)
+        return RolledBack(version=request.version, bank=jsonable(summary))
 
     @router.delete("/banks/{name}", response_model=Deleted, tags=["banks"], summary="Delete a bank")
     async def delete_bank(name: str) -> Deleted:

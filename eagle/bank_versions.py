@@ -13,12 +13,18 @@ A change (rebuild, "teach the bank", import) writes the next version in full, th
 Rollback moves the symlink back to a kept version; the next change still gets a number above the highest.
 After each change the oldest versions beyond ``keep`` are pruned (the current one never is).
 
+Writers of one bank take turns: every change (and rollback, delete) holds ``.versions/<name>.lock``
+(:func:`writer_lock`, an ``flock``), so the API service, an ``eagle bank add`` and the watcher on one data
+folder never build on the same version at once (two teaches at once would otherwise both start from version
+N, and the second would silently drop the first one's images).
+
 A bank saved before versions existed is a plain directory ``<banks>/<name>/``: it loads as it is and becomes
 version 1 on its first change (it is moved under ``.versions`` and the symlink takes its place).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -47,6 +53,7 @@ __all__ = [
     "version_dir",
     "versions_root",
     "write_note",
+    "writer_lock",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,6 +86,11 @@ class BankVersion:
 def versions_root(root: Path, name: str) -> Path:
     """``<banks>/.versions/<name>``."""
     return Path(root) / VERSIONS_DIR / name
+
+
+def writer_lock(root: Path, name: str) -> contextlib.AbstractContextManager[None]:
+    """Hold ``<banks>/.versions/<name>.lock`` while reading the current version and writing the next."""
+    return atomic.file_lock(Path(root) / VERSIONS_DIR / f"{name}.lock")
 
 
 def version_dir(root: Path, name: str, version: int) -> Path:

@@ -258,7 +258,7 @@ class BankStore:
     def delete(self, name: str) -> None:
         """Delete bank ``name`` from disk, with every kept version."""
         path = self._require(name)
-        with self._write_lock, self._lock:
+        with self._write_lock, bank_versions.writer_lock(self.root, name), self._lock:
             self.forget(name)
             if path.is_symlink():
                 path.unlink()
@@ -284,8 +284,8 @@ class BankStore:
             note: one line for people (e.g. which images were taught).
         """
         self.path(name)
-        with self._write_lock:
-            self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._write_lock, bank_versions.writer_lock(self.root, name):
             bank_versions.adopt_legacy(self.root, name)
             parent = bank_versions.current_version(self.root, name)
             number, target = bank_versions.reserve_version(self.root, name)
@@ -322,7 +322,7 @@ class BankStore:
             BankVersionNotFoundError: no such kept version. BankError: that version fails its test inspection.
         """
         self._require(name)
-        with self._write_lock:
+        with self._write_lock, bank_versions.writer_lock(self.root, name):
             if bank_versions.current_version(self.root, name) is None:
                 bank_versions.adopt_legacy(self.root, name)
             target = bank_versions.version_dir(self.root, name, int(version))

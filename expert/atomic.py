@@ -36,8 +36,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+try:  # POSIX only; elsewhere writers are not serialised across processes (atomic renames keep every file whole)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
     "atomic_path",
+    "file_lock",
     "fsync_dir",
     "fsync_file",
     "fsync_tree",
@@ -148,3 +154,33 @@ def link_or_copy(source: str | Path, destination: str | Path) -> bool:
     except OSError:
         shutil.copyfile(source, destination)
         return False
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block: one writer at a time.
+
+    Serialises writers across processes (the API service, an ``eagle`` command and the watcher on one data
+    folder, or replicas on shared storage that supports ``flock``) and across threads that open the file
+    separately. The lock goes with the process: a writer that dies never leaves it held. The lock file itself
+    stays (empty); never delete it while others may wait on it.
+
+    Example:
+        >>> import tempfile
+        >>> lock = Path(tempfile.mkdtemp()) / ".bank.lock"
+        >>> with file_lock(lock):
+        ...     pass  # read the current state, write the next one
+        >>> lock.exists()
+        True
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        if fcntl is None:  # pragma: no cover - Windows
+            yield
+            return
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

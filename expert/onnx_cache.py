@@ -36,7 +36,7 @@ import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import cache
 from importlib import metadata
@@ -49,11 +49,6 @@ from expert import backbone as _backbone_module
 from expert.backbone import PatchEmbedder, build_patch_embedder
 from expert.bank import file_sha256
 from expert.embedder import ONNX_OPSET, export_onnx
-
-try:  # POSIX only; elsewhere writers are not serialised (atomic renames still keep every file whole)
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -218,18 +213,8 @@ class OnnxCache:
         return None
 
     # ------------------------------------------------------------------ writing
-    @contextlib.contextmanager
-    def _lock(self, key: ExportKey) -> Iterator[None]:
-        if fcntl is None:  # pragma: no cover - Windows
-            yield
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / f".{key.digest()}.lock", "a+b") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    def _lock(self, key: ExportKey) -> contextlib.AbstractContextManager[None]:
+        return atomic.file_lock(self.directory / f".{key.digest()}.lock")
 
     def get(self, key: ExportKey, backbone: BackboneSource, *, fallback_dir: str | Path | None = None) -> Path:
         """Return a verified graph for ``key``, exporting (and caching) it first when needed.

@@ -44,3 +44,43 @@ def test_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_file_lock_lets_one_holder_in_at_a_time(tmp_path):
+    """Two holders opening the lock file separately (as two processes do) never overlap."""
+    import threading
+    import time
+
+    lock = tmp_path / "sub" / ".bank.lock"
+    events: list[str] = []
+    inside = threading.Event()
+
+    def second() -> None:
+        inside.wait(10)
+        with atomic.file_lock(lock):
+            events.append("second in")
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with atomic.file_lock(lock):
+        events.append("first in")
+        inside.set()
+        time.sleep(0.3)  # the second holder is waiting on the lock now
+        events.append("first out")
+    thread.join(10)
+    assert events == ["first in", "first out", "second in"] and lock.is_file()
+
+
+def test_link_or_copy_links_and_falls_back_to_a_copy(tmp_path, monkeypatch):
+    source = tmp_path / "graph.onnx"
+    source.write_bytes(b"graph")
+    assert atomic.link_or_copy(source, tmp_path / "linked.onnx") is True
+    assert (tmp_path / "linked.onnx").stat().st_ino == source.stat().st_ino
+
+    def refuse(*args):
+        raise PermissionError("hard links not allowed here")
+
+    monkeypatch.setattr(os, "link", refuse)
+    assert atomic.link_or_copy(source, tmp_path / "copied.onnx") is False
+    copied = tmp_path / "copied.onnx"
+    assert copied.read_bytes() == b"graph" and copied.stat().st_ino != source.stat().st_ino

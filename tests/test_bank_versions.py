@@ -180,6 +180,41 @@ def test_readers_never_see_a_half_written_bank(tmp_path, images):
     assert seen <= {6, 7, 8} and 6 in seen
 
 
+def test_two_processes_teaching_at_once_lose_nothing(tmp_path, images):
+    """The API and an `eagle bank add` on one data folder: two stores (as in two processes) teach at once.
+
+    Each store has its own in-process lock, so only the per-bank file lock keeps them apart; without it both
+    would build on version 1 and the later version would silently miss the other's image.
+    """
+    first = make_pipeline(tmp_path)
+    first.build_bank(images["train"], BANK)
+    second = make_pipeline(tmp_path)
+    start = threading.Barrier(2)
+    results, errors = {}, []
+
+    def teach(pipeline: Pipeline, image: Path) -> None:
+        try:
+            start.wait(30)
+            results[image.name] = pipeline.add_references([image], BANK)
+        except BaseException as err:  # noqa: BLE001 - collected for the assertion below
+            errors.append(err)
+
+    threads = [
+        threading.Thread(target=teach, args=(first, images["good"][0])),
+        threading.Thread(target=teach, args=(second, images["good"][1])),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    assert sorted((r.version_before, r.version) for r in results.values()) == [(1, 2), (2, 3)]
+    meta = read_meta(tmp_path / "banks" / BANK)
+    assert meta.counts.references == 8
+    assert {images["good"][0].name, images["good"][1].name} <= {r.name for r in meta.references}
+    assert [(v.version, v.n_references) for v in first.banks.history(BANK)] == [(1, 6), (2, 7), (3, 8)]
+
+
 def test_a_failed_write_changes_nothing(tmp_path, images):
     pipeline = make_pipeline(tmp_path)
     built = pipeline.build_bank(images["train"], BANK)

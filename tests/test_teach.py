@@ -157,6 +157,17 @@ def test_api_teach_and_the_service_picks_up_every_version(live, images, monkeypa
         capsys.readouterr()
         assert _inspect(client, images["good"][0])["bank_id"] == first.bank_id
 
+        # ... and so is a rollback through the API
+        rolled = client.post(f"/v1/banks/{BANK}/rollback", json={"version": 2})
+        assert rolled.status_code == 200, rolled.text
+        assert rolled.json()["version"] == 2 and rolled.json()["bank"]["bank_id"] == after["bank_id"]
+        assert _inspect(client, images["good"][0])["bank_id"] == after["bank_id"]
+        assert_error(client.post(f"/v1/banks/{BANK}/rollback", json={"version": 9}), 404, "bank_version_not_found")
+        assert_error(client.post(f"/v1/banks/{BANK}/rollback", json={"version": 0}), 422, "invalid_request")
+        assert_error(client.post("/v1/banks/nope/rollback", json={"version": 1}), 404, "bank_not_found")
+        assert main(["bank", "rollback", BANK, "1"]) == 0
+        capsys.readouterr()
+
         assert_error(client.post("/v1/banks/nope/references", files=files), 404, "bank_not_found")
         assert_error(client.post("/v1/banks/a..b/references", files=files), 422, "invalid_bank_name")
         bad = [("images", ("bad.png", b"not an image", "image/png"))]
