@@ -1,5 +1,6 @@
-"""Issue 14 §2 in a real browser: build a bank with an uploaded inspection-mask PNG, then a defect outside the mask
-passes and one inside is flagged. Same Chromium/Playwright set-up as ``tests/test_app_browser.py`` (its helpers).
+"""Issue 14 §2 in a real browser: build a bank with an inspection mask (an uploaded PNG, or painted with the mouse
+over a reference image in the editor), then a defect outside the mask passes and one inside is flagged. Same
+Chromium/Playwright set-up as ``tests/test_app_browser.py`` (its helpers).
 
 The app runs as ``eagle app`` in a subprocess (expert-only, random-weight backbone at 128 px input, so the
 build takes seconds). The references are flat grey with noise; the defects are solid red squares painted on
@@ -7,6 +8,8 @@ the first reference, one at the far left (outside the mask: the right half) and 
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -73,5 +76,85 @@ def test_a_bank_with_an_uploaded_mask_ignores_a_defect_outside_it(app_url, files
         for label in ("outside", "inside"):
             verdicts[label] = inspect(page, root / f"defect-{label}.png")
             page.screenshot(path=str(ARTIFACTS / f"mask-2-defect-{label}.png"), full_page=True)
+
+    assert verdicts == {"outside": "no_defect", "inside": "defect"}
+
+
+def _settled_editor(page, zoom) -> tuple[float, dict]:
+    """The editor's zoom (css px per image px) and canvas box once both stopped changing.
+
+    After an image is loaded the editor fits it to the canvas in steps; strokes drawn before that end land at
+    the wrong place or not at all.
+    """
+    seen: list[tuple[str, tuple]] = []
+    for _ in range(60):
+        box = page.locator("#mask-editor canvas").first.bounding_box()
+        seen.append((zoom.inner_text(), tuple(sorted(box.items())) if box else ()))
+        if len(seen) >= 4 and len(set(seen[-4:])) == 1 and box:
+            return int(seen[-1][0].rstrip("%")) / 100, box
+        page.wait_for_timeout(300)
+    raise AssertionError(f"the mask editor never settled: {seen[-4:]}")
+
+
+def _load_into_editor(page, reference) -> tuple[float, dict]:
+    """Upload ``reference`` into the mask editor until it shows it; returns :func:`_settled_editor`'s answer.
+
+    The editor starts with a blank 800-px canvas (shown below 100 %); our 96-px image is shown above 100 %, so
+    the zoom tells whether the upload took (an upload into an editor still opening is sometimes dropped).
+    """
+    page.get_by_text("Inspection mask (optional)").click()
+    editor = page.locator("#mask-editor")
+    editor.wait_for(state="visible")
+    zoom = editor.get_by_text(re.compile(r"^\d+%$")).first
+    for _ in range(3):
+        page.wait_for_timeout(500)
+        editor.locator("input[type=file]").first.set_input_files(str(reference))
+        zoom.wait_for(timeout=30_000)
+        scale, box = _settled_editor(page, zoom)
+        if scale > 1:
+            return scale, box
+    raise AssertionError(f"the mask editor did not take the image (zoom {scale:.0%})")
+
+
+def _paint_right_part(reference):
+    """Load a reference into the mask editor and paint, with the brush, over image columns ~40..96 (of 96)."""
+
+    def step(page) -> None:
+        scale, box = _load_into_editor(page, reference)
+        page.locator("#mask-editor button[aria-label='Brush']").click()
+        page.wait_for_timeout(300)
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2  # the image is centred
+
+        def at(x: float, y: float) -> tuple[float, float]:  # image pixel -> page position
+            return cx + (x - SIZE / 2) * scale, cy + (y - SIZE / 2) * scale
+
+        for y in range(0, SIZE + 4, 8):  # brush 24 px wide: rows 8 px apart leave no gaps
+            page.mouse.move(*at(62, y))
+            page.mouse.down()
+            page.mouse.move(*at(SIZE + 4, y), steps=8)
+            page.mouse.up()
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(ARTIFACTS / "mask-3-painted.png"), full_page=True)
+
+    return step
+
+
+def test_a_mask_painted_in_the_editor_ignores_a_defect_outside_it(app_url, files):
+    root = files["root"]
+    with browser_page(app_url) as page:
+        facts = build_bank(
+            page,
+            files["references"],
+            "painted",
+            before_build=_paint_right_part(files["references"][0]),
+            facts_contain="Inspection mask",
+        )
+        found = re.search(r"Inspection mask: (\d+) of 256 patches \(array:mask 96x96\)", facts)
+        assert found is not None, facts
+        assert 112 <= int(found.group(1)) <= 176  # the painted right part (about 9 of 16 patch columns)
+
+        page.get_by_role("tab", name="Inspect").click()
+        verdicts = {label: inspect(page, root / f"defect-{label}.png") for label in ("outside", "inside")}
+        page.screenshot(path=str(ARTIFACTS / "mask-4-painted-defect-inside.png"), full_page=True)
 
     assert verdicts == {"outside": "no_defect", "inside": "defect"}
