@@ -4,26 +4,5 @@ The helper is defined once, in :mod:`expert.atomic` (the lowest package, so ``ex
 directly); ``deploy`` and ``app`` may import only ``eagle`` (the import contracts), so they import it from here.
 """
 
-from expert.atomic import (
-    atomic_path,
-    file_lock,
-    fsync_dir,
-    fsync_file,
-    fsync_tree,
-    link_or_copy,
-    replace,
-    write_bytes,
-    write_text,
-)
-
-__all__ = [
-    "atomic_path",
-    "file_lock",
-    "fsync_dir",
-    "fsync_file",
-    "fsync_tree",
-    "link_or_copy",
-    "replace",
-    "write_bytes",
-    "write_text",
-]
+from expert.atomic import *  # noqa: F403 - re-exporting the helper is this module's whole job
+from expert.atomic import __all__  # noqa: F401

@@ -58,25 +58,22 @@ def _upload_mask(path):
     return step
 
 
-def test_a_bank_with_an_uploaded_mask_ignores_a_defect_outside_it(app_url, files):
-    root = files["root"]
+def _build_masked_bank_and_inspect(app_url, files, name: str, mask_step, shots: str) -> tuple[str, dict[str, str]]:
+    """Build bank ``name`` with ``mask_step`` before the build, then inspect both defects; (facts, verdicts)."""
     with browser_page(app_url) as page:
-        facts = build_bank(
-            page,
-            files["references"],
-            "masked",
-            before_build=_upload_mask(files["mask"]),
-            facts_contain="Inspection mask",
-        )
-        assert "6 references" in facts and "Inspection mask: 128 of 256 patches" in facts
-        page.screenshot(path=str(ARTIFACTS / "mask-1-bank-built.png"), full_page=True)
-
+        facts = build_bank(page, files["references"], name, before_build=mask_step, facts_contain="Inspection mask")
+        page.screenshot(path=str(ARTIFACTS / f"mask-{shots}-bank-built.png"), full_page=True)
         page.get_by_role("tab", name="Inspect").click()
         verdicts = {}
         for label in ("outside", "inside"):
-            verdicts[label] = inspect(page, root / f"defect-{label}.png")
-            page.screenshot(path=str(ARTIFACTS / f"mask-2-defect-{label}.png"), full_page=True)
+            verdicts[label] = inspect(page, files["root"] / f"defect-{label}.png")
+            page.screenshot(path=str(ARTIFACTS / f"mask-{shots}-defect-{label}.png"), full_page=True)
+    return facts, verdicts
 
+
+def test_a_bank_with_an_uploaded_mask_ignores_a_defect_outside_it(app_url, files):
+    facts, verdicts = _build_masked_bank_and_inspect(app_url, files, "masked", _upload_mask(files["mask"]), "upload")
+    assert "6 references" in facts and "Inspection mask: 128 of 256 patches" in facts
     assert verdicts == {"outside": "no_defect", "inside": "defect"}
 
 
@@ -134,27 +131,15 @@ def _paint_right_part(reference):
             page.mouse.move(*at(SIZE + 4, y), steps=8)
             page.mouse.up()
         page.wait_for_timeout(500)
-        page.screenshot(path=str(ARTIFACTS / "mask-3-painted.png"), full_page=True)
+        page.screenshot(path=str(ARTIFACTS / "mask-painted-strokes.png"), full_page=True)
 
     return step
 
 
 def test_a_mask_painted_in_the_editor_ignores_a_defect_outside_it(app_url, files):
-    root = files["root"]
-    with browser_page(app_url) as page:
-        facts = build_bank(
-            page,
-            files["references"],
-            "painted",
-            before_build=_paint_right_part(files["references"][0]),
-            facts_contain="Inspection mask",
-        )
-        found = re.search(r"Inspection mask: (\d+) of 256 patches \(array:mask 96x96\)", facts)
-        assert found is not None, facts
-        assert 112 <= int(found.group(1)) <= 176  # the painted right part (about 9 of 16 patch columns)
-
-        page.get_by_role("tab", name="Inspect").click()
-        verdicts = {label: inspect(page, root / f"defect-{label}.png") for label in ("outside", "inside")}
-        page.screenshot(path=str(ARTIFACTS / "mask-4-painted-defect-inside.png"), full_page=True)
-
+    step = _paint_right_part(files["references"][0])
+    facts, verdicts = _build_masked_bank_and_inspect(app_url, files, "painted", step, "painted")
+    found = re.search(r"Inspection mask: (\d+) of 256 patches \(array:mask 96x96\)", facts)
+    assert found is not None, facts
+    assert 112 <= int(found.group(1)) <= 176  # the painted right part (about 9 of 16 patch columns)
     assert verdicts == {"outside": "no_defect", "inside": "defect"}
