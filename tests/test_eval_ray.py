@@ -258,3 +258,25 @@ def test_an_unreachable_cluster_address_fails_fast_with_its_name():
     assert time.monotonic() - start < 5
     _check_reachable("auto")  # left to Ray
     _check_reachable(None)
+
+
+def test_actor_scratch_removes_only_dead_actors_folders_of_this_host(tmp_path: Path) -> None:
+    """Killed actors cannot remove their scratch folder; the next actor on the host does, and nothing else."""
+    import socket
+
+    from eagle.evaluation.ray_executor import ACTOR_SCRATCH_PREFIX, actor_scratch
+
+    host = socket.gethostname().replace("-", "_")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # that process has exited
+    dead = tmp_path / f"{ACTOR_SCRATCH_PREFIX}{host}-{dead_pid}-abc"
+    alive = tmp_path / f"{ACTOR_SCRATCH_PREFIX}{host}-{os.getpid()}-def"
+    other_host = tmp_path / f"{ACTOR_SCRATCH_PREFIX}elsewhere-{dead_pid}-ghi"
+    unrelated = tmp_path / "eagle-eval-actor-notes"
+    for folder in (dead, alive, other_host, unrelated):
+        folder.mkdir()
+        (folder / "map.npz").write_bytes(b"x")
+
+    mine = actor_scratch(tmp_path)
+    assert not dead.exists() and alive.exists() and other_host.exists() and unrelated.exists()
+    assert mine.is_dir() and mine.name.startswith(f"{ACTOR_SCRATCH_PREFIX}{host}-{os.getpid()}-")

@@ -190,6 +190,36 @@ class _ListWriter:
         self.records.append(record)
 
 
+ACTOR_SCRATCH_PREFIX = "eagle-eval-actor-"
+
+
+def actor_scratch(base: str | Path | None = None) -> Path:
+    """A private scratch folder for this actor process; first removes those of dead actor processes on this host.
+
+    An actor closed by the driver removes its folder (:meth:`InspectActor.close`), but one that was killed (a lost
+    node, out of memory, a cancelled run) cannot. Folders are named ``eagle-eval-actor-<host>-<pid>-<random>``, so
+    the next actor on the same host removes those whose process is gone; folders of other hosts (a shared
+    ``/tmp``, other pods) are never touched.
+    """
+    base = Path(base or tempfile.gettempdir())
+    host = socket.gethostname().replace("-", "_")
+    for stale in base.glob(f"{ACTOR_SCRATCH_PREFIX}{host}-*-*"):
+        pid = stale.name[len(f"{ACTOR_SCRATCH_PREFIX}{host}-") :].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{ACTOR_SCRATCH_PREFIX}{host}-{os.getpid()}-", dir=base))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 class InspectActor:
     """One pipeline on one worker (a GPU when reserved) that inspects the images it is handed, one at a time.
 
@@ -199,7 +229,7 @@ class InspectActor:
     """
 
     def __init__(self, factory: PipelineFactory, settings: Settings, config: EvalConfig, dataset: EvalDataset):
-        self.tmp = Path(tempfile.mkdtemp(prefix="eagle-eval-actor-"))
+        self.tmp = actor_scratch()
         self.runner = EvalRunner(factory(settings), settings, replace(config, out=self.tmp, progress=False), dataset)
 
     def ready(self) -> dict[str, Any]:
