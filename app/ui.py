@@ -88,8 +88,7 @@ def _mask_inputs() -> tuple[gr.File, gr.ImageEditor]:
 
 def _banks_tab(pipeline: Pipeline, selector: gr.Dropdown) -> gr.Dataframe:
     table = gr.Dataframe(
-        headers=handlers.BANK_TABLE_HEADERS,
-        value=functools.partial(handlers.bank_table, pipeline),  # a callable: read again on every page load
+        headers=handlers.BANK_TABLE_HEADERS,  # filled on every page load (build_ui's demo.load)
         interactive=False,
         label="Saved banks",
         elem_id="banks-table",

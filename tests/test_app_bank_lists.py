@@ -45,10 +45,7 @@ def _name(block) -> str:
 
 
 def _event(demo: gr.Blocks, event: str, target: str | None = None, *, updates: str):
-    """The one function the app runs on ``event`` (of the block labelled ``target``) that updates ``updates``.
-
-    (Gradio adds a load event of its own for each component whose value is a callable, such as the table.)
-    """
+    """The one function the app runs on ``event`` (of the block labelled ``target``) that updates ``updates``."""
     [function] = [
         f
         for f in demo.fns.values()
