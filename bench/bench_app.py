@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 import machine as bench_machine  # noqa: E402
 
-from tests.browser_app import CHROMIUM, CHROMIUM_FLAGS, free_port  # noqa: E402  (one browser set-up for test and bench)
+from tests.browser_app import CHROMIUM, CHROMIUM_FLAGS, free_port, upload_references  # noqa: E402  (one browser set-up for test and bench)
 
 VIEWPORT = {"width": 1400, "height": 1600}
 BANK = "bench"
@@ -275,13 +275,7 @@ def build_bank_in_ui(page, references: list[Path]) -> dict:
     """Upload references and build the bank through the References tab; wall times in seconds."""
     page.get_by_role("tab", name="References").click()
     started = time.perf_counter()
-    page.locator("#ref-files input[type=file]").set_input_files([str(p) for p in references])
-    page.wait_for_function(  # every file listed with its server-side download link: the upload is done
-        "(n) => document.querySelectorAll("
-        "'#ref-files tr.file a[data-testid=download-link][href*=\"gradio_api/file=\"]').length === n",
-        arg=len(references),
-        timeout=120_000,
-    )
+    upload_references(page, references)  # returns once every file is on the server
     uploaded = time.perf_counter()
     page.locator("#bank-name textarea, #bank-name input").first.fill(BANK)
     page.locator("#build-bank").click()

@@ -105,6 +105,29 @@ def browser_page(url: str) -> Iterator[object]:
             browser.close()
 
 
+def upload_references(page, references: Sequence[Path]) -> None:
+    """Upload the references and wait until the file list shows every one of them.
+
+    An upload into a page that is still starting (its load event running, the app warming its ONNX cache on 2
+    cores) is sometimes dropped without a sign; it is retried, so a build is never clicked on an empty upload.
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for _ in range(3):
+        page.locator("#ref-files input[type=file]").set_input_files([str(p) for p in references])
+        try:
+            page.wait_for_function(  # every file listed with its server-side download link: the upload is done
+                "(n) => document.querySelectorAll("
+                "'#ref-files tr.file a[data-testid=download-link][href*=\"gradio_api/file=\"]').length === n",
+                arg=len(references),
+                timeout=60_000,
+            )
+            return
+        except PlaywrightTimeout:
+            continue
+    raise AssertionError(f"the reference upload never listed its {len(references)} files")
+
+
 def build_bank(
     page,
     references: Sequence[Path],
@@ -114,17 +137,24 @@ def build_bank(
     facts_contain: str = "references",
 ) -> str:
     """References tab: upload, name, (optional extra steps), build; returns the bank facts once they show."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     page.get_by_role("tab", name="References").click()
-    page.locator("#ref-files input[type=file]").set_input_files([str(p) for p in references])
+    upload_references(page, references)
     page.locator("#bank-name textarea, #bank-name input").first.fill(name)
     if before_build is not None:
         before_build(page)
     page.locator("#build-bank").click()
-    page.wait_for_function(
-        "(text) => { const f = document.querySelector('#bank-facts'); return f && f.innerText.includes(text); }",
-        arg=facts_contain,
-        timeout=300_000,
-    )
+    try:
+        page.wait_for_function(
+            "(text) => { const f = document.querySelector('#bank-facts'); return f && f.innerText.includes(text); }",
+            arg=facts_contain,
+            timeout=300_000,
+        )
+    except PlaywrightTimeout:
+        page.screenshot(path=str(ARTIFACTS / f"build-{name}-timed-out.png"), full_page=True)
+        toasts = page.locator(".toast-body").all_inner_texts()
+        raise AssertionError(f"bank {name!r} never showed its facts; messages on the page: {toasts}") from None
     return page.inner_text("#bank-facts")
 
 
