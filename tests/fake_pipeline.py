@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from eagle import atomic
 from eagle.bank_versions import BankVersion
 from eagle.banks import BankNotFoundError, validate_bank_name
 from eagle.errors import EagleError
@@ -77,7 +78,7 @@ class FakeBankStore:
 
     def save(self, name: str, meta: dict) -> FakeSummary:
         self.path(name).mkdir(parents=True, exist_ok=True)
-        (self.path(name) / "meta.json").write_text(json.dumps(meta))
+        atomic.write_text(self.path(name) / "meta.json", json.dumps(meta))  # readers never see half a bank
         return FakeSummary(name, meta["bank_id"], meta["n_references"])
 
     def load(self, name: str) -> dict:
