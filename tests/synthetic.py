@@ -63,6 +63,29 @@ def make_good_image(height: int, width: int, rng: np.random.Generator) -> np.nda
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
+def noisy_part(seed: int, size: int) -> np.ndarray:
+    """A flat grey ``size`` x ``size`` RGB "part" with Gaussian noise (sd 12): the mask tests' normal image."""
+    rng = np.random.default_rng(seed)
+    return np.clip(128 + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+
+
+def part_with_red_square(box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """:func:`noisy_part` of seed 0 with a solid red square ``(x0, y0, x1, y1)``: a defect at a known place."""
+    image = noisy_part(0, size)
+    x0, y0, x1, y1 = box
+    image[y0:y1, x0:x1] = (255, 0, 0)
+    return image
+
+
+def train_and_good_images(root: Path) -> dict[str, list[Path]]:
+    """A small "widget" data set under ``root``: ``{"train": 6 good references, "good": 3 good test images}``."""
+    made = make_mvtec_like(root, n_train=6, n_test_good=3, n_test_bad_per_type=1)
+    return {
+        "train": sorted((made / "widget" / "train" / "good").glob("*.png")),
+        "good": sorted((made / "widget" / "test" / "good").glob("*.png")),
+    }
+
+
 def _central_point(height: int, width: int, rng: np.random.Generator, margin: float) -> tuple[float, float]:
     """A random (x, y) within ``margin`` × shorter side of the image centre."""
     short = min(height, width)

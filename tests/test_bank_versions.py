@@ -19,19 +19,14 @@ from eagle.pipeline import Pipeline
 from eagle.settings import Settings
 from expert.bank import META_FILE, read_meta
 from tests.service_helpers import REAL_EXPERT
-from tests.synthetic import make_mvtec_like
+from tests.synthetic import train_and_good_images
 
 BANK = "widget"
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, list[Path]]:
-    root = make_mvtec_like(tmp_path_factory.mktemp("versions-data"), n_train=6, n_test_good=3, n_test_bad_per_type=1)
-    test = root / "widget" / "test"
-    return {
-        "train": sorted((root / "widget" / "train" / "good").glob("*.png")),
-        "good": sorted((test / "good").glob("*.png")),
-    }
+    return train_and_good_images(tmp_path_factory.mktemp("versions-data"))
 
 
 def make_pipeline(data_dir: Path, **overrides) -> Pipeline:

@@ -20,8 +20,9 @@ from eagle.images import load_image
 from eagle.settings import load_settings
 from expert.bank import load_bank
 from expert.scorer import load_expert
+from tests.cli_helpers import eagle_env, small_dataset
 from tests.cli_helpers import run_cli as _run
-from tests.synthetic import make_good_image, make_mvtec_like
+from tests.synthetic import make_good_image
 
 pytestmark = pytest.mark.slow
 
@@ -31,17 +32,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """EAGLE_* environment for the module: random weights, data under a temporary directory."""
-    home = tmp_path_factory.mktemp("eagle-home")
-    values = {"EAGLE_EXPERT__WEIGHTS": "random", "EAGLE_DATA_DIR": str(home), "EAGLE_LOG_LEVEL": "INFO"}
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in values.items():
-            patch.setenv(key, value)
-        yield values
+    yield from eagle_env(tmp_path_factory, "eagle-home", "INFO")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_mvtec_like(tmp_path_factory.mktemp("cli-data"), n_train=4, n_test_good=1, n_test_bad_per_type=1)
+    return small_dataset(tmp_path_factory, "cli-data")
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pytest
 from eagle.banks import BankStore
 from eagle.images import load_image
 from eagle.settings import load_settings
+from tests.cli_helpers import eagle_env, small_dataset
 from tests.cli_helpers import run_cli as _run
-from tests.synthetic import make_mvtec_like
 
 pytestmark = pytest.mark.slow
 
@@ -21,17 +21,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """EAGLE_* environment for the module: random weights, data under a temporary directory."""
-    home = tmp_path_factory.mktemp("eagle-bank-home")
-    values = {"EAGLE_EXPERT__WEIGHTS": "random", "EAGLE_DATA_DIR": str(home), "EAGLE_LOG_LEVEL": "WARNING"}
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in values.items():
-            patch.setenv(key, value)
-        yield values
+    yield from eagle_env(tmp_path_factory, "eagle-bank-home", "WARNING")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_mvtec_like(tmp_path_factory.mktemp("bank-cli-data"), n_train=4, n_test_good=1, n_test_bad_per_type=1)
+    return small_dataset(tmp_path_factory, "bank-cli-data")
 
 
 @pytest.fixture(scope="module")

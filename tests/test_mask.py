@@ -31,6 +31,7 @@ from expert.mask import (
 )
 from expert.preprocess import preprocess
 from expert.scorer import ExpertScorer
+from tests.synthetic import noisy_part, part_with_red_square
 
 SETTINGS = ExpertSettings(weights="random", min_references=2, recommended_references=2)
 SIZE = 224
@@ -57,16 +58,12 @@ EMBEDDER = PooledEmbedder()
 
 
 def _normal(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.clip(128 + rng.normal(0, 12, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+    return noisy_part(seed, SIZE)
 
 
 def _with_defect(box: tuple[int, int, int, int]) -> np.ndarray:
     """A red square on the first reference image (whose patches the bank knows: it scores below s_max without it)."""
-    image = _normal(0)
-    x0, y0, x1, y1 = box
-    image[y0:y1, x0:x1] = (255, 0, 0)
-    return image
+    return part_with_red_square(box, SIZE)
 
 
 NORMALS = [_normal(i) for i in range(8)]

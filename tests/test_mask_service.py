@@ -19,6 +19,7 @@ from PIL import Image
 from expert.bank import load_bank
 from tests.cli_helpers import run_cli as _run
 from tests.service_helpers import TOKEN, LiveServer, assert_error, zip_bytes
+from tests.synthetic import noisy_part, part_with_red_square
 
 pytestmark = pytest.mark.slow
 
@@ -36,15 +37,11 @@ EXPERT = {
 
 
 def normal_part(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.clip(128 + rng.normal(0, 12, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+    return noisy_part(seed, SIZE)
 
 
 def defective_part(box: tuple[int, int, int, int]) -> np.ndarray:
-    image = normal_part(0)
-    x0, y0, x1, y1 = box
-    image[y0:y1, x0:x1] = (255, 0, 0)
-    return image
+    return part_with_red_square(box, SIZE)
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -16,19 +16,14 @@ from deploy.api import create_app
 from eagle.cli import main
 from eagle.pipeline import Pipeline
 from tests.service_helpers import LiveServer, assert_error, real_env, real_settings
-from tests.synthetic import make_mvtec_like
+from tests.synthetic import train_and_good_images
 
 BANK = "widget"
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, list[Path]]:
-    root = make_mvtec_like(tmp_path_factory.mktemp("teach-data"), n_train=6, n_test_good=3, n_test_bad_per_type=1)
-    test = root / "widget" / "test"
-    return {
-        "train": sorted((root / "widget" / "train" / "good").glob("*.png")),
-        "good": sorted((test / "good").glob("*.png")),
-    }
+    return train_and_good_images(tmp_path_factory.mktemp("teach-data"))
 
 
 @pytest.fixture(autouse=True)
