@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the MLLM stack is imported only when it is used
     from expert.bank import BankMeta
     from expert.config import ExpertSettings
     from expert.scorer import ExpertResult, ExpertScorer
+    from mllm.choices import MultipleChoice
     from mllm.inspector import MLLMAnswer, MLLMInspector
 
 log = logging.getLogger(__name__)
@@ -288,7 +289,9 @@ class Pipeline:
             settings.banks_dir if banks_dir is None else Path(banks_dir),
             settings.expert,
             versions_kept=settings.bank_versions_kept,
+            max_loaded=settings.max_loaded_banks,
         )
+        self.banks.sweep()  # what killed writers left under the banks folder (nothing that a live process owns)
         self._weights_info = None  # WeightsInfo once the weights were loaded; the torch module is not kept
         self._backbone_lock = threading.Lock()
         self._inspector: MLLMInspector | None = None
@@ -765,6 +768,7 @@ class Pipeline:
         template: np.ndarray | None = None,
         template_name: str | None = None,
         scorer: ExpertScorer | None = None,
+        question: MultipleChoice | None = None,
     ) -> InspectionResult:
         """Turn an expert result into the full record, asking the MLLM when enabled and requested.
 
@@ -774,8 +778,11 @@ class Pipeline:
         ``template`` (RGB uint8) replaces the bank's retrieved template (the evaluation passes MMAD's own
         ``similar_templates`` image); ``template_name`` is then recorded as the result's ``template``.
         ``scorer`` is the bank's expert that produced ``expert`` (default: the bank's current one).
+        ``question`` (the evaluation's MMAD items) replaces the yes/no question with a data set's own
+        multiple-choice question; ``mllm_letter`` is then one of its letters and ``mllm_answer`` the chosen option's
+        text read as yes/no (``unknown`` when it is neither).
         """
-        from expert.boxes import draw_boxes, heatmap_overlay
+        from expert.boxes import draw_boxes, find_boxes_in_original, heatmap_overlay
 
         options = options or InspectOptions()
         scorer = scorer or self.banks.load(bank)
@@ -793,10 +800,25 @@ class Pipeline:
         view_h, view_w = view.shape[:2]
         orig_w, orig_h = expert.geometry.orig_w, expert.geometry.orig_h
         sx, sy = view_w / orig_w, view_h / orig_h
-        view_boxes = [b.scaled(sx, sy, width=view_w, height=view_h) for b in expert.boxes]
-        # The boxed view exists whenever the expert says anomalous (the prompt promises it); in the rare case that
-        # every region was too small to box, it is the plain image.
-        boxed = draw_boxes(view, view_boxes) if expert.anomalous else None
+        drawn = expert.boxes
+        # visual_all (the paper's Table 3 visual-only row) sends boxes on EVERY image: a normal one gets them here.
+        boxes_always = (
+            options.use_mllm
+            and self.mllm_enabled
+            and (options.prompt_setting or self.settings.prompt.setting) == "visual_all"
+        )
+        if boxes_always and not expert.anomalous:
+            drawn = find_boxes_in_original(
+                expert.crop_map,
+                expert.geometry,
+                max_boxes=self.settings.expert.max_boxes,
+                crop_mask=expert.crop_mask,
+                merge=self.settings.expert.box_merge,
+            )
+        view_boxes = [b.scaled(sx, sy, width=view_w, height=view_h) for b in drawn]
+        # The boxed view exists whenever the expert says anomalous (the prompt promises it) or the setting sends it
+        # always; in the rare case that every region was too small to box, it is the plain image.
+        boxed = draw_boxes(view, view_boxes) if expert.anomalous or boxes_always else None
         view_map, view_valid = expert.map_at(view_h, view_w)
         images = InspectionImages(
             heatmap_overlay=heatmap_overlay(view, view_map, view_valid, vmin=0.0, vmax=expert.s_max),
@@ -831,7 +853,9 @@ class Pipeline:
         setting = options.prompt_setting or self.settings.prompt.setting
         caas = self._caas_config(options, expert)
         views = _mllm_views(view, template_img, boxed, expert)
-        answer: MLLMAnswer = inspector.ask(**views, setting=setting, caas=caas)
+        if not self.settings.prompt.template:  # 0-shot: the reference's published run sends no template
+            views["template"] = None
+        answer: MLLMAnswer = inspector.ask(**views, setting=setting, caas=caas, question=question)
         timings.update({f"mllm_{k}": v for k, v in answer.timings_ms.items()})
         explanation = None
         explain = self.settings.prompt.explain if options.explain is None else options.explain

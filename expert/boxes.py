@@ -12,6 +12,12 @@ Box finding (DESIGN.md "Visual prompt"):
    box is the union rectangle with the larger peak, and merging repeats until nothing changes;
 6. the ``max_boxes`` (3) boxes with the highest peaks are kept, strongest first.
 
+Step 5 is selectable (``merge``, :data:`MERGE_RULES`; the setting ``EAGLE_EXPERT__BOX_MERGE``): ``eagle`` is the
+rule above; ``reference`` is the reference code's (``visualize_anomaly_with_mask_fast_topk_merge``): ONE greedy
+pass, strongest first, each still-unused box gathering every later unused box whose IoU with IT (not with the
+growing group) is > 0.3 or whose centre lies closer than 20 original-image pixels to its centre; each group
+becomes its union rectangle, and groups are never merged again (:func:`merge_boxes_reference`).
+
 Bounded cost (:func:`find_boxes_in_original`): the expert keeps its map at crop resolution; the rules above run on
 that map sampled onto a grid over the original image whose longest side is at most :data:`BOX_GRID_MAX_SIDE`
 (the original grid itself for images no larger), and the boxes are scaled back to original pixels, so boxes
@@ -50,6 +56,12 @@ MERGE_IOU = 0.3
 
 CLOSE_CENTRES = 0.5
 """Boxes whose centres are closer than this × the smaller box's diagonal are merged."""
+
+REFERENCE_MERGE_DISTANCE = 20.0
+"""The reference's ``merge_distance``: boxes whose centres are closer than this many original pixels are merged."""
+
+MERGE_RULES = ("eagle", "reference")
+"""Box-merge rules: ours (repeated, size-relative closeness) or the reference code's (one pass, 20 px)."""
 
 RED = (255, 0, 0)
 
@@ -154,6 +166,39 @@ def merge_boxes(boxes: list[Box]) -> list[Box]:
     return current
 
 
+def merge_boxes_reference(boxes: list[Box], *, distance: float = REFERENCE_MERGE_DISTANCE) -> list[Box]:
+    """The reference code's merge: one greedy pass, strongest peak first (see the module docstring).
+
+    Each box not yet taken starts a group and takes every later box not yet taken whose IoU with the STARTING box
+    is > 0.3 or whose centre is closer than ``distance`` pixels to the starting box's centre; the group becomes its
+    union rectangle (peak: the group's largest). Unions are not compared again.
+
+    Example:
+        >>> a, b, c = Box(0, 0, 10, 10, 3.0), Box(20, 0, 30, 10, 2.0), Box(40, 0, 50, 10, 1.0)
+        >>> merge_boxes_reference([a, b, c])  # centres 20 px apart: not closer than 20, nothing merges
+        [Box(x0=0, y0=0, x1=10, y1=10, peak=3.0), Box(x0=20, y0=0, x1=30, y1=10, peak=2.0), \
+Box(x0=40, y0=0, x1=50, y1=10, peak=1.0)]
+    """
+    order = sorted(boxes, key=lambda box: box.peak, reverse=True)
+    taken = [False] * len(order)
+    merged: list[Box] = []
+    for i, base in enumerate(order):
+        if taken[i]:
+            continue
+        group = base
+        (bx, by) = base.centre
+        for j in range(i + 1, len(order)):
+            if taken[j]:
+                continue
+            other = order[j]
+            (ox, oy) = other.centre
+            if base.iou(other) > MERGE_IOU or math.hypot(bx - ox, by - oy) < distance:
+                group = group.union(other)
+                taken[j] = True
+        merged.append(group)
+    return sorted(merged, key=lambda box: box.peak, reverse=True)
+
+
 def binarise(amap: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Candidate defect pixels (uint8 0/255): ≥ 2/3 of the max, or > the median if that selects > 50 %.
 
@@ -171,20 +216,31 @@ def binarise(amap: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return selected.astype(np.uint8) * 255
 
 
-def find_boxes(amap: np.ndarray, valid: np.ndarray | None = None, *, max_boxes: int = 3) -> list[Box]:
+def find_boxes(
+    amap: np.ndarray,
+    valid: np.ndarray | None = None,
+    *,
+    max_boxes: int = 3,
+    merge: str = "eagle",
+    merge_distance: float = REFERENCE_MERGE_DISTANCE,
+) -> list[Box]:
     """Find up to ``max_boxes`` defect boxes in an anomaly map (see the module docstring for the rules).
 
     Args:
         amap: float ``H × W`` anomaly map in original image coordinates (higher = more anomalous).
         valid: bool ``H × W`` mask of inspected pixels (default: all).
         max_boxes: most boxes returned.
+        merge: the merge rule, ``eagle`` (:func:`merge_boxes`) or ``reference`` (:func:`merge_boxes_reference`).
+        merge_distance: the ``reference`` rule's centre distance, in this map's pixels.
 
     Returns:
         Boxes in original pixels, highest peak first; empty when the map has no positive maximum.
 
     Raises:
-        ValueError: if shapes disagree or ``max_boxes < 1``.
+        ValueError: if shapes disagree, ``max_boxes < 1`` or an unknown merge rule.
     """
+    if merge not in MERGE_RULES:
+        raise ValueError(f"unknown box-merge rule {merge!r}; expected one of {', '.join(MERGE_RULES)}")
     if amap.ndim != 2:
         raise ValueError(f"anomaly map must be 2-D, got shape {amap.shape}")
     if valid is None:
@@ -206,7 +262,8 @@ def find_boxes(amap: np.ndarray, valid: np.ndarray | None = None, *, max_boxes: 
             continue
         x, y, w, h = cv2.boundingRect(contour)
         boxes.append(Box(x, y, x + w, y + h, float(masked[y : y + h, x : x + w].max())))
-    return merge_boxes(boxes)[:max_boxes]
+    merged = merge_boxes(boxes) if merge == "eagle" else merge_boxes_reference(boxes, distance=merge_distance)
+    return merged[:max_boxes]
 
 
 def box_grid_size(height: int, width: int, max_side: int = BOX_GRID_MAX_SIDE) -> tuple[int, int]:
@@ -229,6 +286,7 @@ def find_boxes_in_original(
     max_boxes: int = 3,
     max_side: int = BOX_GRID_MAX_SIDE,
     crop_mask: np.ndarray | None = None,
+    merge: str = "eagle",
 ) -> list[Box]:
     """Boxes in ORIGINAL pixels from the crop-resolution map, at a cost bounded by ``max_side``.
 
@@ -245,6 +303,8 @@ def find_boxes_in_original(
         max_side: longest side of the working grid.
         crop_mask: bool ``crop_h × crop_w`` inspection mask (:func:`expert.mask.crop_mask`): pixels outside it are
             not valid, so no box comes from them and they do not enter the binarisation statistics.
+        merge: the merge rule (:func:`find_boxes`); the ``reference`` rule's 20 px are ORIGINAL pixels, converted to
+            the working grid.
 
     Returns:
         Boxes in original pixel coordinates, highest peak first.
@@ -253,7 +313,8 @@ def find_boxes_in_original(
     amap, valid = render_map(crop_map, geometry, rows, cols)
     if crop_mask is not None:
         valid &= render_map(np.asarray(crop_mask, dtype=np.float32), geometry, rows, cols)[0] >= 0.5
-    boxes = find_boxes(amap, valid, max_boxes=max_boxes)
+    distance = REFERENCE_MERGE_DISTANCE * cols / geometry.orig_w
+    boxes = find_boxes(amap, valid, max_boxes=max_boxes, merge=merge, merge_distance=distance)
     if (rows, cols) == (geometry.orig_h, geometry.orig_w):
         return boxes
     x0, y0, x1, y1 = geometry.inspected_region()

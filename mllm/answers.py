@@ -38,14 +38,26 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["LETTER_TO_ANSWER", "Answer", "ParsedAnswer", "parse_answer"]
+__all__ = [
+    "LETTER_TO_ANSWER",
+    "YES_NO_OPTIONS",
+    "Answer",
+    "ParsedAnswer",
+    "parse_answer",
+    "parse_answer_keyword",
+    "parse_answer_reference",
+    "parse_with",
+]
 
 Answer = Literal["yes", "no", "unknown"]
 LETTER_TO_ANSWER: dict[str, Answer] = {"A": "yes", "B": "no"}
+YES_NO_OPTIONS: dict[str, str] = {"A": "Yes", "B": "No"}
+"""The yes/no question's options as the reference's ``parse_conversation`` holds them (letter → text)."""
 
 
 @dataclass(frozen=True)
@@ -55,12 +67,12 @@ class ParsedAnswer:
     Attributes:
         letter: The option letter found (``"A"``/``"B"``), or ``None``.
         answer: ``yes`` (defect), ``no`` (no defect) or ``unknown``.
-        source: ``letter``, ``keyword`` or ``none`` — which rule decided.
+        source: ``letter``, ``keyword``, ``closest`` (the reference parser's difflib fallback) or ``none``.
     """
 
     letter: str | None
     answer: Answer
-    source: Literal["letter", "keyword", "none"]
+    source: Literal["letter", "keyword", "closest", "none"]
 
 
 _QUESTION_ECHO = re.compile(r"is there any defect in the object\??", re.IGNORECASE)
@@ -147,3 +159,94 @@ def parse_answer(text: str | None) -> ParsedAnswer:
         return ParsedAnswer(letter, LETTER_TO_ANSWER[letter], "letter")
     verdict = _keyword_verdict(cleaned)
     return ParsedAnswer(None, verdict, "keyword" if verdict != "unknown" else "none")
+
+
+_REFERENCE_LETTER = re.compile(r"\b([A-E])\b")
+
+
+def parse_answer_reference(text: str | None, options: dict[str, str] | None = None) -> ParsedAnswer:
+    r"""The reference evaluation's reading (``GPT4Query.parse_answer`` as ``QwenQuery.generate_answer`` uses it).
+
+    1. Every match of ``\b([A-E])\b`` (case-sensitive, so the article in "A scratch" counts); the LAST wins.
+    2. None: ``difflib.get_close_matches(reply, option texts, n=1, cutoff=0.0)``, the option text most similar to
+       the whole reply (SequenceMatcher ratio; with cutoff 0 it always picks one when options exist), and its
+       letter.
+
+    The letter is read as yes/no through ``options`` (default :data:`YES_NO_OPTIONS`): an option whose text is
+    "Yes"/"No" (case and a final period ignored); a letter that is no option, or one whose text is neither, is
+    ``unknown`` (the reference summary skips such answers).
+
+    Example:
+        >>> parse_answer_reference("A scratch is visible, so B.")
+        ParsedAnswer(letter='B', answer='no', source='letter')
+        >>> parse_answer_reference("yes")
+        ParsedAnswer(letter='A', answer='yes', source='closest')
+    """
+    options = YES_NO_OPTIONS if options is None else options
+    reply = text or ""
+    letters = _REFERENCE_LETTER.findall(reply)
+    if letters:
+        letter, source = letters[-1], "letter"
+    else:
+        closest = difflib.get_close_matches(reply, list(options.values()), n=1, cutoff=0.0)
+        if not closest:
+            return ParsedAnswer(None, "unknown", "none")
+        letter = next(key for key, value in options.items() if value == closest[0])
+        source = "closest"
+    option = re.sub(r"[\s.!]+$", "", options.get(letter, "")).strip().lower()
+    answer: Answer = "yes" if option == "yes" else "no" if option == "no" else "unknown"
+    return ParsedAnswer(letter, answer, source)  # type: ignore[arg-type]
+
+
+def parse_answer_keyword(text: str | None) -> ParsedAnswer:
+    """The paper's keyword reading (§4.1: the reply "contains yes or its variants"), keywords BEFORE letters.
+
+    Precedence:
+
+    1. echoes of the question / option list are removed (as in :func:`parse_answer`);
+    2. a hedge (``cannot tell``, ``not sure`` …) → ``unknown``;
+    3. the keyword rules of :func:`parse_answer`, longest phrase first: negated defect words (``no defect``,
+       ``there is no anomaly``, ``defect-free``) → no; ``not normal`` → yes; ``yes`` / ``abnormal`` / ``defect`` /
+       ``anomal…`` / defect names → yes; ``no`` / ``normal`` → no; verdicts that disagree → ``unknown``;
+    4. only when no keyword decides: the last standalone option letter (``"B"`` → no), as :func:`parse_answer`.
+
+    So the words win over a letter: ``"A. No"`` → no here (``parse_answer`` says yes, the letter).
+
+    Example:
+        >>> parse_answer_keyword("The object appears normal.")
+        ParsedAnswer(letter=None, answer='no', source='keyword')
+        >>> parse_answer_keyword("B")
+        ParsedAnswer(letter='B', answer='no', source='letter')
+    """
+    cleaned = _strip_echoes(text or "").strip()
+    if not cleaned or _HEDGE.search(cleaned):
+        return ParsedAnswer(None, "unknown", "none")
+    verdict = _keyword_verdict(cleaned)
+    if verdict != "unknown":
+        return ParsedAnswer(None, verdict, "keyword")
+    both = _ONLY_BOTH.fullmatch(cleaned)
+    if both and both.group(1).upper() != both.group(2).upper():
+        return ParsedAnswer(None, "unknown", "none")
+    remaining = cleaned
+    for _, pattern in _KEYWORDS:  # a contradictory keyword reply stays unknown: its letters are not consulted
+        if pattern.search(remaining):
+            return ParsedAnswer(None, "unknown", "none")
+    letter = _last_letter(cleaned)
+    if letter is not None:
+        return ParsedAnswer(letter, LETTER_TO_ANSWER[letter], "letter")
+    return ParsedAnswer(None, "unknown", "none")
+
+
+def parse_with(parser: str, text: str | None) -> ParsedAnswer:
+    """Parse a reply to the yes/no question with the named parser (``eagle``, ``reference`` or ``keyword``).
+
+    Raises:
+        ValueError: an unknown parser name.
+    """
+    if parser == "eagle":
+        return parse_answer(text)
+    if parser == "reference":
+        return parse_answer_reference(text)
+    if parser == "keyword":
+        return parse_answer_keyword(text)
+    raise ValueError(f"unknown answer parser {parser!r}; expected eagle, reference or keyword")

@@ -13,7 +13,7 @@ Example:
     >>> PromptSettings().setting
     'full'
     >>> PROMPT_SETTINGS
-    ('baseline', 'visual', 'textual', 'full')
+    ('baseline', 'visual', 'visual_all', 'textual', 'full')
 """
 
 from __future__ import annotations
@@ -23,19 +23,37 @@ from typing import Literal, Protocol, get_args
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
+    "ANSWER_PARSERS",
     "PROMPT_SETTINGS",
+    "AnswerParser",
     "CAASMode",
     "CAASPolicy",
     "CAASSettings",
     "CAASTokens",
+    "Instruction",
     "InspectorSettings",
     "MLLMSettings",
     "PromptSetting",
     "PromptSettings",
 ]
 
-PromptSetting = Literal["baseline", "visual", "textual", "full"]
-"""Which hints the MLLM gets: none, the visual prompt, the textual prompt, or both (paper Table 3)."""
+PromptSetting = Literal["baseline", "visual", "visual_all", "textual", "full"]
+"""Which hints the MLLM gets: none, the visual prompt, the textual prompt, or both (paper Table 3).
+
+``visual`` sends the boxed image only when the expert says anomalous (ours); ``visual_all`` sends it for every
+image, normal ones included (the paper's Table 3 visual-only row, §4.3, and the reference code's path without the
+textual prior)."""
+
+Instruction = Literal["paper", "reference"]
+"""The instruction text: the paper's fixed one (``instruction_P``) or the one the reference's eval path passes
+(``instruction_sample``)."""
+
+AnswerParser = Literal["eagle", "reference", "keyword"]
+"""How a reply is read: ours (letter, else keywords, else unknown), the reference's (last standalone A-E, else the
+closest option text by difflib), or the paper's keyword reading (yes / abnormal / defect words first)."""
+
+ANSWER_PARSERS: tuple[AnswerParser, ...] = get_args(AnswerParser)
+"""The answer parsers, in their canonical order."""
 
 PROMPT_SETTINGS: tuple[PromptSetting, ...] = get_args(PromptSetting)
 """The prompt settings in their canonical order (for choices in CLIs and UIs)."""
@@ -98,6 +116,11 @@ class PromptSettings(_Group):
 
     setting: PromptSetting = Field("full")
     explain: bool = Field(False, description="Ask a second turn for the defect's type, location and cause.")
+    instruction: Instruction = Field(
+        "paper", description="paper: the paper's fixed instruction; reference: the reference eval path's text."
+    )
+    template: bool = Field(True, description="Send the 1-shot+ normal template (False: 0-shot, the reference run).")
+    answer_parser: AnswerParser = Field("eagle", description="eagle, reference or keyword (see mllm.answers).")
 
 
 class InspectorSettings(Protocol):

@@ -28,8 +28,17 @@ import torch
 from PIL import Image
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from mllm.answers import parse_answer
-from mllm.prompts import Setting, build_explanation_messages, build_prompt, image_token_counts, render_inputs
+from mllm.answers import ParsedAnswer, parse_answer_reference, parse_with
+from mllm.choices import MultipleChoice, option_answer, parse_choice
+from mllm.config import PromptSettings
+from mllm.prompts import (
+    Setting,
+    build_explanation_messages,
+    build_prompt,
+    image_token_counts,
+    prompt_texts,
+    render_inputs,
+)
 
 if TYPE_CHECKING:
     from mllm.caas import CAASConfig
@@ -76,13 +85,37 @@ class MLLMAnswer:
     image_tokens: list[int] = field(default_factory=list)
 
 
+def _parse_reply(raw: str, question: MultipleChoice | None, parser: str) -> ParsedAnswer:
+    """Read a reply with the configured parser (``settings.prompt.answer_parser``).
+
+    The yes/no question: :func:`mllm.answers.parse_with`. A data set's own question: the ``reference`` parser reads
+    it against the item's options (:func:`mllm.answers.parse_answer_reference`); ``eagle`` and ``keyword`` use
+    :func:`mllm.choices.parse_choice` (letter, option text, then keywords).
+    """
+    if question is None:
+        return parse_with(parser, raw)
+    if parser == "reference":
+        found = parse_answer_reference(raw, dict(question.options))
+        return ParsedAnswer(found.letter, option_answer(question, found.letter), found.source)
+    return _parse_choice_answer(raw, question)
+
+
+def _parse_choice_answer(raw: str, question: MultipleChoice) -> ParsedAnswer:
+    """The reply to a data set's own question: its option letter, and yes/no from that option's text."""
+    choice = parse_choice(raw, question)
+    source = "letter" if choice.source == "letter" else ("keyword" if choice.letter else "none")
+    return ParsedAnswer(choice.letter, option_answer(question, choice.letter), source)
+
+
 class _Cancelled(StoppingCriteria):
-    """Stops generation once ``event`` is set (a stream consumer went away)."""
+    """Stops generation once ``event`` is set (a stream consumer went away); counts the tokens generated."""
 
     def __init__(self, event: threading.Event) -> None:
         self.event = event
+        self.tokens = 0  # generate() asks once per new token
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        self.tokens += 1
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
@@ -102,6 +135,19 @@ class MLLMInspector:
         self.loaded = loaded
         self.settings = settings
         self._lock = threading.Lock()
+
+    @property
+    def prompt_settings(self) -> PromptSettings:
+        """The prompt group of the settings (instruction, answer parser); defaults when the settings have none."""
+        return getattr(self.settings, "prompt", None) or PromptSettings()
+
+    def _prompt_options(self) -> dict[str, Any]:
+        """``build_prompt`` keywords fixed by the settings and the model: the instruction and the family's texts."""
+        preset = getattr(self.loaded, "preset", None)
+        return {
+            "instruction": self.prompt_settings.instruction,
+            "texts": prompt_texts(getattr(preset, "family", None)),
+        }
 
     def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
         """Greedy decoding with the model's own end-of-turn / padding ids (sampling settings of the hub ignored)."""
@@ -125,6 +171,7 @@ class MLLMInspector:
         expert_anomalous: bool | None,
         setting: Setting,
         caas: CAASConfig | None = None,
+        question: MultipleChoice | None = None,
     ) -> MLLMAnswer:
         """Ask "Is there any defect in the object?" with the EAGLE prompt for ``setting``.
 
@@ -135,6 +182,9 @@ class MLLMInspector:
             expert_anomalous: The expert's verdict; ``None`` allowed for ``baseline``.
             setting: ``baseline``, ``visual``, ``textual`` or ``full``.
             caas: When given, CAAS is active for this call (the caller applied the gate); ``None``: off.
+            question: A data set's own multiple-choice question (MMAD) asked instead of the yes/no one; the reply
+                is parsed against its options (:func:`mllm.choices.parse_choice`) and ``answer`` is the chosen
+                option's text read as yes/no (``unknown`` for other options).
 
         Returns:
             The parsed :class:`MLLMAnswer` with timings.
@@ -146,7 +196,13 @@ class MLLMInspector:
         """
         start = time.perf_counter()
         prompt = build_prompt(
-            query=query, template=template, boxed=boxed, expert_anomalous=expert_anomalous, setting=setting
+            query=query,
+            template=template,
+            boxed=boxed,
+            expert_anomalous=expert_anomalous,
+            setting=setting,
+            question=question,
+            **self._prompt_options(),
         )
         with self._lock:
             inputs = render_inputs(self.loaded, prompt.messages, prompt.images)
@@ -165,7 +221,7 @@ class MLLMInspector:
             generated_ms = _ms(prepared)
         new_tokens = output[0, n_input:]
         raw = self.loaded.tokenizer.decode(new_tokens, skip_special_tokens=True)
-        parsed = parse_answer(raw)
+        parsed = _parse_reply(raw, question, self.prompt_settings.answer_parser)
         return MLLMAnswer(
             letter=parsed.letter,
             answer=parsed.answer,
@@ -201,6 +257,7 @@ class MLLMInspector:
         expert_anomalous: bool | None,
         answer: MLLMAnswer,
         setting: Setting,
+        stats: dict[str, int] | None = None,
     ) -> Iterator[str]:
         """Stream a 2–3 sentence explanation of ``answer`` as a second chat turn.
 
@@ -217,6 +274,8 @@ class MLLMInspector:
             expert_anomalous: The expert's verdict (as given to :meth:`ask`).
             answer: The first-turn answer (its raw text becomes the assistant turn).
             setting: The prompt setting (as given to :meth:`ask`).
+            stats: When given, ``n_input_tokens`` and ``n_new_tokens`` (tokens generated) are stored in it once
+                the stream ends (for tokens-per-second figures).
 
         Yields:
             Decoded text chunks; their concatenation is the whole explanation.
@@ -225,7 +284,12 @@ class MLLMInspector:
             MLLMInferenceError: generation failed in the background thread.
         """
         prompt = build_prompt(
-            query=query, template=template, boxed=boxed, expert_anomalous=expert_anomalous, setting=setting
+            query=query,
+            template=template,
+            boxed=boxed,
+            expert_anomalous=expert_anomalous,
+            setting=setting,
+            **self._prompt_options(),
         )
         messages = build_explanation_messages(prompt, answer.raw_text, answer.answer)
         self._lock.acquire()
@@ -238,6 +302,7 @@ class MLLMInspector:
                 self.loaded.tokenizer, skip_prompt=True, timeout=_STREAM_TIMEOUT_S, skip_special_tokens=True
             )
             config = self._generation_config(self.settings.mllm.explanation_max_new_tokens)
+            counter = _Cancelled(cancel)
 
             def run() -> None:
                 try:
@@ -245,7 +310,7 @@ class MLLMInspector:
                         **inputs,
                         generation_config=config,
                         streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
+                        stopping_criteria=StoppingCriteriaList([counter]),
                     )
                 except BaseException as err:  # noqa: BLE001 - handed to the consumer thread below
                     failure.append(err)
@@ -257,6 +322,8 @@ class MLLMInspector:
                 if chunk:
                     yield chunk
             worker.join()
+            if stats is not None:
+                stats.update(n_input_tokens=int(inputs["input_ids"].shape[1]), n_new_tokens=counter.tokens)
             if failure:
                 error = failure[0]
                 raise MLLMInferenceError(f"explanation failed: {type(error).__name__}: {error}".splitlines()[0])
@@ -296,7 +363,12 @@ class MLLMInspector:
             caas = self.settings.caas
             layers = [i for i in range(caas.layer_start, caas.layer_end + 1) if i < depth] or [depth - 1]
         prompt = build_prompt(
-            query=query, template=template, boxed=boxed, expert_anomalous=expert_anomalous, setting=setting
+            query=query,
+            template=template,
+            boxed=boxed,
+            expert_anomalous=expert_anomalous,
+            setting=setting,
+            **self._prompt_options(),
         )
         with self._lock:
             inputs = render_inputs(self.loaded, prompt.messages, prompt.images)

@@ -4,22 +4,24 @@ One user turn (no system message: the model's chat template adds its own default
 content is, in order::
 
     INSTRUCTION                      the paper's fixed instruction (appendix 6.3.1), never rewritten
+                                     (``instruction="reference"``: :data:`INSTRUCTION_REFERENCE` instead)
     ANSWER_LINE                      "Answer with the option's letter from the given choices directly! "
     TEMPLATE_TEXT, <template image>  the 1-shot+ normal template (omitted only when no template is given)
     <query text>, <query image>      QUERY_TEXT (no textual prior) or QUERY_NORMAL_TEXT / QUERY_ANOMALOUS_TEXT
-    BOXED_TEXT, <boxed image>        only in ``visual``/``full`` and only when the expert says anomalous
+    BOXED_TEXT, <boxed image>        ``visual``/``full``: only when the expert says anomalous; ``visual_all``: always
     QUESTION_LIST                    "Following is the question list: Question 1: <question>", options on own lines
 
 Settings (the paper's Table 3/4) × the expert's verdict:
 
-============  ===============================  ======================  ======================
-setting       query text                       boxed image + sentence  verdict used
-============  ===============================  ======================  ======================
-``baseline``  :data:`QUERY_TEXT`               never                   no (may be ``None``)
-``visual``    :data:`QUERY_TEXT`               iff anomalous           yes
-``textual``   normal / anomalous query text    never                   yes
-``full``      normal / anomalous query text    iff anomalous           yes
-============  ===============================  ======================  ======================
+==============  ===============================  ======================  ======================
+setting         query text                       boxed image + sentence  verdict used
+==============  ===============================  ======================  ======================
+``baseline``    :data:`QUERY_TEXT`               never                   no (may be ``None``)
+``visual``      :data:`QUERY_TEXT`               iff anomalous           yes
+``visual_all``  :data:`QUERY_TEXT`               always                  no (may be ``None``)
+``textual``     normal / anomalous query text    never                   yes
+``full``        normal / anomalous query text    iff anomalous           yes
+==============  ===============================  ======================  ======================
 
 Every image reaches the model at the same pixel budget: the processor is pinned to the preset's budget
 (:func:`mllm.presets.apply_pixel_budget`) and the template is brought to the query's size when it has the query's
@@ -38,6 +40,12 @@ Where the strings come from (``docs/fidelity.md`` has the whole comparison):
   setting sends it, where it was built: before the query block.
 - The reference sends the boxed image without the textual prior whenever its boxes exist; the paper (3.2.3) gives
   visual prompts only for images the expert calls anomalous, and so do we.
+- ``visual_all`` is the paper's Table 3 visual-only row (§4.3: "the expert model generates anomaly maps for all
+  images, including normal samples") and the reference's path without the textual prior (status off), which sends
+  the boxed copy whatever the verdict; ``visual`` is ours, gated on the verdict like ``full``.
+- The texts per backbone family (:class:`PromptTexts`, :func:`prompt_texts`): the reference's Qwen path
+  (``create_prompt_qwen``) for every family but InternVL, whose texts are the reference's InternVL strings
+  (``Connector.create_prompt`` in ``connector_sort.py``: its ``<image>`` placeholders become image parts).
 - Images are numbered the way the reference renders them (``add_vision_id=True``: "Picture 1: " ...) where the
   chat template supports it (Qwen); other templates ignore the flag.
 
@@ -57,6 +65,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from mllm.choices import MultipleChoice
 from mllm.config import PROMPT_SETTINGS, PromptSetting
 
 if TYPE_CHECKING:
@@ -68,21 +77,26 @@ __all__ = [
     "ANSWER_LINE",
     "BOXED_TEXT",
     "INSTRUCTION",
+    "INSTRUCTION_REFERENCE",
+    "INTERNVL_TEXTS",
     "OPTIONS",
     "QUERY_ANOMALOUS_TEXT",
     "QUERY_NORMAL_TEXT",
     "QUERY_TEXT",
     "QUESTION",
     "QUESTION_LIST",
+    "QWEN_TEXTS",
     "SETTINGS",
     "TEMPLATE_TEXT",
     "EaglePrompt",
     "PromptError",
+    "PromptTexts",
     "Setting",
     "build_explanation_messages",
     "build_prompt",
     "fit_template",
     "image_token_counts",
+    "prompt_texts",
     "render_inputs",
     "render_text",
 ]
@@ -99,6 +113,13 @@ INSTRUCTION = (
     "extra text.\n"
 )
 """The paper's fixed instruction (appendix 6.3.1) as the reference code writes it (``instruction_P``)."""
+INSTRUCTION_REFERENCE = (
+    "\nYou are an industrial inspector who checks products by images.\n"
+    "You should judge whether there is a defect in the query image and answer the questions about it.\n "
+)
+"""The instruction the reference's eval path actually passes (``instruction_sample`` in ``GPT4/gpt4v.py``, handed to
+``processor_framework`` by ``QwenQuery.get_query``), character for character (the final line holds one space)."""
+INSTRUCTIONS = {"paper": INSTRUCTION, "reference": INSTRUCTION_REFERENCE}
 ANSWER_LINE = "Answer with the option's letter from the given choices directly! "
 TEMPLATE_TEXT = (
     "Following is/are 1 image of normal sample, which can be used as a template to compare the image being queried."
@@ -110,6 +131,43 @@ BOXED_TEXT = (
     "Following is the query image with red bounding box. "
     "The position of the red bounding box on the query image is the predicted defect location."
 )
+
+
+@dataclass(frozen=True)
+class PromptTexts:
+    """The sentences that introduce the query and the boxed query, for one backbone family.
+
+    Attributes:
+        query: The query sentence without the textual prior.
+        query_normal: The query sentence with the prior "normal".
+        query_anomalous: The query sentence with the prior "anomalous".
+        boxed: The sentence before the boxed query.
+    """
+
+    query: str
+    query_normal: str
+    query_anomalous: str
+    boxed: str
+
+
+QWEN_TEXTS = PromptTexts(QUERY_TEXT, QUERY_NORMAL_TEXT, QUERY_ANOMALOUS_TEXT, BOXED_TEXT)
+"""The reference's Qwen path (``create_prompt_qwen``); used by every family but InternVL."""
+INTERNVL_TEXTS = PromptTexts(
+    query="Following is the query image: \n",
+    query_normal="\nFollowing is the query image, The query image is predicted as normal: \n",
+    query_anomalous="Following is the query image,The query image is predicted as anomalous: \n",
+    boxed=" \nFollowing is the query image with red bounding box, The position of the red bounding box on the query "
+    "image is the predicted defect location.\n",
+)
+"""The reference's InternVL strings (``Connector.create_prompt``), split at their ``<image>`` placeholders: each
+text is what precedes its image; the space the reference leaves after the last image is dropped."""
+
+
+def prompt_texts(family: str | None) -> PromptTexts:
+    """The query/boxed sentences for a backbone family (:data:`INTERNVL_TEXTS` for ``internvl``, else Qwen's)."""
+    return INTERNVL_TEXTS if family == "internvl" else QWEN_TEXTS
+
+
 QUESTION = "Is there any defect in the object?"
 OPTIONS = ("A. Yes", "B. No")
 QUESTION_LIST = f"Following is the question list: Question 1: {QUESTION} \n" + "\n".join(OPTIONS)
@@ -190,6 +248,9 @@ def build_prompt(
     boxed: Image.Image | None,
     expert_anomalous: bool | None,
     setting: Setting,
+    question: MultipleChoice | None = None,
+    instruction: str = "paper",
+    texts: PromptTexts = QWEN_TEXTS,
 ) -> EaglePrompt:
     """Build the EAGLE message for one query image (see the module docstring for the layout).
 
@@ -198,9 +259,13 @@ def build_prompt(
         template: The 1-shot+ normal template image; ``None`` sends no template block (0-shot). Brought to the
             query's size when it has the query's shape (:func:`fit_template`).
         boxed: The query image with the expert's red boxes; needed by ``visual``/``full`` when the expert
-            says anomalous, ignored otherwise.
-        expert_anomalous: The expert's verdict (``s_img >= tau``); may be ``None`` only for ``baseline``.
-        setting: ``baseline``, ``visual``, ``textual`` or ``full``.
+            says anomalous and by ``visual_all`` always, ignored otherwise.
+        expert_anomalous: The expert's verdict (``s_img >= tau``); may be ``None`` for ``baseline``/``visual_all``.
+        setting: ``baseline``, ``visual``, ``visual_all``, ``textual`` or ``full``.
+        question: A data set's own multiple-choice question (MMAD), shown verbatim in its letter order in place
+            of :data:`QUESTION_LIST` (:meth:`mllm.choices.MultipleChoice.question_list`); ``None``: the yes/no one.
+        instruction: ``paper`` (:data:`INSTRUCTION`) or ``reference`` (:data:`INSTRUCTION_REFERENCE`).
+        texts: The query/boxed sentences (:func:`prompt_texts` of the model's family).
 
     Returns:
         The :class:`EaglePrompt`.
@@ -210,16 +275,22 @@ def build_prompt(
     """
     if setting not in SETTINGS:
         raise PromptError(f"unknown prompt setting {setting!r}; expected one of {', '.join(SETTINGS)}")
-    if setting != "baseline" and expert_anomalous is None:
+    if instruction not in INSTRUCTIONS:
+        raise PromptError(f"unknown instruction {instruction!r}; expected one of {', '.join(INSTRUCTIONS)}")
+    if setting not in ("baseline", "visual_all") and expert_anomalous is None:
         raise PromptError(f"prompt setting {setting!r} needs the expert's verdict (expert_anomalous)")
-    include_boxed = setting in ("visual", "full") and bool(expert_anomalous)
+    include_boxed = setting == "visual_all" or (setting in ("visual", "full") and bool(expert_anomalous))
     if include_boxed and boxed is None:
-        raise PromptError(f"prompt setting {setting!r} with an anomalous expert verdict needs the boxed image")
+        needs = "always needs" if setting == "visual_all" else "with an anomalous expert verdict needs"
+        raise PromptError(f"prompt setting {setting!r} {needs} the boxed image")
     if setting in ("textual", "full"):
-        query_text = QUERY_ANOMALOUS_TEXT if expert_anomalous else QUERY_NORMAL_TEXT
+        query_text = texts.query_anomalous if expert_anomalous else texts.query_normal
     else:
-        query_text = QUERY_TEXT
-    content: list[dict[str, Any]] = [{"type": "text", "text": INSTRUCTION}, {"type": "text", "text": ANSWER_LINE}]
+        query_text = texts.query
+    content: list[dict[str, Any]] = [
+        {"type": "text", "text": INSTRUCTIONS[instruction]},
+        {"type": "text", "text": ANSWER_LINE},
+    ]
     images: list[Image.Image] = []
     query_rgb = _rgb(query, "query")
     if template is not None:
@@ -229,9 +300,9 @@ def build_prompt(
     query_index = len(images)
     images.append(query_rgb)
     if include_boxed:
-        content += [{"type": "text", "text": BOXED_TEXT}, {"type": "image"}]
+        content += [{"type": "text", "text": texts.boxed}, {"type": "image"}]
         images.append(_rgb(boxed, "boxed"))
-    content.append({"type": "text", "text": QUESTION_LIST})
+    content.append({"type": "text", "text": QUESTION_LIST if question is None else question.question_list()})
     return EaglePrompt(
         messages=[{"role": "user", "content": content}],
         images=images,

@@ -15,7 +15,8 @@ does: decode → run_expert → finish. It is small and fast:
 * hooks for tests: ``gate`` (a ``threading.Event``) blocks the expert stage until released and ``entered``
   counts entries into it (the deterministic "slow stage" of the 429 and graceful-shutdown tests); ``fail_with``
   is raised by the expert stage once ``fail_after`` images were scored (a crash, or ``KeyboardInterrupt`` as a
-  simulated kill); ``expert_calls``, ``finish_calls``, ``templates`` and ``builds`` record what was called.
+  simulated kill); ``expert_calls``, ``finish_calls``, ``questions``, ``templates`` and ``builds`` record what was
+  called.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from eagle import atomic
-from eagle.bank_versions import BankVersion
+from eagle.bank_versions import BankVersion, BankVersionNotFoundError
 from eagle.banks import BankNotFoundError, validate_bank_name
 from eagle.errors import EagleError
 from eagle.images import DecodedImage, ImageError, decode_image, load_image
@@ -45,6 +46,7 @@ from eagle.pipeline import BUILD_STAGES, MLLMUnavailableError, ReferenceImagesEr
 from eagle.records import BoxRecord, InspectionImages, InspectionResult, InspectOptions
 from expert.bank import BankError
 from expert.progress import ProgressCallback
+from mllm.choices import MultipleChoice, option_answer
 
 SEEDED_TAU, SEEDED_S_MAX = 0.5, 0.7
 """τ and s_max of a seeded bank (one made without references): its score is the mean intensity / 255."""
@@ -109,6 +111,13 @@ class FakeBankStore:
 
     def reference_name(self, name: str, index: int) -> str:
         return self.load(name)["names"][index]
+
+    def rollback(self, name: str, version: int) -> FakeSummary:
+        """Only the current version is kept by the fake: rolling back to it changes nothing, any other is unknown."""
+        meta = self.load(name)
+        if version != meta.get("version", 0):
+            raise BankVersionNotFoundError(f"bank {name!r} has no kept version {version}")
+        return FakeSummary(name, meta["bank_id"], meta["n_references"])
 
     def history(self, name: str) -> list[BankVersion]:
         """Only the current version is kept by the fake."""
@@ -220,6 +229,7 @@ class FakePipeline:
         self.entered = threading.Semaphore(0)
         self.expert_calls: list[str] = []  # sha256 of each scored image's pixels
         self.finish_calls: list[tuple[str | None, str | None, str | None]] = []  # (image, setting, caas)
+        self.questions: list[tuple[str | None, str | None, MultipleChoice | None]] = []  # (image, setting, q)
         self.templates: list[tuple[str | None, str | None, tuple[int, ...] | None]] = []  # (image, name, shape)
         self.builds: list[str] = []  # names of the banks built
         for name in banks:
@@ -243,8 +253,11 @@ class FakePipeline:
         *,
         names: Sequence[str] | None = None,
         progress: ProgressCallback | None = None,
+        mask: Path | None = None,
     ) -> FakeSummary:
         validate_bank_name(name)
+        if mask is not None:
+            self.check_mask(Path(mask).read_bytes() if Path(mask).suffix == ".png" else Path(mask).read_text())
         if progress:
             progress("read", 0.0)
         decoded, problems = [], []
@@ -404,10 +417,12 @@ class FakePipeline:
         image_sha256: str | None = None,
         template: np.ndarray | None = None,
         template_name: str | None = None,
+        question: MultipleChoice | None = None,
     ) -> InspectionResult:
         options = options or InspectOptions()
         meta = self.banks.load(bank)
         self.finish_calls.append((image_name, options.prompt_setting, options.caas))
+        self.questions.append((image_name, options.prompt_setting, question))
         self.templates.append((image_name, template_name, None if template is None else tuple(template.shape)))
         if template is not None:
             template_name = template_name or "external template"
@@ -444,14 +459,22 @@ class FakePipeline:
             answer = "yes" if expert.anomalous else "no"
             if caas_applied:
                 answer = "no" if answer == "yes" else "yes"
+        letter = {"yes": "A", "no": "B"}.get(answer)
+        if question is not None:  # a data set's own question: the verdict's option, or a hashed one
+            by_text = {option_answer(question, x): x for x in question.letters}
+            if {"yes", "no"} <= set(by_text):
+                letter = by_text.get(answer)
+            else:
+                letter = question.letters[digest % len(question.letters)]
+            answer = option_answer(question, letter)
         return InspectionResult(
             **record,
             mode="expert+mllm",
             prompt_setting=options.prompt_setting,
             caas_applied=caas_applied,
-            mllm_letter={"yes": "A", "no": "B"}.get(answer),
+            mllm_letter=letter,
             mllm_answer=answer,
-            mllm_raw=answer,
+            mllm_raw=answer if question is None else (letter or "?"),
             verdict={"yes": "defect", "no": "no_defect"}.get(answer, "unknown"),
             model_id="fake-mllm",
             timings_ms={**expert.timings_ms, "mllm_generate": 2.0},

@@ -99,3 +99,22 @@ def test_anomaly_map_is_the_composition_on_a_random_grid():
 def test_rejects_non_grid_scores():
     with pytest.raises(ValueError, match="2-D"):
         anomaly_map(np.zeros(784, np.float32), compute_geometry(224, 224))
+
+
+def test_reference_placement_is_3_5_crop_pixels_right_and_below_the_feature_centre():
+    # The reference code upsamples with F.interpolate(bilinear, align_corners=False): a hot patch's mass is centred
+    # at 8j + 3.5; ours at 8j (docs/fidelity.md, "anomaly map placement").
+    import torch
+    import torch.nn.functional as F
+
+    scores = np.zeros((28, 28), np.float32)
+    scores[10, 17] = 1.0
+    theirs = F.interpolate(torch.from_numpy(scores)[None, None], size=(224, 224), mode="bilinear", align_corners=False)
+    ours = upsample_patch_scores(scores, (224, 224))
+
+    def centre(grid: np.ndarray) -> tuple[float, float]:
+        yy, xx = np.mgrid[0 : grid.shape[0], 0 : grid.shape[1]]
+        return float((yy * grid).sum() / grid.sum()), float((xx * grid).sum() / grid.sum())
+
+    assert centre(ours) == pytest.approx((8 * 10, 8 * 17), abs=1e-4)
+    assert centre(theirs[0, 0].numpy()) == pytest.approx((8 * 10 + 3.5, 8 * 17 + 3.5), abs=1e-4)

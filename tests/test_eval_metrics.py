@@ -44,14 +44,15 @@ def test_unknown_counts_as_wrong_on_both_classes() -> None:
     assert (m.tp, m.fn, m.fp, m.tn, m.accuracy, m.n_unknown) == (0, 1, 1, 0, 0.0, 2)
 
 
-def test_single_class_and_empty_denominators() -> None:
-    labels, verdicts = [0, 0, 0], ["no_defect", "no_defect", "defect"]
-    m = classification_metrics(labels, verdicts)
-    y_pred = _as_predictions(labels, verdicts)
-    with pytest.warns(UserWarning):  # sklearn warns about the single class; we match its value
-        expected = balanced_accuracy_score(labels, y_pred)
-    assert m.balanced_accuracy == pytest.approx(expected)
+def test_single_class_and_empty_denominators_follow_the_reference_summary() -> None:
+    # normal images only: the anomalous-image accuracy is 0 (not left out, as scikit-learn would), so
+    # balanced accuracy = (2/3 + 0) / 2; P, R, F1 have empty or zero terms and are 0
+    m = classification_metrics([0, 0, 0], ["no_defect", "no_defect", "defect"])
+    assert m.balanced_accuracy == pytest.approx(1 / 3)
     assert (m.precision, m.recall, m.f1) == (0.0, 0.0, 0.0)
+    # anomalous images only, all found: recall 1, precision 1, balanced accuracy (0 + 1) / 2
+    m = classification_metrics([1, 1], ["defect", "defect"])
+    assert (m.precision, m.recall, m.f1, m.balanced_accuracy, m.accuracy) == (1.0, 1.0, 1.0, 0.5, 1.0)
 
 
 def test_classification_metrics_rejects_bad_input() -> None:

@@ -223,7 +223,9 @@ def mmad_root(tmp_path: Path) -> Path:
 
 
 def test_mmad_json(mmad_root: Path) -> None:
-    ds = read_dataset("mmad", mmad_root)
+    with pytest.raises(DatasetError, match=r"DS-VisA/candle.*train/good.*--bank-from-templates"):
+        read_dataset("mmad", mmad_root)  # no training images for DS-VisA/candle: never silently from templates
+    ds = read_dataset("mmad", mmad_root, bank_from_templates=True)
     assert ds.classes == ["DS-VisA/candle", "MVTec-AD/bottle"]
     bottle = {s.rel_path: s for s in ds.test["MVTec-AD/bottle"]}
     bad = bottle["MVTec-AD/bottle/test/broken_large/000.png"]
@@ -241,11 +243,14 @@ def test_mmad_json(mmad_root: Path) -> None:
     # no train/good: references are the listed templates, minus images that are themselves tested
     assert [p.name for p in ds.train["DS-VisA/candle"]] == ["000.png", "001.png"]
     assert any("DS-VisA/candle" in n and "templates" in n for n in ds.notes)
+    assert ds.bank_sources["DS-VisA/candle"]["source"] == "templates"
+    assert ds.bank_sources["MVTec-AD/bottle"]["source"] == "mmad_tree"
 
 
 def test_mmad_prefix_selection_and_errors(mmad_root: Path, tmp_path: Path) -> None:
     assert read_dataset("mmad", mmad_root, ["MVTec-AD"]).classes == ["MVTec-AD/bottle"]
-    assert read_dataset("mmad", mmad_root / "mmad.json", ["DS-VisA/candle"]).classes == ["DS-VisA/candle"]
+    candle = read_dataset("mmad", mmad_root / "mmad.json", ["DS-VisA/candle"], bank_from_templates=True)
+    assert candle.classes == ["DS-VisA/candle"]
     (mmad_root / "MVTec-AD/bottle/test/good/000.png").unlink()
     with pytest.raises(DatasetError, match="lists 1 images missing.*restrict --classes"):
         read_dataset("mmad", mmad_root)

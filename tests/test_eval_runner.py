@@ -93,10 +93,17 @@ def test_report_numbers_match_records(data_root: Path, tmp_path: Path) -> None:
     keys = sorted(experts)
     labels = [experts[k].label for k in keys]
     predicted = [{"defect": 1, "no_defect": 0}.get(answers[k].verdict, 1 - experts[k].label) for k in keys]
-    pooled = report["metrics"]["mvtec"]["pooled"]["settings"]["baseline"]
+    pooled = report["metrics"]["mvtec"]["rules"]["wrong"]["pooled"]["baseline"]  # ours: unknown is wrong
     assert pooled["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
     assert pooled["f1"] == pytest.approx(f1_score(labels, predicted))
     assert pooled["n_unknown"] == sum(answers[k].verdict == "unknown" for k in keys) > 0
+    scored = [k for k in keys if answers[k].verdict != "unknown"]  # the paper's (default): unknown is dropped
+    dropped = report["metrics"]["mvtec"]["pooled"]["settings"]["baseline"]
+    assert dropped == report["metrics"]["mvtec"]["rules"]["drop"]["pooled"]["baseline"]
+    assert dropped["accuracy"] == pytest.approx(
+        accuracy_score([experts[k].label for k in scored], [int(answers[k].verdict == "defect") for k in scored])
+    )
+    assert (dropped["n_scored"], dropped["n_unknown"]) == (len(scored), pooled["n_unknown"])
     widget = [experts[k] for k in keys if experts[k].class_name == "widget"]
     cls = report["metrics"]["mvtec"]["classes"]["widget"]
     assert cls["image_auroc"] == pytest.approx(roc_auc_score([r.label for r in widget], [r.score for r in widget]))
@@ -204,12 +211,12 @@ def test_report_files(data_root: Path, tmp_path: Path) -> None:
     assert "scores_mvtec_widget.png" in plots and "confusion_mvtec_full_caas.png" in plots
     assert all((out / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     markdown = (out / "report.md").read_text()
-    full = report["metrics"]["mvtec"]["pooled"]["settings"]["full+caas"]
+    full = report["metrics"]["mvtec"]["mean"]["settings"]["full+caas"]  # Table 1: the paper's class means
     row = next(line for line in markdown.splitlines() if "· full+caas |" in line)
-    expected = " | ".join(f"{100 * full[k]:.1f}" for k in ("accuracy", "precision", "recall", "f1"))
+    expected = " | ".join(f"{100 * full[k]:.1f}" for k in ("balanced_accuracy", "precision", "recall", "f1"))
     assert expected in row
     assert "| Paper: Qwen2.5-VL-7B w/ EAGLE | 94.6 | 98.5 | 95.3 | 96.7 | – |" in markdown
-    baseline = report["metrics"]["mvtec"]["pooled"]["settings"]["baseline"]
+    baseline = report["metrics"]["mvtec"]["mean"]["settings"]["baseline"]
     baseline_row = next(line for line in markdown.splitlines() if "· baseline |" in line)
     assert baseline_row.endswith(f" | {baseline['n_unknown']} |") and baseline["n_unknown"] > 0
     assert "## Table 3" in markdown and "## Table 4" in markdown
@@ -225,11 +232,14 @@ def test_confusion_counts_agree_with_metrics(data_root: Path, tmp_path: Path) ->
     out = tmp_path / "out"
     report, _ = _run(data_root, out, settings="baseline")
     records = RecordSet().add(read_records(out / RECORDS_FILE))
-    m = report["metrics"]["mvtec"]["pooled"]["settings"]["baseline"]
+    m = report["metrics"]["mvtec"]["rules"]["wrong"]["pooled"]["baseline"]
     (tn, fp_answered, unknown_normal), (fn_answered, tp, unknown_anomalous) = confusion_counts(records, "baseline")
     assert (tp, tn) == (m["tp"], m["tn"])
     assert unknown_normal + unknown_anomalous == m["n_unknown"]
     assert (fp_answered + unknown_normal, fn_answered + unknown_anomalous) == (m["fp"], m["fn"])
+    d = report["metrics"]["mvtec"]["rules"]["drop"]["pooled"]["baseline"]
+    assert (d["tp"], d["tn"], d["fp"], d["fn"]) == (tp, tn, fp_answered, fn_answered)
+    assert d["n_unknown"] == m["n_unknown"] and d["n_scored"] == m["n_scored"] - m["n_unknown"]
     expert = confusion_counts(records, "expert")
     assert expert[:, 2].sum() == 0 and expert.sum() == 16
 

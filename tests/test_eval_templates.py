@@ -23,7 +23,13 @@ from tests.test_eval_readers import mmad_root, mvtec_root  # noqa: F401 - fixtur
 
 def _run(dataset: str, root: Path, out: Path, settings: str = "full,full+caas") -> tuple[list, FakePipeline]:
     config = EvalConfig(
-        dataset=dataset, root=root, out=out, settings=parse_settings(settings), progress=False, plots=False
+        dataset=dataset,
+        root=root,
+        out=out,
+        settings=parse_settings(settings),
+        progress=False,
+        plots=False,
+        bank_from_templates=dataset == "mmad",  # the fixture's DS-VisA has no training images
     )
     pipeline = FakePipeline(bank_root(config), mllm_enabled=True)
     EvalRunner(pipeline, Settings(expert={"weights": "random"}), config).run()

@@ -82,6 +82,16 @@ EXPECTED = {
         3,
     ),
     ("visual", False): (BASELINE, 2),
+    # the paper's Table 3 visual-only row: the boxed image whatever the expert says, no prior
+    **{
+        ("visual_all", verdict): (
+            _qwen(
+                REF_INSTRUCTION, ANSWER, TEMPLATE, _picture(1), QUERY_PLAIN, _picture(2), BOXED, _picture(3), QUESTIONS
+            ),
+            3,
+        )
+        for verdict in (None, True, False)
+    },
     ("textual", True): (
         _qwen(REF_INSTRUCTION, ANSWER, TEMPLATE, _picture(1), QUERY_ANOMALOUS, _picture(2), QUESTIONS),
         2,

@@ -53,6 +53,8 @@ __all__ = [
     "TINY_QWEN3_MIN_PIXELS",
     "TINY_QWEN3_MAX_PIXELS",
     "TINY_LLAVA_IMAGE_SIZE",
+    "QWEN2_5_REGULAR_VOCAB",
+    "make_qwen2_5_vl_processor",
     "make_tiny_qwen2_5_vl",
     "make_tiny_qwen3_vl",
     "make_tiny_llava",
@@ -111,6 +113,7 @@ TINY_QWEN_MAX_PIXELS = 112 * 112  # at most 4×4 = 16 visual tokens per image
 TINY_QWEN3_MIN_PIXELS = 32 * 32
 TINY_QWEN3_MAX_PIXELS = 128 * 128  # Qwen3-VL: 16-px patches merged 2×2, one token per 32×32 px: at most 16 tokens
 TINY_LLAVA_IMAGE_SIZE = 56  # 4×4 patches of 14 px = 16 visual tokens per image
+QWEN2_5_REGULAR_VOCAB = 151643  # Qwen2.5(-VL)'s ordinary tokens; its special tokens start at this id
 
 
 # A small English corpus (the inspection prompts' vocabulary) the tiny tokenizer's BPE merges are learned from, so
@@ -167,8 +170,14 @@ def _seed_weights(model: torch.nn.Module, seed: int) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) / fan_in**0.5)
 
 
-def _qwen_tokenizer() -> Qwen2Tokenizer:
+def _qwen_tokenizer(regular_vocab: int | None = None) -> Qwen2Tokenizer:
     vocab, merges = _vocab_and_merges()
+    if regular_vocab is not None:
+        if regular_vocab < len(vocab):
+            raise ValueError(f"regular_vocab must be at least {len(vocab)}, got {regular_vocab}")
+        # Filler words no merge produces (" filler<i>": a leading space, as most real tokens, so streamed text flows
+        # word by word): they only move the special tokens to the checkpoint's ids.
+        vocab.update({f"\u0120filler{i}": i for i in range(len(vocab), regular_vocab)})
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
     tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIAL_TOKENS])
     tokenizer.eos_token = "<|im_end|>"
@@ -189,6 +198,29 @@ def _save_qwen_model(config, ids: dict[str, int], seed: int, directory: Path) ->
         do_sample=False,
     )
     model.save_pretrained(directory)
+
+
+def make_qwen2_5_vl_processor(
+    *, regular_vocab: int | None = None, min_pixels: int = TINY_QWEN_MIN_PIXELS, max_pixels: int = TINY_QWEN_MAX_PIXELS
+) -> Qwen2_5_VLProcessor:
+    """A Qwen2.5-VL processor made in memory (nothing saved): the tiny tokenizer, image and video processors.
+
+    Args:
+        regular_vocab: Ordinary (non-special) tokens of the tokenizer; with :data:`QWEN2_5_REGULAR_VOCAB` the
+            vocabulary is padded with filler tokens (never produced from text) so that the special tokens get the
+            real checkpoint's ids (``<|endoftext|>`` 151643 … ``<|image_pad|>`` 151655) and a model with the
+            published configuration can be driven by it. ``None``: the tiny vocabulary (~500 tokens).
+        min_pixels: The image processor's lower pixel bound.
+        max_pixels: Its upper pixel bound.
+    """
+    tokenizer = _qwen_tokenizer(regular_vocab)
+    pixels = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        tokenizer=tokenizer,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
 
 
 def make_tiny_qwen2_5_vl(directory: Path, *, num_layers: int = 16, hidden: int = 64, seed: int = 0) -> Path:

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 #: Expert settings that do not change what a bank holds (scoring-time or speed-only knobs).
 SCORING_ONLY_FIELDS: frozenset[str] = frozenset(
-    {"batch_size", "min_references", "recommended_references", "gaussian_sigma", "max_boxes"}
+    {"batch_size", "min_references", "recommended_references", "gaussian_sigma", "max_boxes", "box_merge"}
 )
 _NAME_BODY = 47  # bank names allow 64 characters: body + "-" + 16 hex
 

@@ -15,12 +15,15 @@ from pathlib import Path
 
 from eagle.cli import CommandError
 from eagle.evaluation.aggregate import DATASET_TITLES, ReportError, build_report
+from eagle.evaluation.metrics import PAPER_UNPARSED_RULE, UNPARSED_RULES
+from eagle.evaluation.profile import DEFAULT_PROFILE, PROFILES, resolve_profile
 from eagle.evaluation.readers import DATASET_KINDS, DatasetError
 from eagle.evaluation.records import RecordsError
 from eagle.evaluation.report import write_report
 from eagle.evaluation.runner import (
     DEFAULT_PIXEL_SIZE,
     DEFAULT_SETTINGS,
+    MMAD_QUESTION_MODES,
     EvalConfig,
     EvalConfigError,
     EvalRunner,
@@ -29,6 +32,7 @@ from eagle.evaluation.runner import (
 )
 from eagle.evaluation.shards import Shard, ShardError
 from eagle.settings import Settings
+from mllm.config import ANSWER_PARSERS
 
 log = logging.getLogger("eagle.cli")
 
@@ -47,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--settings",
         default=DEFAULT_SETTINGS,
-        help="Comma-separated settings: baseline, visual, textual, full, each optionally +caas "
+        help="Comma-separated settings: baseline, visual_all (the paper's visual-only row: boxes on every image), "
+        "visual (ours: boxes only when the expert says anomalous), textual, full, each optionally +caas "
         f"(default {DEFAULT_SETTINGS}).",
     )
     run.add_argument("--model", default=None, help="MLLM preset (default: EAGLE_MLLM__PRESET).")
@@ -82,9 +87,57 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"Longest side for pixel AUROC/AUPRO maps (default {DEFAULT_PIXEL_SIZE}; 0 = mask resolution).",
     )
     run.add_argument("--no-pixel", action="store_true", help="Skip pixel metrics (no anomaly maps stored).")
-    run.add_argument("--bank-dir", type=Path, default=None, help="Bank cache folder (default <out>/cache).")
+    run.add_argument(
+        "--bank-dir",
+        type=Path,
+        default=None,
+        help="Bank CACHE folder: where the built banks are stored and reused (default <out>/cache); not where "
+        "their images come from (see --bank-root).",
+    )
+    run.add_argument(
+        "--bank-root",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="MMAD: the ORIGINAL data set whose normal training images build the banks of MMAD data set NAME "
+        "(DS-MVTec=/data/mvtec, MVTec-AD=..., VisA=..., MVTec-LOCO=..., GoodsAD=...; reads DIR/<class>/train/good, "
+        "VisA also its split_csv); repeatable. Unlike --bank-dir (the cache of built banks), this is where the "
+        "bank IMAGES come from.",
+    )
+    run.add_argument(
+        "--bank-from-templates",
+        action="store_true",
+        help="MMAD: build a class's bank from the templates mmad.json lists when no training images are found "
+        "(NOT the reference's banks; the report's heading says so). Without it such a class is an error.",
+    )
+    run.add_argument(
+        "--mmad-questions",
+        choices=MMAD_QUESTION_MODES,
+        default="detection",
+        help="MMAD: detection (default, the paper's: the item's Anomaly Detection question) or all (every question "
+        "of the item's conversation, each asked alone with the same prompt setting; the report adds MMAD's "
+        "per-type table).",
+    )
     run.add_argument("--no-progress", action="store_true", help="No progress bars.")
     run.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
+    _add_unparsed(run)
+    run.add_argument(
+        "--profile",
+        choices=tuple(PROFILES),
+        default=DEFAULT_PROFILE,
+        help="paper (default): the paper's reading (1-shot+ template, its instruction, our box merge and answer "
+        "parser); reference: the reference code's published choices (no template, its instruction_sample text, "
+        "its one-pass box merge, its last-letter-else-closest-option parser). Recorded in run.json.",
+    )
+    run.add_argument(
+        "--parser",
+        choices=ANSWER_PARSERS,
+        default=None,
+        help="Replace the profile's answer parser: eagle (letter, else keywords, else unknown), reference (last "
+        "standalone A-E, else the closest option text), keyword (the paper's text: yes/abnormal/defect words first). "
+        "MMAD items are read against their own options: reference as above; eagle and keyword by letter, then "
+        "option text, then yes/no keywords (mllm.choices).",
+    )
     run.set_defaults(func=run_eval)
 
     merge = subparsers.add_parser(
@@ -94,13 +147,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("runs", nargs="+", type=Path, metavar="OUT_DIR", help="Output folders of `eagle eval`.")
     merge.add_argument("--out", type=Path, required=True, help="Folder for the merged report.")
     merge.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
+    _add_unparsed(merge)
     merge.set_defaults(func=run_merge)
+
+
+def _add_unparsed(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--unparsed",
+        choices=UNPARSED_RULES,
+        default=PAPER_UNPARSED_RULE,
+        help="How answers that parse to neither yes nor no enter the paper tables: drop (default, the paper's "
+        "reference summary: left out of the counts) or wrong (a miss on an anomalous image, a false alarm on a "
+        "normal one). Every row prints their number; report.json carries both rules.",
+    )
 
 
 def _classes(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
     return [c for value in values for c in value.split(",") if c.strip()]
+
+
+def parse_bank_roots(values: list[str] | None) -> dict[str, Path]:
+    """``["DS-MVTec=/data/mvtec", ...]`` → ``{"DS-MVTec": Path("/data/mvtec"), ...}``.
+
+    Raises:
+        EvalConfigError: a value without ``NAME=DIR``, or a NAME given twice.
+    """
+    roots: dict[str, Path] = {}
+    for value in values or []:
+        name, sep, directory = value.partition("=")
+        name, directory = name.strip(), directory.strip()
+        if not sep or not name or not directory:
+            raise EvalConfigError(f"--bank-root {value!r}: expected NAME=DIR, e.g. DS-MVTec=/data/mvtec")
+        if name in roots:
+            raise EvalConfigError(f"--bank-root {name} is given twice")
+        roots[name] = Path(directory)
+    return roots
 
 
 def build_config(args: argparse.Namespace) -> EvalConfig:
@@ -118,10 +201,18 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
         bank_dir=args.bank_dir,
         progress=not args.no_progress,
         plots=not args.no_plots,
+        unparsed=getattr(args, "unparsed", PAPER_UNPARSED_RULE),
+        profile=resolve_profile(getattr(args, "profile", DEFAULT_PROFILE), parser=getattr(args, "parser", None)),
+        mmad_questions=getattr(args, "mmad_questions", "detection"),
+        bank_roots=parse_bank_roots(getattr(args, "bank_root", None)),
+        bank_from_templates=getattr(args, "bank_from_templates", False),
     )
 
 
 def _summary_lines(report: dict) -> list[str]:
+    """The paper-table numbers (class means, the paper's definitions) per data set, one line per row."""
+    rule = report["meta"].get("unparsed", PAPER_UNPARSED_RULE)
+    count = "dropped" if rule == "drop" else "unparsed"
     lines = []
     for dataset, data in report["metrics"].items():
         meta = report["meta"]["datasets"][dataset]
@@ -130,11 +221,19 @@ def _summary_lines(report: dict) -> list[str]:
         auroc = "–" if mean["image_auroc"] is None else f"{100 * mean['image_auroc']:.1f}"
         state = "" if meta["complete"] else "  [incomplete]"
         lines.append(f"{title}: {meta['n_images']} images, expert image AUROC {auroc}{state}")
-        for setting, m in [("expert", data["pooled"]["expert"]), *data["pooled"]["settings"].items()]:
+        if meta.get("bank_from_templates"):
+            lines.append(
+                "  banks built from the templates mmad.json lists (--bank-from-templates), not the reference's"
+            )
+        lines.append(
+            "  mean over classes (the paper's definitions: Acc = balanced accuracy); unparseable answers "
+            + ("dropped" if rule == "drop" else "counted wrong")
+        )
+        for setting, m in [("expert", mean["expert"]), *mean["settings"].items()]:
             if m:
                 lines.append(
-                    f"  {setting:<14} acc {100 * m['accuracy']:5.1f}  prec {100 * m['precision']:5.1f}  "
-                    f"rec {100 * m['recall']:5.1f}  F1 {100 * m['f1']:5.1f}  unknown {m['n_unknown']}"
+                    f"  {setting:<14} acc {100 * m['balanced_accuracy']:5.1f}  prec {100 * m['precision']:5.1f}  "
+                    f"rec {100 * m['recall']:5.1f}  F1 {100 * m['f1']:5.1f}  {count} {m['n_unknown']}"
                 )
         if not meta["mllm_enabled"]:
             lines.append("  MLLM disabled: expert metrics only")
@@ -156,6 +255,7 @@ def run_eval(args: argparse.Namespace, settings: Settings) -> int:
         settings.mllm.preset = args.model
     if args.no_mllm:
         settings.mllm.enabled = False
+    settings = config.profile.apply(settings)
     from eagle.pipeline import MLLMUnavailableError, Pipeline, ReferenceImagesError
 
     try:
@@ -179,7 +279,7 @@ def run_eval(args: argparse.Namespace, settings: Settings) -> int:
 def run_merge(args: argparse.Namespace, settings: Settings) -> int:
     """Handler of ``eagle eval-merge``."""
     try:
-        report = build_report(args.runs)
+        report = build_report(args.runs, unparsed=getattr(args, "unparsed", PAPER_UNPARSED_RULE))
         write_report(report, args.out, plots=not args.no_plots)
     except (ReportError, RecordsError) as err:
         raise CommandError(str(err)) from None

@@ -1,18 +1,26 @@
 """Evaluation metrics: yes/no answer quality and the expert's score quality.
 
 Answers: Accuracy, Precision, Recall, F1, balanced accuracy. Expert: image AUROC, pixel AUROC, AUPRO.
-scikit-learn computes the standard ones (confusion matrix, precision/recall/F1, balanced accuracy, ROC area);
-this module adds what scikit-learn lacks: the ``unknown`` answer rule, input checks with one-line errors,
-and AUPRO.
+The answer metrics are computed from the confusion counts with the formulas of the paper's reference summary
+(every empty denominator gives 0); scikit-learn computes the ROC areas. This module adds the two rules for
+``unknown`` answers, input checks with one-line errors, and AUPRO.
 
 Conventions:
 
 * Positive class = anomalous (label 1; verdict ``defect``).
-* An ``unknown`` answer (the model said neither yes nor no) counts as **wrong**: on an anomalous image it is
-  a false negative, on a normal image a false positive. It is never dropped (dropping would reward a model
-  for refusing hard cases) and never guessed. The number of unknown answers is reported next to the metrics.
-* Precision/Recall/F1 with an empty denominator are 0 (scikit-learn's ``zero_division=0``); balanced
-  accuracy averages the recall of the classes present, as scikit-learn does.
+* An ``unknown`` answer (the model said neither yes nor no) is handled by one of two rules
+  (:data:`UNPARSED_RULES`), both always available:
+
+  - ``drop`` (the paper's reference summary): the answer is left out of the counts; ``n_unknown`` of the
+    ``n`` answers are dropped and the metrics cover the ``n_scored`` others.
+  - ``wrong`` (ours): the answer counts as wrong: on an anomalous image a false negative, on a normal image a
+    false positive. Nothing is dropped (dropping rewards a model for refusing hard cases) and nothing guessed.
+
+* Accuracy = (TP + TN) / scored; Precision = TP / (TP + FP); Recall = TP / (TP + FN);
+  F1 = 2·P·R / (P + R); balanced accuracy = (accuracy on normal images + accuracy on anomalous images) / 2.
+  Any empty denominator gives 0, and so does the accuracy of an image class (normal or anomalous) with no
+  scored image: a set with anomalous images only has balanced accuracy = its recall / 2. These are the
+  reference summary's choices (it sets every undefined ratio to 0), kept so that class means match its.
 * AUROC is scikit-learn's ``roc_auc_score``; ``None`` (not an exception) when only one class is present.
 * AUPRO (Bergmann et al., MVTec AD): for every threshold, PRO = mean over all ground-truth regions
   (8-connected components of every mask) of the share of the region's pixels at or above the threshold;
@@ -23,11 +31,13 @@ Example:
     >>> m = classification_metrics([1, 1, 0, 0], ["defect", "unknown", "no_defect", "defect"])
     >>> m.accuracy, m.tp, m.fn, m.fp, m.n_unknown
     (0.5, 1, 1, 1, 1)
+    >>> d = classification_metrics([1, 1, 0, 0], ["defect", "unknown", "no_defect", "defect"], unparsed="drop")
+    >>> round(d.accuracy, 4), d.tp, d.fn, d.fp, d.n_scored
+    (0.6667, 1, 0, 1, 3)
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -36,6 +46,9 @@ from scipy import ndimage
 from sklearn import metrics as skm
 
 VERDICTS = ("defect", "no_defect", "unknown")
+UNPARSED_RULES = ("drop", "wrong")
+"""How ``unknown`` answers enter the metrics: ``drop`` (the paper's reference summary) or ``wrong`` (ours)."""
+PAPER_UNPARSED_RULE = "drop"
 AUPRO_FPR_LIMIT = 0.3
 
 
@@ -45,11 +58,21 @@ class MetricsError(ValueError):
 
 @dataclass(frozen=True)
 class ClassificationMetrics:
-    """Yes/no answer quality on a set of images (anomalous = positive; unknown = wrong)."""
+    """Yes/no answer quality on a set of images (anomalous = positive), under one rule for unknown answers.
+
+    Attributes:
+        n: answers given (scored or not).
+        n_positive: scored answers on anomalous images (``tp + fn``).
+        n_unknown: answers that parsed to neither yes nor no (dropped under ``drop``, wrong under ``wrong``).
+        n_scored: answers in the counts (``n - n_unknown`` under ``drop``, ``n`` under ``wrong``).
+        unparsed: the rule, ``drop`` or ``wrong``.
+    """
 
     n: int
     n_positive: int
     n_unknown: int
+    n_scored: int
+    unparsed: str
     tp: int
     fp: int
     tn: int
@@ -65,16 +88,26 @@ class ClassificationMetrics:
         return asdict(self)
 
 
-def classification_metrics(labels: Sequence[int], verdicts: Sequence[str]) -> ClassificationMetrics:
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator / denominator) if denominator else 0.0
+
+
+def classification_metrics(
+    labels: Sequence[int], verdicts: Sequence[str], *, unparsed: str = "wrong"
+) -> ClassificationMetrics:
     """Accuracy, precision, recall, F1 and balanced accuracy of verdicts against labels.
 
     Args:
         labels: 1 anomalous, 0 normal.
-        verdicts: ``defect``, ``no_defect`` or ``unknown`` per image (``unknown`` counts as wrong).
+        verdicts: ``defect``, ``no_defect`` or ``unknown`` per image.
+        unparsed: ``wrong`` (an unknown answer is a miss / a false alarm) or ``drop`` (left out of the counts).
 
     Raises:
-        MetricsError: lengths differ, a label is not 0/1, or a verdict is not one of :data:`VERDICTS`.
+        MetricsError: lengths differ, a label is not 0/1, a verdict is not one of :data:`VERDICTS`, or the rule
+            is not one of :data:`UNPARSED_RULES`.
     """
+    if unparsed not in UNPARSED_RULES:
+        raise MetricsError(f"unparsed must be one of {UNPARSED_RULES}, got {unparsed!r}")
     if len(labels) != len(verdicts):
         raise MetricsError(f"{len(labels)} labels but {len(verdicts)} verdicts")
     for label, verdict in zip(labels, verdicts, strict=True):
@@ -82,29 +115,34 @@ def classification_metrics(labels: Sequence[int], verdicts: Sequence[str]) -> Cl
             raise MetricsError(f"labels must be 0 or 1, got {label!r}")
         if verdict not in VERDICTS:
             raise MetricsError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
-    n_unknown = sum(verdict == "unknown" for verdict in verdicts)
-    if not labels:
-        return ClassificationMetrics(0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    truth = np.asarray(labels, dtype=np.int64)
-    # unknown is wrong: predicted as the opposite of the truth (never dropped, never guessed)
-    predicted = np.array([{"defect": 1, "no_defect": 0}.get(v, 1 - y) for y, v in zip(labels, verdicts, strict=True)])
-    (tn, fp), (fn, tp) = skm.confusion_matrix(truth, predicted, labels=[0, 1]).tolist()
-    with warnings.catch_warnings():  # one class only: sklearn warns, then averages the recall of the class present
-        warnings.simplefilter("ignore", UserWarning)
-        balanced = skm.balanced_accuracy_score(truth, predicted)
+    counts = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
+    n_unknown = 0
+    for label, verdict in zip(labels, verdicts, strict=True):
+        if verdict == "unknown":
+            n_unknown += 1
+            if unparsed == "drop":
+                continue
+            predicted = 1 - label  # wrong: the opposite of the truth (never guessed)
+        else:
+            predicted = int(verdict == "defect")
+        counts[("t" if predicted == label else "f") + ("p" if predicted else "n")] += 1
+    tp, fp, tn, fn = counts["tp"], counts["fp"], counts["tn"], counts["fn"]
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
     return ClassificationMetrics(
         n=len(labels),
         n_positive=tp + fn,
         n_unknown=n_unknown,
+        n_scored=tp + fp + tn + fn,
+        unparsed=unparsed,
         tp=tp,
         fp=fp,
         tn=tn,
         fn=fn,
-        accuracy=float(skm.accuracy_score(truth, predicted)),
-        precision=float(skm.precision_score(truth, predicted, zero_division=0)),
-        recall=float(skm.recall_score(truth, predicted, zero_division=0)),
-        f1=float(skm.f1_score(truth, predicted, zero_division=0)),
-        balanced_accuracy=float(balanced),
+        accuracy=_ratio(tp + tn, tp + fp + tn + fn),
+        precision=precision,
+        recall=recall,
+        f1=_ratio(2 * precision * recall, precision + recall),
+        balanced_accuracy=(_ratio(tn, tn + fp) + recall) / 2,
     )
 
 

@@ -201,23 +201,7 @@ def actor_scratch(base: str | Path | None = None) -> Path:
     the next actor on the same host removes those whose process is gone; folders of other hosts (a shared
     ``/tmp``, other pods) are never touched.
     """
-    base = Path(base or tempfile.gettempdir())
-    host = socket.gethostname().replace("-", "_")
-    for stale in base.glob(f"{ACTOR_SCRATCH_PREFIX}{host}-*-*"):
-        pid = stale.name[len(f"{ACTOR_SCRATCH_PREFIX}{host}-") :].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{ACTOR_SCRATCH_PREFIX}{host}-{os.getpid()}-", dir=base))
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
+    return atomic.staging_dir(Path(base or tempfile.gettempdir()), ACTOR_SCRATCH_PREFIX)
 
 
 class InspectActor:
@@ -285,6 +269,7 @@ def _done_for(done: RecordSet, key: str, settings: list[str]) -> RecordSet:
     for name in settings:
         if (key, name) in done.answers:
             subset.answers[(key, name)] = done.answers[(key, name)]
+    subset.questions.update({k: r for k, r in done.questions.items() if k[0] == key and k[1] in settings})
     return subset
 
 
@@ -319,6 +304,7 @@ class RayEvalRunner(EvalRunner):
             root=config.root.resolve(),
             out=config.out.resolve(),
             bank_dir=Path(config.bank_dir).resolve() if config.bank_dir else None,
+            bank_roots={name: Path(directory).resolve() for name, directory in config.bank_roots.items()},
         )
         settings = settings.model_copy(deep=True)
         settings.data_dir = bank_root(config)

@@ -15,10 +15,14 @@ Layouts (``<root>`` is ``--root``):
   ``ground_truth/bad/<stem>.png``) is read like ``mvtec``.
 * ``mmad``: ``mmad.json`` maps an image path (relative to ``<root>``, e.g. ``MVTec-AD/bottle/test/crack/000.png``)
   to ``{"mask_path", "similar_templates", "random_templates", "conversation": [{"Question", "Answer",
-  "Options", "type"}]}``. The class is the first two path parts (``MVTec-AD/bottle``); the label comes from
-  the ``Anomaly Detection`` question's answer (``Yes`` = anomalous). References: ``<dataset>/<class>/train/good``
-  when it exists, otherwise every normal template listed for the class. The MLLM's 1-shot+ template of an image
-  is its ``similar_templates[0]`` (the reference evaluation's choice), not the bank's retrieval.
+  "Options", "type"}]}``. The class is the first two path parts (``MVTec-AD/bottle``). Every well-formed turn is
+  kept (:class:`MmadQuestion`: question, options in the item's letter order, answer letter, type); the label is
+  the ``Anomaly Detection`` turn's correct option TEXT (``Yes``/``Yes.`` = anomalous), whatever its letter.
+  References (the bank): the ORIGINAL data set's normal training images (:data:`MMAD_ORIGINS`, given per prefix
+  as ``bank_roots``: ``<DIR>/<class>/train/good``, VisA also its split CSV), else
+  ``<root>/<prefix>/<class>/train/good``, else, only with ``bank_from_templates``, every normal template the json
+  lists for the class; otherwise a :class:`DatasetError` names the path it expected and the flag. The MLLM's
+  1-shot+ template of an image is its ``similar_templates[0]`` (the reference evaluation's choice).
 * ``folder``: ``good/`` and ``bad/`` (sub-folders of ``bad/`` name the defect types), optional ``reference/``
   with the normal images for the bank and optional ``masks/`` mirroring ``bad/``; one class, or one class per
   sub-folder of ``<root>``. Without ``reference/``, half of ``good/`` (chosen by a stable hash of the file
@@ -70,6 +74,8 @@ class EvalSample:
         template_paths: normal templates the data set pairs with this image (MMAD ``similar_templates``, in
             MMAD's order); the evaluation shows the first as the 1-shot+ template, as the reference code does.
         question: the data set's own yes/no question text (MMAD), for the record.
+        questions: every well-formed turn of the item's MMAD conversation (question, options, answer letter, type),
+            in its order; empty for other data sets.
     """
 
     class_name: str
@@ -80,17 +86,28 @@ class EvalSample:
     mask_path: Path | None = None
     template_paths: tuple[Path, ...] = ()
     question: str | None = None
+    questions: tuple[MmadQuestion, ...] = ()
+
+    @property
+    def detection(self) -> MmadQuestion | None:
+        """The MMAD item's ``Anomaly Detection`` turn (Yes/No options), ``None`` elsewhere."""
+        return detection_question(self.questions)
 
 
 @dataclass
 class EvalDataset:
-    """A data set read from disk: per class, reference images for the bank and test samples."""
+    """A data set read from disk: per class, reference images for the bank and test samples.
+
+    ``bank_sources`` (MMAD) says per class where its bank images came from: ``source`` (one of
+    :data:`BANK_SOURCES`), ``origin`` (the original data set), ``path`` and ``n_images``.
+    """
 
     kind: str
     root: Path
     train: dict[str, list[Path]]
     test: dict[str, list[EvalSample]]
     notes: list[str] = field(default_factory=list)
+    bank_sources: dict[str, dict] = field(default_factory=dict)
 
     @property
     def classes(self) -> list[str]:
@@ -270,18 +287,117 @@ def read_visa(root: Path, classes: Sequence[str] | None = None) -> EvalDataset:
 # ---------------------------------------------------------------------------------------------- MMAD
 
 
-def _mmad_label(entry: dict, rel: str) -> tuple[int, str | None]:
-    """Label from the ``Anomaly Detection`` question (answer text yes/no); fall back to ``good`` in the path."""
-    for turn in entry.get("conversation") or []:
-        if not isinstance(turn, dict) or turn.get("type") != MMAD_DETECTION_TYPE:
+@dataclass(frozen=True)
+class MmadOrigin:
+    """The original data set an MMAD data set prefix was taken from, and where its normal training images are.
+
+    Attributes:
+        name: The original data set's name.
+        layout: ``mvtec`` (``<DIR>/<class>/train/good``) or ``visa`` (VisA's ``split_csv/1cls.csv`` train rows
+            labelled normal, or the MVTec-style reorganised ``<DIR>/<class>/train/good``).
+    """
+
+    name: str
+    layout: Literal["mvtec", "visa"]
+
+    def expected(self, directory: Path, class_name: str) -> str:
+        """Where the training images of ``class_name`` are expected under ``directory`` (for messages)."""
+        plain = directory / class_name / "train" / "good"
+        if self.layout == "visa":
+            return f"{directory / VISA_CSV} (train rows of {class_name!r}) or {plain}"
+        return str(plain)
+
+
+MMAD_ORIGINS: dict[str, MmadOrigin] = {
+    "DS-MVTec": MmadOrigin("MVTec-AD", "mvtec"),
+    "MVTec-AD": MmadOrigin("MVTec-AD", "mvtec"),
+    "VisA": MmadOrigin("VisA", "visa"),
+    "MVTec-LOCO": MmadOrigin("MVTec LOCO AD", "mvtec"),
+    "GoodsAD": MmadOrigin("GoodsAD", "mvtec"),
+}
+"""MMAD's data set prefixes → the original data set whose normal TRAINING images build that prefix's banks.
+
+MMAD ships test images and templates only; the reference evaluation builds each class's bank from the original
+data set's training split (``--data_path_image``) and so does ``--bank-root PREFIX=DIR``.
+"""
+
+BANK_SOURCES = ("bank_root", "mmad_tree", "templates")
+"""Where an MMAD class's bank came from: ``--bank-root``, ``<root>/<prefix>/<class>/train/good``, or the templates
+mmad.json lists (only with ``--bank-from-templates``)."""
+
+
+@dataclass(frozen=True)
+class MmadQuestion:
+    """One conversation turn of an MMAD item, as ``mmad.json`` states it.
+
+    Attributes:
+        index: The turn's position in the item's conversation (0-based; the prompt numbers it ``index + 1``).
+        type: MMAD's question type (``Anomaly Detection``, ``Defect Classification``, ...).
+        question: The question text, verbatim.
+        options: ``(letter, text)`` pairs in the item's order, texts verbatim (``("A", "Yes.")``).
+        answer: The correct option's letter.
+    """
+
+    index: int
+    type: str
+    question: str
+    options: tuple[tuple[str, str], ...]
+    answer: str
+
+    @property
+    def answer_text(self) -> str:
+        """The correct option's text."""
+        return dict(self.options)[self.answer]
+
+
+def _yes_no(text: str) -> str | None:
+    """``yes`` / ``no`` for an option text "Yes" / "No" (any case, with or without a final period), else ``None``."""
+    normal = text.strip().rstrip(".!").strip().lower()
+    return normal if normal in ("yes", "no") else None
+
+
+def _mmad_questions(entry: dict) -> tuple[tuple[MmadQuestion, ...], int]:
+    """The well-formed turns of an entry's conversation, and how many were skipped as malformed.
+
+    A turn needs a text ``Question``, ``Options`` mapping single capital letters to texts, and an ``Answer`` that is
+    one of those letters (MMAD's own summary drops the others too).
+    """
+    found: list[MmadQuestion] = []
+    skipped = 0
+    for index, turn in enumerate(entry.get("conversation") or []):
+        options = turn.get("Options") if isinstance(turn, dict) else None
+        if not isinstance(options, dict) or not isinstance(turn.get("Question"), str):
+            skipped += 1
             continue
-        options = turn.get("Options") or {}
-        answer_text = str(options.get(str(turn.get("Answer", "")).strip(), "")).strip().lower()
-        if answer_text.startswith("yes"):
-            return 1, turn.get("Question")
-        if answer_text.startswith("no"):
-            return 0, turn.get("Question")
-    return int("good" not in PurePosixPath(rel).parts), None
+        pairs = tuple(sorted((str(k).strip(), str(v)) for k, v in options.items()))  # the item's letter order
+        answer = str(turn.get("Answer", "")).strip()
+        letters = [k for k, _ in pairs]
+        if (
+            len(pairs) < 2
+            or any(len(k) != 1 or k not in "ABCDEFGH" for k in letters)
+            or len(set(letters)) != len(letters)
+            or answer not in letters
+        ):
+            skipped += 1
+            continue
+        found.append(MmadQuestion(index, str(turn.get("type") or ""), turn["Question"], pairs, answer))
+    return tuple(found), skipped
+
+
+def detection_question(questions: Sequence[MmadQuestion]) -> MmadQuestion | None:
+    """The item's first ``Anomaly Detection`` turn whose options are a Yes/No pair, or ``None``."""
+    for question in questions:
+        if question.type == MMAD_DETECTION_TYPE and {_yes_no(t) for _, t in question.options} >= {"yes", "no"}:
+            return question
+    return None
+
+
+def _mmad_label(questions: Sequence[MmadQuestion], rel: str) -> int:
+    """Label from the detection turn's correct option TEXT (Yes = anomalous); without one, ``good`` in the path."""
+    detection = detection_question(questions)
+    if detection is not None:
+        return int(_yes_no(detection.answer_text) == "yes")
+    return int("good" not in PurePosixPath(rel).parts)
 
 
 def _mmad_mask(root: Path, rel: str, mask_rel: str | None) -> Path | None:
@@ -293,13 +409,41 @@ def _mmad_mask(root: Path, rel: str, mask_rel: str | None) -> Path | None:
     return _find_mask([(base / mask_rel).resolve() for base in bases])
 
 
-def read_mmad(root: Path, classes: Sequence[str] | None = None) -> EvalDataset:
+def _check_bank_roots(bank_roots: dict[str, Path]) -> None:
+    for prefix, directory in bank_roots.items():
+        if prefix not in MMAD_ORIGINS:
+            raise DatasetError(f"--bank-root {prefix}=…: unknown MMAD data set; use one of {', '.join(MMAD_ORIGINS)}")
+        if not Path(directory).is_dir():
+            raise DatasetError(
+                f"--bank-root {prefix}={directory}: not a directory (expected the {MMAD_ORIGINS[prefix].name} root)"
+            )
+
+
+def read_mmad(
+    root: Path,
+    classes: Sequence[str] | None = None,
+    *,
+    bank_roots: dict[str, Path] | None = None,
+    bank_from_templates: bool = False,
+) -> EvalDataset:
     """Read MMAD's ``mmad.json`` (``root`` is its folder or the file itself). See the module docstring.
 
+    Args:
+        root: the MMAD folder (or its ``mmad.json``).
+        classes: classes (``<prefix>/<class>``) or data set prefixes to keep; all if empty.
+        bank_roots: per MMAD data set prefix (:data:`MMAD_ORIGINS`), the ORIGINAL data set's root, whose normal
+            training images build that prefix's banks.
+        bank_from_templates: build a class's bank from the normal templates mmad.json lists when neither
+            ``bank_roots`` nor the MMAD tree provides its training images (not the reference's banks).
+
     Raises:
-        DatasetError: unreadable JSON, an entry of the wrong shape, listed images missing, no references.
+        DatasetError: unreadable JSON, an entry of the wrong shape, listed images missing, an unknown or missing
+            ``bank_roots`` folder, or a class whose training images are not found (the message names the path it
+            expected and the flag that provides it).
     """
     root = Path(root)
+    bank_roots = {k: Path(v) for k, v in (bank_roots or {}).items()}
+    _check_bank_roots(bank_roots)
     json_path = root if root.is_file() else root / MMAD_JSON
     root = json_path.parent
     if not json_path.is_file():
@@ -319,45 +463,115 @@ def read_mmad(root: Path, classes: Sequence[str] | None = None) -> EvalDataset:
     chosen = _select_classes(list(by_class), classes, root)
     dataset = EvalDataset(kind="mmad", root=root, train={}, test={})
     missing: list[str] = []
+    skipped = 0
     for name in chosen:
         samples: list[EvalSample] = []
-        templates: set[str] = set()
         for rel, entry in sorted(by_class[name]):
             image = root / rel
             if not image.is_file():
                 missing.append(rel)
                 continue
-            label, question = _mmad_label(entry, rel)
+            questions, bad = _mmad_questions(entry)
+            skipped += bad
+            label = _mmad_label(questions, rel)
+            detection = detection_question(questions)
             similar = [t for t in entry.get("similar_templates") or [] if isinstance(t, str)]
-            templates.update(similar)
-            templates.update(t for t in entry.get("random_templates") or [] if isinstance(t, str))
             defect = PurePosixPath(rel).parts[-2] if label else "good"
             mask = _mmad_mask(root, rel, entry.get("mask_path")) if label else None
             samples.append(
-                EvalSample(name, image, rel, label, defect, mask, tuple(root / t for t in similar), question)
+                EvalSample(
+                    name,
+                    image,
+                    rel,
+                    label,
+                    defect,
+                    mask,
+                    tuple(root / t for t in similar),
+                    detection.question if detection else None,
+                    questions,
+                )
             )
         dataset.test[name] = samples
-        dataset.train[name] = _mmad_references(root, name, templates, {s.rel_path for s in samples}, dataset.notes)
     if missing:
         raise DatasetError(
             f"{json_path} lists {len(missing)} images missing under {root} (first: {missing[0]}); "
             "download that data set or restrict --classes (e.g. --classes MVTec-AD)"
         )
+    for name in chosen:
+        templates = {
+            t
+            for _, entry in by_class[name]
+            for key in ("similar_templates", "random_templates")
+            for t in entry.get(key) or []
+            if isinstance(t, str)
+        }
+        tested = {s.rel_path for s in dataset.test[name]}
+        references, source = _mmad_references(root, name, templates, tested, bank_roots, bank_from_templates)
+        dataset.train[name] = references
+        dataset.bank_sources[name] = source
+        if source["source"] == "templates":
+            dataset.notes.append(
+                f"{name}: bank built from the {len(references)} normal templates mmad.json lists "
+                "(--bank-from-templates), not from the original training images"
+            )
+    if skipped:
+        dataset.notes.append(
+            f"{skipped} malformed conversation turns skipped (no options, or an answer not among them)"
+        )
     return dataset
 
 
+def _original_training_images(origin: MmadOrigin, directory: Path, class_name: str) -> list[Path]:
+    if origin.layout == "visa" and (directory / VISA_CSV).is_file():
+        try:
+            return read_visa(directory, [class_name]).train[class_name]
+        except DatasetError as err:
+            raise DatasetError(f"--bank-root VisA={directory}: {err}") from None
+    return _images_in(directory / class_name / "train" / "good")
+
+
 def _mmad_references(
-    root: Path, class_name: str, templates: set[str], tested: set[str], notes: list[str]
-) -> list[Path]:
-    train_dir = root / class_name / "train" / "good"
-    references = _images_in(train_dir)
+    root: Path,
+    class_name: str,
+    templates: set[str],
+    tested: set[str],
+    bank_roots: dict[str, Path],
+    from_templates: bool,
+) -> tuple[list[Path], dict]:
+    """A class's bank images and where they came from: ``--bank-root``, the MMAD tree, or (flagged) the templates."""
+    prefix, object_name = class_name.split("/", 1)
+    origin = MMAD_ORIGINS.get(prefix)
+    if prefix in bank_roots and origin is not None:
+        directory = bank_roots[prefix]
+        references = _original_training_images(origin, directory, object_name)
+        if not references:
+            raise DatasetError(
+                f"MMAD class {class_name!r}: no normal training images at {origin.expected(directory, object_name)} "
+                f"(--bank-root {prefix}={directory} must be the {origin.name} root)"
+            )
+        where = origin.expected(directory, object_name)
+        return references, {"source": "bank_root", "origin": origin.name, "path": where, "n_images": len(references)}
+    in_tree = root / class_name / "train" / "good"
+    references = _images_in(in_tree)
     if references:
-        return references
-    references = sorted(root / t for t in templates if t not in tested and (root / t).is_file())
-    if not references:
-        raise DatasetError(f"MMAD class {class_name!r}: no {train_dir} and no existing template images to build a bank")
-    notes.append(f"{class_name}: bank built from the {len(references)} normal templates mmad.json lists")
-    return references
+        return references, {"source": "mmad_tree", "origin": None, "path": str(in_tree), "n_images": len(references)}
+    if from_templates:
+        references = sorted(root / t for t in templates if t not in tested and (root / t).is_file())
+        if not references:
+            raise DatasetError(f"MMAD class {class_name!r}: mmad.json lists no existing template images for a bank")
+        where = f"{root / MMAD_JSON} (similar_templates + random_templates)"
+        return references, {"source": "templates", "origin": None, "path": where, "n_images": len(references)}
+    if origin is None:
+        hint = f"MMAD data set {prefix!r} has no known original data set (known: {', '.join(MMAD_ORIGINS)})"
+    else:
+        hint = (
+            f"give --bank-root {prefix}=<the {origin.name} root> "
+            f"(expects {origin.expected(Path('<root>'), object_name)})"
+        )
+    raise DatasetError(
+        f"MMAD class {class_name!r}: no training images for its bank at {in_tree} (MMAD ships none); {hint}, "
+        "or --bank-from-templates to build it from the templates mmad.json lists (not the reference's banks)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- folder
@@ -416,18 +630,31 @@ def read_folder(root: Path, classes: Sequence[str] | None = None) -> EvalDataset
 _READERS = {"mvtec": read_mvtec, "visa": read_visa, "mmad": read_mmad, "folder": read_folder}
 
 
-def read_dataset(kind: str, root: Path, classes: Sequence[str] | None = None) -> EvalDataset:
+def read_dataset(
+    kind: str,
+    root: Path,
+    classes: Sequence[str] | None = None,
+    *,
+    bank_roots: dict[str, Path] | None = None,
+    bank_from_templates: bool = False,
+) -> EvalDataset:
     """Read a data set of layout ``kind`` (one of :data:`DATASET_KINDS`).
 
     Args:
         kind: ``mvtec``, ``visa``, ``mmad`` or ``folder``.
         root: the data set folder.
         classes: class names to keep (MMAD also accepts a data set prefix such as ``MVTec-AD``); all if empty.
+        bank_roots: MMAD only: per data set prefix, the original data set's root (see :func:`read_mmad`).
+        bank_from_templates: MMAD only: allow banks from the templates mmad.json lists.
 
     Raises:
-        DatasetError: unknown ``kind`` or a layout problem (see the readers).
+        DatasetError: unknown ``kind``, MMAD-only options for another kind, or a layout problem (see the readers).
     """
     reader = _READERS.get(kind)
     if reader is None:
         raise DatasetError(f"unknown data set kind {kind!r}; expected one of {', '.join(DATASET_KINDS)}")
+    if kind == "mmad":
+        return read_mmad(Path(root), classes, bank_roots=bank_roots, bank_from_templates=bank_from_templates)
+    if bank_roots or bank_from_templates:
+        raise DatasetError("--bank-root and --bank-from-templates apply to --dataset mmad only")
     return reader(Path(root), classes)

@@ -4,7 +4,11 @@ One file, ``records.jsonl``, three kinds of line:
 
 * ``expert``: one per test image — ground truth, the expert's score, τ, s_max, decision, the file holding its
   anomaly map for pixel metrics, timings.
-* ``answer``: one per (image, prompt setting) — the MLLM's verdict for that setting, timings.
+* ``answer``: one per (image, prompt setting) — the MLLM's verdict for that setting, timings; on MMAD also the
+  item's detection question (its options in the item's letter order, the correct letter; ``mllm_letter`` is the
+  parsed one).
+* ``question``: MMAD with ``--mmad-questions all`` only: one per (image, setting, other conversation turn) — the
+  question, its options, the correct and the parsed letter (MMAD's per-type table is computed from these).
 * ``error``: an image that could not be evaluated (unreadable file …), with the one-line reason.
 
 Every line is flushed and fsync'ed before the next image starts. A run killed mid-write leaves at most one
@@ -88,6 +92,31 @@ class AnswerRecord(_Record):
         None, description="The template used: its path relative to the data set root (MMAD) or the reference's name."
     )
     template_reason: str | None = Field(None, description="Why this template was used (one line).")
+    question_type: str | None = Field(None, description="MMAD: the turn's type (Anomaly Detection).")
+    question_index: int | None = Field(None, description="MMAD: the turn's position in the item's conversation.")
+    question: str | None = Field(None, description="MMAD: the question text asked, verbatim.")
+    options: list[tuple[str, str]] | None = Field(
+        None, description="MMAD: the options shown, (letter, text) in the item's letter order."
+    )
+    correct_letter: str | None = Field(
+        None, description="MMAD: the item's Answer letter (mllm_letter: the parsed one)."
+    )
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+
+class QuestionRecord(_Record):
+    """The answer to one non-detection turn of an MMAD item under one setting (``--mmad-questions all``)."""
+
+    kind: Literal["question"] = "question"
+    setting: str
+    question_index: int = Field(ge=0, description="The turn's position in the item's conversation.")
+    question_type: str
+    question: str
+    options: list[tuple[str, str]]
+    correct_letter: str
+    mllm_letter: str | None = Field(None, description="The parsed letter (None: the reply named no option).")
+    mllm_raw: str | None = None
+    model_id: str | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
 
 
@@ -99,11 +128,12 @@ class ErrorRecord(_Record):
     message: str
 
 
-Record = Annotated[ExpertRecord | AnswerRecord | ErrorRecord, Field(discriminator="kind")]
+AnyRecord = ExpertRecord | AnswerRecord | QuestionRecord | ErrorRecord
+Record = Annotated[AnyRecord, Field(discriminator="kind")]
 _RECORD_ADAPTER: TypeAdapter[Record] = TypeAdapter(Record)
 
 
-def parse_record(line: str) -> ExpertRecord | AnswerRecord | ErrorRecord:
+def parse_record(line: str) -> AnyRecord:
     """Parse one JSON line into its record type.
 
     Raises:
@@ -112,7 +142,7 @@ def parse_record(line: str) -> ExpertRecord | AnswerRecord | ErrorRecord:
     return _RECORD_ADAPTER.validate_json(line)
 
 
-def read_records(path: Path) -> list[ExpertRecord | AnswerRecord | ErrorRecord]:
+def read_records(path: Path) -> list[AnyRecord]:
     """Read a records file; a missing file is an empty run.
 
     A malformed LAST line (a write cut short by an interruption) is ignored; any other malformed line raises.
@@ -168,7 +198,7 @@ class RecordWriter:
         self._handle = self.path.open("a", encoding="utf-8")
         return self
 
-    def append(self, record: ExpertRecord | AnswerRecord | ErrorRecord) -> None:
+    def append(self, record: AnyRecord) -> None:
         """Write one record as one line and make it durable."""
         if self._handle is None:
             raise RuntimeError("RecordWriter used outside its `with` block")
@@ -188,9 +218,10 @@ class RecordSet:
 
     experts: dict[str, ExpertRecord] = field(default_factory=dict)
     answers: dict[tuple[str, str], AnswerRecord] = field(default_factory=dict)
+    questions: dict[tuple[str, str, int], QuestionRecord] = field(default_factory=dict)
     errors: dict[str, ErrorRecord] = field(default_factory=dict)
 
-    def add(self, records: Iterable[ExpertRecord | AnswerRecord | ErrorRecord]) -> RecordSet:
+    def add(self, records: Iterable[AnyRecord]) -> RecordSet:
         """Fold records in order; a later success clears an earlier error for the same image."""
         for record in records:
             if isinstance(record, ExpertRecord):
@@ -198,13 +229,20 @@ class RecordSet:
                 self.errors.pop(record.key, None)
             elif isinstance(record, AnswerRecord):
                 self.answers[(record.key, record.setting)] = record
+            elif isinstance(record, QuestionRecord):
+                self.questions[(record.key, record.setting, record.question_index)] = record
             else:
                 self.errors[record.key] = record
         return self
 
-    def is_done(self, key: str, settings: Iterable[str]) -> bool:
-        """Whether the image has its expert record and an answer for every setting in ``settings``."""
-        return key in self.experts and all((key, s) in self.answers for s in settings)
+    def is_done(self, key: str, settings: Iterable[str], questions: Iterable[int] = ()) -> bool:
+        """Whether the image has its expert record and, per setting, its answer and every turn in ``questions``."""
+        settings, questions = list(settings), list(questions)
+        return (
+            key in self.experts
+            and all((key, s) in self.answers for s in settings)
+            and all((key, s, i) in self.questions for s in settings for i in questions)
+        )
 
 
 def dump_json(path: Path, data: dict) -> None:

@@ -2,14 +2,17 @@
 
 Outputs written by :func:`write_report` into the report folder:
 
-* ``report.json`` — everything: per data set, per class and aggregated metrics (``metrics``) plus run facts
-  (``meta``: completeness, notes, errors, mean timings).
+* ``report.json`` — everything: per data set, per class and aggregated metrics (``metrics``: ``classes``,
+  ``mean`` over classes — the paper's definitions —, ``pooled``, and ``rules`` with all of them under both rules
+  for unparseable answers) plus run facts (``meta``: the rule the tables use, completeness, notes, errors,
+  mean timings).
 * ``per_class.csv`` — one row per (data set, class, setting); setting ``expert`` is the expert alone
   (anomalous iff s ≥ τ) and carries image AUROC, pixel AUROC and AUPRO.
-* ``summary.csv`` — per (data set, setting): ``pooled`` (all test images together) and ``mean`` (of classes).
+* ``summary.csv`` — per (data set, setting, rule for unparseable answers): ``pooled`` (all test images
+  together) and ``mean`` (of classes; the paper's Acc is its ``balanced_accuracy``).
 * ``report.md`` — tables laid out like the paper's Table 1 (Accuracy, Precision, Recall, F1 per data set),
-  Table 3 (prompt settings) and Table 4 (CAAS), with the published Qwen2.5-VL-7B numbers alongside, then
-  per-class tables.
+  Table 3 (prompt settings) and Table 4 (CAAS) in the paper's definitions, with the published Qwen2.5-VL-7B
+  numbers alongside; the pooled metrics in a separately labelled table; then per-class tables.
 * ``plots/`` — per class a histogram of the expert's scores (normal vs anomalous) with τ and s_max; per data
   set and setting a confusion matrix (rows: truth; columns: no defect, defect, unknown).
 

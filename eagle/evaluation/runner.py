@@ -6,8 +6,9 @@ result (``pipeline.finish`` with ``InspectOptions(prompt_setting=…, caas=…)`
 (with the ground-truth mask, both at the pixel-metric resolution) go to ``<out>/maps/`` as ``.npz`` files of
 plain arrays, read back without pickle. At the end the report is written (see :mod:`eagle.evaluation.report`).
 
-Settings are named ``baseline``, ``visual``, ``textual``, ``full`` (paper Table 3) and any of them with
-``+caas`` (CAAS policy ``auto``: active iff τ ≤ s ≤ s_max; paper Table 4). Plain names run with CAAS ``off``.
+Settings are named ``baseline``, ``visual_all``, ``visual``, ``textual``, ``full`` (paper Table 3; ``visual_all`` is
+its visual-only row, boxes on every image; ``visual`` ours, boxes only when the expert says anomalous) and any of
+them with ``+caas`` (CAAS policy ``auto``: active iff τ ≤ s ≤ s_max; paper Table 4). Plain names run with CAAS ``off``.
 With the MLLM disabled only the expert's metrics are computed, and the report says so.
 
 Example:
@@ -32,12 +33,15 @@ from PIL import Image
 
 from eagle.evaluation.aggregate import build_report
 from eagle.evaluation.bankcache import BankCache, bank_settings
-from eagle.evaluation.readers import EvalDataset, EvalSample, read_dataset
+from eagle.evaluation.metrics import PAPER_UNPARSED_RULE, UNPARSED_RULES
+from eagle.evaluation.profile import EvalProfile, resolve_profile
+from eagle.evaluation.readers import EvalDataset, EvalSample, MmadQuestion, read_dataset
 from eagle.evaluation.records import (
     RECORDS_FILE,
     AnswerRecord,
     ErrorRecord,
     ExpertRecord,
+    QuestionRecord,
     RecordSet,
     RecordWriter,
     dump_json,
@@ -49,14 +53,17 @@ from eagle.progress_bars import count_bar
 from eagle.records import InspectOptions
 from eagle.settings import Settings
 from expert import atomic
+from mllm.choices import MultipleChoice
 from mllm.config import PROMPT_SETTINGS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SETTINGS = "baseline,visual,textual,full,full+caas"
+DEFAULT_SETTINGS = "baseline,visual_all,visual,textual,full,full+caas"
 RUN_FILE = "run.json"
 RUN_FORMAT_VERSION = 1
 DEFAULT_PIXEL_SIZE = 256
+MMAD_QUESTION_MODES = ("detection", "all")
+"""``--mmad-questions``: the item's ``Anomaly Detection`` turn only (the paper's), or every turn of its conversation."""
 
 
 class EvalConfigError(ValueError):
@@ -155,6 +162,16 @@ class EvalConfig:
         bank_dir: where the bank cache lives (default ``<out>/cache``); shards on one machine may share it.
         progress: show progress bars.
         plots: draw the PNG plots with the report.
+        unparsed: the rule for unparseable answers in the report's paper tables, ``drop`` (the paper's) or
+            ``wrong`` (ours); the report's JSON carries both (see :mod:`eagle.evaluation.aggregate`).
+        profile: the paper's reading or the reference code's choices (:mod:`eagle.evaluation.profile`); the caller
+            applies it to the settings (``profile.apply``), the run records it in ``run.json``.
+        mmad_questions: MMAD only: ``detection`` (the item's ``Anomaly Detection`` turn, the paper's) or ``all``
+            (every turn of the item's conversation, each asked alone with the same prompt setting).
+        bank_roots: MMAD only: per MMAD data set prefix, the ORIGINAL data set's root whose normal training
+            images build the banks (:data:`eagle.evaluation.readers.MMAD_ORIGINS`).
+        bank_from_templates: MMAD only: build a class's bank from the templates mmad.json lists when no training
+            images are found (not the reference's banks; the report's heading says so).
     """
 
     dataset: str
@@ -169,15 +186,33 @@ class EvalConfig:
     bank_dir: Path | None = None
     progress: bool = True
     plots: bool = True
+    unparsed: str = PAPER_UNPARSED_RULE
+    profile: EvalProfile = field(default_factory=resolve_profile)
+    mmad_questions: str = "detection"
+    bank_roots: dict[str, Path] = field(default_factory=dict)
+    bank_from_templates: bool = False
 
     def __post_init__(self) -> None:
         self.root, self.out = Path(self.root), Path(self.out)
+        self.bank_roots = {name: Path(directory) for name, directory in (self.bank_roots or {}).items()}
+        if self.mmad_questions not in MMAD_QUESTION_MODES:
+            raise EvalConfigError(
+                f"--mmad-questions must be one of {', '.join(MMAD_QUESTION_MODES)}, got {self.mmad_questions!r}"
+            )
+        if self.dataset != "mmad" and (
+            self.mmad_questions != "detection" or self.bank_roots or self.bank_from_templates
+        ):
+            raise EvalConfigError(
+                "--mmad-questions, --bank-root and --bank-from-templates apply to --dataset mmad only"
+            )
         if self.limit is not None and self.limit < 1:
             raise EvalConfigError(f"--limit must be at least 1, got {self.limit}")
         if self.pixel_size is not None and self.pixel_size < 8:
             raise EvalConfigError(
                 f"--pixel-size must be at least 8 (or 0 for the mask resolution), got {self.pixel_size}"
             )
+        if self.unparsed not in UNPARSED_RULES:
+            raise EvalConfigError(f"--unparsed must be one of {', '.join(UNPARSED_RULES)}, got {self.unparsed!r}")
 
 
 def bank_root(config: EvalConfig) -> Path:
@@ -274,7 +309,13 @@ class EvalRunner:
         self.pipeline = pipeline
         self.settings = settings
         self.config = config
-        self.dataset = dataset or read_dataset(config.dataset, config.root, config.classes)
+        self.dataset = dataset or read_dataset(
+            config.dataset,
+            config.root,
+            config.classes,
+            bank_roots=config.bank_roots or None,
+            bank_from_templates=config.bank_from_templates,
+        )
         self.mllm_enabled = bool(pipeline.mllm_enabled)
         self.specs = config.settings if self.mllm_enabled else []
         self.records_path = config.out / RECORDS_FILE
@@ -292,6 +333,7 @@ class EvalRunner:
             "pixel_size": self.config.pixel_size if self.config.pixel_metrics else "off",
             "expert": _fingerprint(expert_all),
             "mllm": _fingerprint(mllm) if self.mllm_enabled else None,
+            "profile": self.config.profile.label,
         }
 
     def _write_run_file(self, planned: dict[str, int]) -> None:
@@ -303,6 +345,8 @@ class EvalRunner:
                 before = old.get("identity", {}).get(key)
                 if key == "mllm" and (before is None or value is None):
                     continue  # expert-only runs and MLLM runs share expert records
+                if key == "profile" and before is None:
+                    before = "paper"  # run folders written before profiles existed ran the paper's reading
                 if before != value:
                     raise EvalConfigError(
                         f"{self.config.out} holds a run with a different {key} ({before!r}, now {value!r}): "
@@ -312,6 +356,7 @@ class EvalRunner:
             settings_run = list(dict.fromkeys(old.get("settings", []) + [s.name for s in self.specs]))
         else:
             settings_run = [s.name for s in self.specs]
+        bank_sources = self._merged_bank_sources((old or {}).get("bank_sources") or {})
         if old is not None and old.get("identity", {}).get("mllm") and identity["mllm"] is None:
             identity["mllm"] = old["identity"]["mllm"]
         dump_json(
@@ -327,8 +372,32 @@ class EvalRunner:
                 else (old or {}).get("model"),
                 "planned": dict(sorted(planned.items())),
                 "notes": self.dataset.notes,
+                "profile": self.config.profile.record(),
+                "mmad_questions": self._mmad_questions_run(old),
+                "bank_sources": bank_sources,
+                "bank_from_templates": any(s.get("source") == "templates" for s in bank_sources.values()),
             },
         )
+
+    def _merged_bank_sources(self, old: dict[str, dict]) -> dict[str, dict]:
+        """The per-class bank sources of this run folder: the earlier runs' and this one's, which must agree."""
+        merged = dict(old)
+        for name, source in self.dataset.bank_sources.items():
+            before = old.get(name)
+            if before is not None and (before.get("source"), before.get("path")) != (source["source"], source["path"]):
+                raise EvalConfigError(
+                    f"{self.config.out} holds {name} answers scored with a bank from {before.get('path')} "
+                    f"({before.get('source')}), now {source['path']} ({source['source']}): use another --out"
+                )
+            merged[name] = source
+        return dict(sorted(merged.items()))
+
+    def _mmad_questions_run(self, old: dict | None) -> str | None:
+        """``run.json``'s ``mmad_questions``: ``all`` once any run into the folder asked every turn."""
+        if self.dataset.kind != "mmad":
+            return None
+        before = (old or {}).get("mmad_questions")
+        return "all" if "all" in (before, self.config.mmad_questions) else "detection"
 
     # ------------------------------------------------------------------ one image
     def _expert_record(self, sample: EvalSample, expert, bank: str, image: np.ndarray, timings: dict) -> ExpertRecord:
@@ -389,31 +458,139 @@ class EvalRunner:
                 writer.append(self._error(sample, "mask", err))
                 return
             writer.append(record)
-        pending = [spec for spec in self.specs if (sample.rel_path, spec.name) not in done.answers]
+        detection = self._detection_turn(sample)
+        extra = self.extra_questions(sample)
+        pending = [
+            spec for spec in self.specs if not done.is_done(sample.rel_path, [spec.name], [q.index for q in extra])
+        ]
         choice = self._template_for(sample) if pending else None
         for spec in pending:
-            t2 = time.perf_counter()
-            result = self.pipeline.finish(
-                image, expert, bank, spec.options, image_name=sample.rel_path, **choice.finish_kwargs()
+            if (sample.rel_path, spec.name) not in done.answers:
+                self._ask_detection(sample, image, expert, bank, spec, choice, detection, writer)
+            self._ask_extra(sample, image, expert, bank, spec, choice, extra, done, writer)
+
+    def _ask_detection(
+        self,
+        sample: EvalSample,
+        image: np.ndarray,
+        expert,
+        bank: str,
+        spec: SettingSpec,
+        choice: TemplateChoice,
+        detection: MmadQuestion | None,
+        writer: RecordWriter,
+    ) -> None:
+        """Ask the detection question under ``spec`` (MMAD: the item's own turn) and record the answer."""
+        asked = self._choice(detection)
+        t2 = time.perf_counter()
+        result = self.pipeline.finish(
+            image,
+            expert,
+            bank,
+            spec.options,
+            image_name=sample.rel_path,
+            **choice.finish_kwargs(),
+            **({"question": asked} if asked is not None else {}),
+        )
+        answer_timings = {k: float(v) for k, v in result.timings_ms.items() if k.startswith("mllm_")}
+        answer_timings["finish"] = (time.perf_counter() - t2) * 1000
+        mmad_fields = (
+            {
+                "question_type": detection.type,
+                "question_index": detection.index,
+                "question": detection.question,
+                "options": list(detection.options),
+                "correct_letter": detection.answer,
+            }
+            if detection is not None
+            else {}
+        )
+        writer.append(
+            AnswerRecord(
+                key=sample.rel_path,
+                class_name=sample.class_name,
+                setting=spec.name,
+                label=sample.label,
+                verdict=result.verdict,
+                mllm_answer=result.mllm_answer,
+                mllm_letter=result.mllm_letter,
+                mllm_raw=result.mllm_raw,
+                caas_applied=result.caas_applied,
+                model_id=result.model_id,
+                template_source=choice.source,
+                template_path=choice.path or getattr(result, "template", None),
+                template_reason=choice.reason,
+                timings_ms=answer_timings,
+                **mmad_fields,
             )
-            answer_timings = {k: float(v) for k, v in result.timings_ms.items() if k.startswith("mllm_")}
-            answer_timings["finish"] = (time.perf_counter() - t2) * 1000
+        )
+
+    # ------------------------------------------------------------------ MMAD items
+    def _detection_turn(self, sample: EvalSample) -> MmadQuestion | None:
+        """The MMAD item's ``Anomaly Detection`` turn (asked in place of the fixed yes/no question), else ``None``."""
+        return sample.detection if self.dataset.kind == "mmad" else None
+
+    def extra_questions(self, sample: EvalSample) -> list[MmadQuestion]:
+        """With ``--mmad-questions all``: the item's other well-formed turns, in conversation order; else none."""
+        if self.dataset.kind != "mmad" or self.config.mmad_questions != "all" or not self.specs:
+            return []
+        detection = sample.detection
+        return [q for q in sample.questions if detection is None or q.index != detection.index]
+
+    def _choice(self, question: MmadQuestion | None) -> MultipleChoice | None:
+        """The turn as the prompt shows it: verbatim, in the item's letter order, numbered as the reference does.
+
+        The reference asks each turn alone and numbers it by its place in the conversation it keeps: ``Question 1``
+        when only the detection turn is kept (``--task_type "Anomaly Detection"``), ``Question <index + 1>`` when
+        every turn is (``--task_type all``).
+        """
+        if question is None:
+            return None
+        number = question.index + 1 if self.config.mmad_questions == "all" else 1
+        return MultipleChoice(question.question, question.options, number=number)
+
+    def _ask_extra(
+        self,
+        sample: EvalSample,
+        image: np.ndarray,
+        expert,
+        bank: str,
+        spec: SettingSpec,
+        choice: TemplateChoice,
+        extra: Sequence[MmadQuestion],
+        done: RecordSet,
+        writer: RecordWriter,
+    ) -> None:
+        """Ask the item's other turns (``--mmad-questions all``) under ``spec``, each alone, and record the letters."""
+        for question in extra:
+            if (sample.rel_path, spec.name, question.index) in done.questions:
+                continue
+            t0 = time.perf_counter()
+            result = self.pipeline.finish(
+                image,
+                expert,
+                bank,
+                spec.options,
+                image_name=sample.rel_path,
+                question=self._choice(question),
+                **choice.finish_kwargs(),
+            )
+            timings = {k: float(v) for k, v in result.timings_ms.items() if k.startswith("mllm_")}
+            timings["finish"] = (time.perf_counter() - t0) * 1000
             writer.append(
-                AnswerRecord(
+                QuestionRecord(
                     key=sample.rel_path,
                     class_name=sample.class_name,
                     setting=spec.name,
-                    label=sample.label,
-                    verdict=result.verdict,
-                    mllm_answer=result.mllm_answer,
+                    question_index=question.index,
+                    question_type=question.type,
+                    question=question.question,
+                    options=list(question.options),
+                    correct_letter=question.answer,
                     mllm_letter=result.mllm_letter,
                     mllm_raw=result.mllm_raw,
-                    caas_applied=result.caas_applied,
                     model_id=result.model_id,
-                    template_source=choice.source,
-                    template_path=choice.path or getattr(result, "template", None),
-                    template_reason=choice.reason,
-                    timings_ms=answer_timings,
+                    timings_ms=timings,
                 )
             )
 
@@ -461,7 +638,14 @@ class EvalRunner:
             self._write_run_file({name: len(samples) for name, samples in plan.items()})
             done = RecordSet().add(read_records(self.records_path))
             names = [s.name for s in self.specs]
-            todo = {c: [s for s in samples if not done.is_done(s.rel_path, names)] for c, samples in plan.items()}
+            todo = {
+                c: [
+                    s
+                    for s in samples
+                    if not done.is_done(s.rel_path, names, [q.index for q in self.extra_questions(s)])
+                ]
+                for c, samples in plan.items()
+            }
             total = sum(len(s) for s in plan.values())
             remaining = sum(len(s) for s in todo.values())
             if not self.mllm_enabled:
@@ -470,7 +654,7 @@ class EvalRunner:
             self._execute(todo, done, total=total)
         if not report:
             return None
-        result = build_report([config.out])
+        result = build_report([config.out], unparsed=config.unparsed)
         write_report(result, config.out, plots=config.plots)
         return result
 
