@@ -8,6 +8,7 @@ stack trace): the same :class:`eagle.errors.EagleError` messages the API and the
 from __future__ import annotations
 
 import functools
+import html
 import inspect as pyinspect
 import logging
 import tempfile
@@ -22,6 +23,7 @@ import gradio as gr
 import numpy as np
 
 from app.downloads import download_path
+from app.explain import timings_markdown, verdict_reason
 from app.plots import dbt_histogram, score_gauge
 from app.uploads import collect_reference_files
 from eagle.annotate import annotated_image
@@ -339,13 +341,15 @@ def verdict_html(result: InspectionResult, run_id: str | None = None) -> str:
     source = "MLLM" if result.mode == "expert+mllm" else "expert only"
     unsure = " · expert unsure (τ ≤ score ≤ s_max)" if result.low_confidence else ""
     caas = f" · CAAS α={result.caas_alpha:g}" if result.caas_applied else ""
+    why = html.escape(verdict_reason(result))
     return (
         f'<div id="eagle-verdict" data-verdict="{result.verdict}" data-sha="{result.image_sha256[:16]}" '
         f'data-run-id="{run_id or ""}" '
         f'style="padding:14px;border-radius:8px;background:{colour};color:white">'
         f'<div style="font-size:2em;font-weight:700">{text}</div>'
         f"<div>decided by {source}; expert score {result.score:.4g} vs τ {result.tau:.4g} "
-        f"(s_max {result.s_max:.4g}){unsure}{caas}</div></div>"
+        f"(s_max {result.s_max:.4g}){unsure}{caas}</div>"
+        f'<div id="eagle-verdict-why" style="margin-top:6px">{why}</div></div>'
     )
 
 
@@ -355,8 +359,8 @@ def mllm_status_markdown(pipeline: Pipeline) -> str:
 
     gpu = torch.cuda.is_available()
     line = pipeline.mllm_status()
-    if not gpu:
-        line += " — no GPU found: the MLLM (if enabled) runs slowly on the CPU; expert-only mode is recommended."
+    if not gpu and pipeline.mllm_enabled:  # expert-only: the expert runs on the CPU, no GPU is wanted
+        line += " — no GPU found: the MLLM runs slowly on the CPU; expert-only mode is recommended."
     return f"**Model:** {line}"
 
 
@@ -432,6 +436,6 @@ def _render(result: InspectionResult, pipeline: Pipeline, run_id: str | None = N
         answer,
         result.explanation or "",
         images.attention_overlay if images else None,
-        {k: round(v, 1) for k, v in result.timings_ms.items()},
+        timings_markdown(result.timings_ms),
         f"{len(result.boxes)} box(es); template: {result.template}{note}",
     )

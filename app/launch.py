@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 
+from eagle.doctor import Report, run_checks
 from eagle.pipeline import Pipeline
 from eagle.settings import Settings
 
@@ -33,12 +34,21 @@ def wrap_for_zerogpu(pipeline: Pipeline) -> Pipeline:
     return pipeline
 
 
-def start_onnx_warm_up(pipeline: Pipeline) -> threading.Thread:
+def start_onnx_warm_up(pipeline: Pipeline, report: Report | None = None) -> threading.Thread | None:
     """Export the expert's ONNX backbone into the cache in a daemon thread (start-up is not slowed).
 
-    A bank build started meanwhile waits for it instead of exporting too; a failure (e.g. weights not
-    available offline) is logged, and the build then reports it to the user.
+    A bank build started meanwhile waits for it instead of exporting too; a failure is logged, and the build then
+    reports it to the user. When the start-up check (``report``, :func:`eagle.doctor.run_checks`) found the backbone
+    weights neither cached nor downloadable (offline mode, or the hub did not answer its short probe), nothing is
+    started: the log says so at once instead of waiting on the network.
+
+    Returns:
+        The thread, or ``None`` when the warm-up was skipped.
     """
+    if report is not None and report.get("expert_weights").status == "missing":
+        check = report.get("expert_weights")
+        log.warning("ONNX warm-up skipped at start-up: %s; fix: %s", check.detail, check.fix)
+        return None
 
     def warm() -> None:
         try:
@@ -60,14 +70,20 @@ def create_demo(settings: Settings):
     pipeline = Pipeline(settings)
     if on_spaces():
         wrap_for_zerogpu(pipeline)
-    demo = build_ui(pipeline)
+    report = run_checks(settings)  # what works here: the header shows it before anyone uploads anything
+    log.info("start-up check: %s", report.summary())
+    demo = build_ui(pipeline, report)
     if settings.app.warm_onnx_cache:
-        start_onnx_warm_up(pipeline)  # after the UI is built: its imports do not compete with the export
+        start_onnx_warm_up(pipeline, report)  # after the UI is built: its imports do not compete with the export
     return demo
 
 
 def launch(settings: Settings, *, host: str | None = None, port: int | None = None, share: bool | None = None):
     """Build and serve the app (blocks until stopped)."""
+    import gradio as gr
+
+    from app.ui import CSS, I18N_FIXES
+
     demo = create_demo(settings)
     demo.queue(default_concurrency_limit=1)  # one model, one device: requests are served in order
     server_name = None if on_spaces() else (host or settings.app.host)
@@ -77,4 +93,6 @@ def launch(settings: Settings, *, host: str | None = None, port: int | None = No
         share=settings.app.share if share is None else share,
         max_file_size=f"{settings.app.max_upload_mb}mb",
         show_error=True,
+        css=CSS,
+        i18n=gr.I18n(**I18N_FIXES),
     )

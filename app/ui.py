@@ -15,7 +15,9 @@ import functools
 
 import gradio as gr
 
-from app import handlers
+from app import explain, handlers
+from app.capabilities import AppGates, app_gates, details_markdown, markdown_text, status_markdown
+from eagle.doctor import Report, run_checks
 from eagle.pipeline import Pipeline
 from eagle.settings import PROMPT_SETTINGS as SETTING_NAMES
 
@@ -23,6 +25,7 @@ TITLE = "EAGLE — tuning-free industrial visual inspection"
 _SETTING_LABELS = {
     "full": "full: boxes + textual prior",
     "visual": "visual: boxes only",
+    "visual_all": "visual_all: boxes on every image, no prior",
     "textual": "textual: prior only",
     "baseline": "baseline: no expert hints",
 }
@@ -30,8 +33,21 @@ _SETTING_LABELS = {
 PROMPT_SETTINGS = [(_SETTING_LABELS[setting], setting) for setting in reversed(SETTING_NAMES)]
 CAAS_CHOICES = [("auto (when the expert is unsure)", "auto"), ("off", "off"), ("forced on", "on")]
 
+CSS = """
+#capability-details code, #build-unavailable code { white-space: pre-wrap; word-break: break-all; }
+#eagle-verdict { overflow-wrap: anywhere; }
+"""
+"""Style for the app (``launch(css=...)``): long fix commands wrap on a phone instead of running off the screen."""
 
-def _references_tab(pipeline: Pipeline, bank_choices: list[gr.Dropdown]) -> None:
+I18N_FIXES = {"en": {"common.complete": "Complete"}}
+"""Translations Gradio's own locale lacks: its status tracker announces ``common.complete`` after every event."""
+
+
+def _references_tab(pipeline: Pipeline, bank_choices: list[gr.Dropdown], gates: AppGates) -> None:
+    if gates.build_reason:
+        reason = markdown_text(gates.build_reason)
+        gr.Markdown(f"✖ **Build bank is unavailable.** {reason}", elem_id="build-unavailable")
+    can_build = gates.build_reason is None
     gr.Markdown(
         "Upload a few dozen photos of **good** parts (image files, a whole folder, or a zip). EAGLE learns "
         "what normal looks like and sets its own threshold (DBT). At least "
@@ -39,13 +55,21 @@ def _references_tab(pipeline: Pipeline, bank_choices: list[gr.Dropdown]) -> None
         "recommended."
     )
     with gr.Row():
-        files = gr.File(label="Reference images or zip", file_count="multiple", elem_id="ref-files")
-        folder = gr.File(label="…or a folder", file_count="directory", elem_id="ref-folder")
+        files = gr.File(
+            label="Reference images or zip", file_count="multiple", elem_id="ref-files", interactive=can_build
+        )
+        folder = gr.File(label="…or a folder", file_count="directory", elem_id="ref-folder", interactive=can_build)
     name = gr.Textbox(label="Bank name", placeholder="e.g. bottle-line-3", elem_id="bank-name")
     mask_file, mask_drawing = _mask_inputs()
-    build = gr.Button("Build bank", variant="primary", elem_id="build-bank")
+    build = gr.Button(
+        "Build bank" if can_build else "Build bank (unavailable: see above)",
+        variant="primary",
+        elem_id="build-bank",
+        interactive=can_build,
+    )
     facts = gr.Markdown(elem_id="bank-facts")
     histogram = gr.Plot(label="DBT: training scores, τ and s_max")
+    gr.Markdown(f"{explain.DBT}  \n{explain.TAU}  \n{explain.S_MAX}", elem_id="dbt-explained")
 
     def run(uploads, folder_files, bank_name, mask_path, drawing, progress=gr.Progress()):
         facts_md, figure, choice = handlers.build_bank(
@@ -93,6 +117,7 @@ def _banks_tab(pipeline: Pipeline, selector: gr.Dropdown) -> gr.Dataframe:
         label="Saved banks",
         elem_id="banks-table",
     )
+    gr.Markdown(f"{explain.TAU}  \n{explain.S_MAX}")
     with gr.Row():
         refresh = gr.Button("Refresh")
         delete = gr.Button("Delete selected", variant="stop")
@@ -113,8 +138,16 @@ def _banks_tab(pipeline: Pipeline, selector: gr.Dropdown) -> gr.Dataframe:
     return table
 
 
-def _inspect_tab(pipeline: Pipeline, bank: gr.Dropdown) -> None:
+def _inspect_tab(pipeline: Pipeline, bank: gr.Dropdown, gates: AppGates) -> None:
     status = gr.Markdown(handlers.mllm_status_markdown(pipeline), elem_id="mllm-status")
+    mllm_ok = gates.mllm_reason is None
+    shown = not gates.expert_only  # expert-only: the MLLM's options and outputs are hidden, with the reason
+    why_not = "" if mllm_ok else f" Unavailable: {gates.mllm_reason}."
+    if gates.mllm_reason:
+        gr.Markdown(
+            f"**Model options {'hidden' if gates.expert_only else 'disabled'}**: {markdown_text(gates.mllm_reason)}.",
+            elem_id="mllm-options-reason",
+        )
     with gr.Row():
         with gr.Column(scale=1):
             image = gr.Image(
@@ -124,31 +157,55 @@ def _inspect_tab(pipeline: Pipeline, bank: gr.Dropdown) -> None:
                 sources=["upload", "clipboard", "webcam"],
                 elem_id="query-image",
             )
-            setting = gr.Radio(PROMPT_SETTINGS, value=pipeline.settings.prompt.setting, label="Prompt setting")
-            caas = gr.Radio(CAAS_CHOICES, value=pipeline.settings.caas.policy, label="CAAS")
-            alpha = gr.Slider(0.0, 2.0, value=pipeline.settings.caas.alpha, step=0.05, label="CAAS α")
-            with gr.Row():
-                use_mllm = gr.Checkbox(
-                    value=pipeline.mllm_enabled, label="Ask the MLLM", interactive=pipeline.mllm_enabled
+            mllm_options = {"visible": shown, "interactive": mllm_ok}
+            setting = gr.Radio(
+                PROMPT_SETTINGS,
+                value=pipeline.settings.prompt.setting,
+                label="Prompt setting",
+                info=explain.PROMPT_SETTING + why_not,
+                **mllm_options,
+            )
+            caas = gr.Radio(
+                CAAS_CHOICES,
+                value=pipeline.settings.caas.policy,
+                label="CAAS",
+                info=explain.CAAS + why_not,
+                **mllm_options,
+            )
+            alpha = gr.Slider(
+                0.0,
+                2.0,
+                value=pipeline.settings.caas.alpha,
+                step=0.05,
+                label="CAAS α",
+                info=explain.CAAS_ALPHA + why_not,
+                **mllm_options,
+            )
+            with gr.Row(visible=shown):
+                use_mllm = gr.Checkbox(value=mllm_ok, label="Ask the MLLM", interactive=mllm_ok)
+                explain_box = gr.Checkbox(
+                    value=pipeline.settings.prompt.explain and mllm_ok, label="Explain the defect", interactive=mllm_ok
                 )
-                explain = gr.Checkbox(value=pipeline.settings.prompt.explain, label="Explain the defect")
-                attention = gr.Checkbox(value=False, label="Show where the model looked")
+                attention = gr.Checkbox(value=False, label="Show where the model looked", interactive=mllm_ok)
             go = gr.Button("Inspect", variant="primary", elem_id="inspect")
         with gr.Column(scale=2):
             verdict = gr.HTML(elem_id="verdict")
             gauge = gr.Plot(label="Score against τ and s_max")
+            with gr.Accordion("How to read this result", open=True, elem_id="how-to-read"):
+                gr.Markdown(explain.HOW_TO_READ)
             summary = gr.Markdown(elem_id="inspect-summary")
             with gr.Row():
                 heatmap = gr.Image(label="Anomaly heatmap and boxes", interactive=False)
-                boxed = gr.Image(label="Boxes shown to the model", interactive=False)
+                boxed = gr.Image(label="Boxes shown to the model", interactive=False, visible=shown)
                 template = gr.Image(label="Template (most similar normal)", interactive=False)
-            answer = gr.Textbox(label="Model answer", interactive=False)
-            explanation = gr.Textbox(label="Explanation", lines=4, interactive=False)
-            looked = gr.Image(label="Where the model looked", interactive=False)
-            timings = gr.JSON(label="Timings (ms)")
+            answer = gr.Textbox(label="Model answer", interactive=False, visible=shown)
+            explanation = gr.Textbox(label="Explanation", lines=4, interactive=False, visible=shown)
+            looked = gr.Image(label="Where the model looked", interactive=False, visible=shown)
+            gr.Markdown("**Timings (ms)**")
+            timings = gr.Markdown(elem_id="timings")
             run_id = gr.State(None)
             feedback_status = _feedback_row(pipeline, run_id)
-            _teach_row(pipeline, image, bank)
+            _teach_row(pipeline, image, bank, gates)
 
     outputs = [verdict, gauge, heatmap, boxed, template, answer, explanation, looked, timings, summary]
 
@@ -173,7 +230,7 @@ def _inspect_tab(pipeline: Pipeline, bank: gr.Dropdown) -> None:
 
     go.click(
         run,
-        [image, bank, setting, caas, alpha, explain, use_mllm, attention],
+        [image, bank, setting, caas, alpha, explain_box, use_mllm, attention],
         [*outputs, run_id, feedback_status],
         api_name="inspect",
     ).then(lambda: handlers.mllm_status_markdown(pipeline), None, status)
@@ -203,11 +260,14 @@ def _feedback_row(pipeline: Pipeline, run_id: gr.State) -> gr.Markdown:
     return status
 
 
-def _teach_row(pipeline: Pipeline, image: gr.Image, bank: gr.Dropdown) -> gr.Markdown:
+def _teach_row(pipeline: Pipeline, image: gr.Image, bank: gr.Dropdown, gates: AppGates) -> gr.Markdown:
     """The "this is normal — teach the bank" button: add the inspected image to the bank (a new bank version)."""
     with gr.Accordion("A good part was flagged? Teach the bank", open=True):
-        teach = gr.Button("✚ This is normal — teach the bank", elem_id="teach-bank")
-        status = gr.Markdown(elem_id="teach-status")
+        teach = gr.Button(
+            "✚ This is normal — teach the bank", elem_id="teach-bank", interactive=gates.build_reason is None
+        )
+        reason = f"✖ Teaching is unavailable. {markdown_text(gates.build_reason)}" if gates.build_reason else ""
+        status = gr.Markdown(reason, elem_id="teach-status")
     teach.click(functools.partial(handlers.teach_bank, pipeline), [image, bank], status)
     return status
 
@@ -234,23 +294,36 @@ def _stats_tab(pipeline: Pipeline) -> gr.Dropdown:
 GRADIO_CACHE_CLEANUP = (3600, 86400)  # (how often, how old) in seconds: gr.Blocks(delete_cache=...)
 
 
-def build_ui(pipeline: Pipeline) -> gr.Blocks:
-    """Compose the app for one pipeline (which holds the banks and, lazily, the model)."""
+def build_ui(pipeline: Pipeline, report: Report | None = None) -> gr.Blocks:
+    """Compose the app for one pipeline (which holds the banks and, lazily, the model).
+
+    Args:
+        pipeline: the pipeline the app drives.
+        report: what this installation can do (:func:`eagle.doctor.run_checks`; run here when not given): shown in
+            the header, and the actions that cannot work are disabled with the reason beside them.
+    """
+    report = run_checks(pipeline.settings) if report is None else report
+    gates = app_gates(report, mllm_enabled=pipeline.mllm_enabled)
     names = handlers.bank_names(pipeline)
     # Gradio keeps a copy of every picture and file it serves; drop copies older than a day, checked hourly.
     with gr.Blocks(title=TITLE, delete_cache=GRADIO_CACHE_CLEANUP) as demo:
         gr.Markdown(f"# {TITLE}")
-        if not pipeline.mllm_enabled:
-            gr.Markdown("**Expert-only mode**: no multimodal model is configured; verdicts come from the expert.")
+        gr.Markdown(status_markdown(report, gates), elem_id="capability-status")
+        with gr.Accordion(
+            "What works on this installation, and how to fix the rest",
+            open=bool(gates.build_reason or not report.runnable),
+            elem_id="capability-details",
+        ):
+            gr.Markdown(details_markdown(report))
         inspect_bank = gr.Dropdown(
             names, value=names[0] if names else None, label="Bank", elem_id="bank-select", render=False
         )
         banks_bank = gr.Dropdown(names, value=None, label="Selected bank", render=False)
         with gr.Tab("Inspect", id="inspect"):
             inspect_bank.render()
-            _inspect_tab(pipeline, inspect_bank)
+            _inspect_tab(pipeline, inspect_bank, gates)
         with gr.Tab("References", id="references"):
-            _references_tab(pipeline, [inspect_bank, banks_bank])
+            _references_tab(pipeline, [inspect_bank, banks_bank], gates)
         with gr.Tab("Banks", id="banks") as banks_tab:
             banks_bank.render()
             banks_table = _banks_tab(pipeline, banks_bank)

@@ -12,7 +12,8 @@ is set):
 ``GET /v1/jobs``, ``/v1/jobs/{id}`` bank-build job status
 ``DELETE /v1/banks/{name}``        delete a bank
 ``GET /healthz``                   the process is alive
-``GET /readyz``                    banks loaded and test-inspected, model loaded (503 otherwise)
+``GET /readyz``                    banks loaded and test-inspected, model loaded, what the setup needs present
+                                   (``eagle doctor``'s checks, reported in ``capabilities``; 503 otherwise)
 ``GET /metrics``                   Prometheus text
 ``GET /openapi.json``, ``/docs``   the schema (token required when one is set)
 =================================  ==================================================================
@@ -34,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -43,9 +45,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, File, Form, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
+from pydantic.json_schema import SkipJsonSchema
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -65,14 +68,25 @@ from deploy.errors import (
 )
 from deploy.jobs import JOB_ID_PATTERN, BankBuildJobs, JobStatus, jsonable
 from deploy.limits import FORM_LIMITS, check_image_pixels, mib_to_bytes
-from deploy.metrics import CONTENT_TYPE, ServiceMetrics
+from deploy.metrics import ServiceMetrics
 from deploy.middleware import BodyLimit, FailureAudit, RequestGate
+from deploy.schema_params import (
+    BANK_NAME_HELP,
+    BANK_NAME_SCHEMA,
+    BankNamePath,
+    JobIdPath,
+    PrometheusText,
+    allowed_methods,
+    bounded_path,
+    close_form_bodies,
+)
 from deploy.worker import InferenceWorker
 from eagle.annotate import annotated_png_base64
 from eagle.archives import ArchiveLimits
 from eagle.audit import AuditLog, default_audit_path
-from eagle.banks import validate_bank_name
-from eagle.errors import EagleError, as_eagle_error, one_line
+from eagle.banks import BANK_NAME_MAX_LENGTH, validate_bank_name
+from eagle.doctor import ReportCache
+from eagle.errors import EagleError, as_eagle_error, is_disk_full, one_line
 from eagle.images import image_sha256
 from eagle.pipeline import InspectionPipeline
 from eagle.records import CAASPolicy, InspectionResult, InspectOptions, PromptSetting
@@ -81,6 +95,12 @@ from eagle.settings import Settings
 logger = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 255
+Unsent = SkipJsonSchema[None]
+"""An optional form field's ``None``: it means the field was not sent (a form cannot send a null), so the schema
+lists only the field's own type."""
+Alpha = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)]
+"""``POST /v1/inspect``'s ``alpha`` (the CAAS weight)."""
+RunIdPath = bounded_path("The inspection's request_id (= its audit run_id).", MAX_NAME_LENGTH)
 SMALL_BODY_BYTES = 64 * 1024
 """Body cap of endpoints that take no upload."""
 
@@ -192,11 +212,23 @@ class Health(BaseModel):
     status: Literal["alive"] = "alive"
 
 
+class Capability(BaseModel):
+    """One capability of the installation (:class:`eagle.doctor.Check`; the same rows as ``eagle doctor --json``)."""
+
+    name: str
+    title: str
+    status: Literal["ok", "warning", "missing"]
+    needed: bool = Field(description="The configured setup needs it: when missing, ``/readyz`` answers 503.")
+    detail: str
+    fix: str
+
+
 class Readiness(BaseModel):
-    """``GET /readyz`` (200): every check true."""
+    """``GET /readyz`` (200): every check true. ``capabilities`` reports everything; only needed ones gate."""
 
     ready: bool
     checks: dict[str, bool]
+    capabilities: list[Capability] = Field(default_factory=list)
 
 
 class ErrorDetail(BaseModel):
@@ -225,6 +257,24 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (503, "Not ready, shutting down, or the MLLM asked for cannot be loaded (mllm_unavailable)."),
     )
 }
+
+DISK_FULL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    507: {
+        "model": ErrorResponse,
+        "description": "disk_full: the data disk or quota is full; nothing was changed (free space and retry).",
+    }
+}
+"""The error of every endpoint that writes to the data folder (uploads, banks, jobs, the audit log)."""
+
+BODY_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "Unparsable body: malformed JSON or multipart, or more form fields, files or bytes per "
+        "field than the endpoint takes.",
+    },
+    **DISK_FULL_RESPONSES,
+}
+"""The extra errors of every endpoint that reads a request body (each of them also writes: 507 on a full disk)."""
 
 
 @dataclass
@@ -324,6 +374,7 @@ def create_app(
     )
     app.state.service = service
     _install_error_handlers(app)
+    _close_form_bodies_in_schema(app)
     body_limits = {
         ("POST", "/v1/inspect"): BodyLimit(service.upload_limit, "EAGLE_SERVICE__MAX_UPLOAD_MB"),
         ("POST", "/v1/banks"): BodyLimit(service.archive_limit, "EAGLE_SERVICE__MAX_ARCHIVE_MB"),
@@ -343,12 +394,26 @@ def create_app(
     return app
 
 
+def _close_form_bodies_in_schema(app: FastAPI) -> None:
+    """``/openapi.json`` lists only the form fields an endpoint takes (``deploy.schema_params.close_form_bodies``)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = close_form_bodies(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 # -- errors --------------------------------------------------------------------------------------------------------
 def _error_response(request: Request, err: EagleError) -> JSONResponse:
     service: Service = request.app.state.service
     service.metrics.errors.inc(code=err.code)
     request_id = getattr(request.state, "request_id", None)
     headers = getattr(err, "headers", None)
+    if err.code == "disk_full":  # not the client's fault: the operator must free space
+        logger.error("%s %s answered 507: %s (request %s)", request.method, request.url.path, one_line(err), request_id)
     return JSONResponse(error_body(err.code, one_line(err), request_id=request_id), err.http_status, headers=headers)
 
 
@@ -356,6 +421,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EagleError)
     async def _eagle_error(request: Request, exc: EagleError) -> JSONResponse:
         return _error_response(request, exc)
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
+    async def _disk_full(request: Request, exc: Exception) -> JSONResponse:
+        mapped = as_eagle_error(exc) if is_disk_full(exc) else None
+        if mapped is None:
+            raise exc  # a bug: the gate logs the traceback and answers 500 internal_error
+        return _error_response(request, mapped)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -366,14 +439,20 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        full = as_eagle_error(exc) if is_disk_full(exc) else None  # e.g. an upload that could not be spooled to disk
+        if full is not None:
+            return _error_response(request, full)
         if exc.status_code == 413:
             err: ServiceError = UploadTooLarge(str(exc.detail))
         elif exc.status_code == 400 and str(exc.detail).startswith("Part exceeded maximum size"):
-            err = InvalidRequest(f"a form field is larger than {SMALL_BODY_BYTES // 1024} KiB; {FILE_PART_HINT}")
+            err = InvalidRequest(_large_field_message(request))
         else:
+            headers = dict(exc.headers or {})
+            if exc.status_code == 405:  # every method served on the path, not only the first matching route's
+                headers["Allow"] = ", ".join(allowed_methods(request.app.router.routes, request.scope))
             err = ServiceError(
                 _http_message(request, exc),
-                headers=dict(exc.headers or {}),
+                headers=headers,
                 code=HTTP_STATUS_CODES.get(exc.status_code, "http_error"),
                 http_status=exc.status_code,
             )
@@ -386,6 +465,17 @@ FILE_PART_HINT = (
     "a part without a file name is a text field"
 )
 """Why a file arrived as a text field: clients such as httpx drop an empty file name, and the part becomes text."""
+
+
+def _large_field_message(request: Request) -> str:
+    """Why a text form field was refused as too large: the limit, and for a bank build the polygons mask's."""
+    limit = f"a form field is larger than {FORM_LIMITS['max_part_size'] // 1024} KiB, the limit for text fields"
+    if request.url.path.rstrip("/").endswith("/v1/banks"):
+        limit += (
+            " (mask_polygons included: a few thousand points at most; send a larger inspection mask as a PNG in the"
+            " file part mask, white = inspected)"
+        )
+    return f"{limit}; {FILE_PART_HINT}"
 
 
 def _is_text_instead_of_file(error: Any) -> bool:
@@ -413,6 +503,7 @@ def _describe_validation(errors: Any) -> str:
 # -- routes ----------------------------------------------------------------------------------------------------------
 def _health_router(service: Service) -> APIRouter:
     router = APIRouter(tags=["health"])
+    capabilities = ReportCache(service.settings)  # eagle doctor's checks, recomputed at most every 30 s
 
     @router.get("/healthz", response_model=Health, summary="The process is alive")
     async def healthz() -> Health:
@@ -433,9 +524,17 @@ def _health_router(service: Service) -> APIRouter:
         checks["warm_up"] = service.warm.is_set()
         if not service.pipeline.mllm_enabled:
             checks.pop("mllm", None)  # expert-only box: no model to wait for
+        report = await run_in_threadpool(capabilities.get)
+        missing = [check for check in report.checks if check.blocking]
+        checks.update({check.name: not check.blocking for check in report.checks if check.needed})
+        rows = [check.to_dict() for check in report.checks]
         failing = sorted(name for name, ok in checks.items() if not ok)
         if failing:
-            message = "not ready: " + ", ".join(failing) + " not loaded"
+            not_loaded = [name for name in failing if name not in {check.name for check in missing}]
+            message = "not ready: " + (", ".join(not_loaded) + " not loaded" if not_loaded else "")
+            if missing:
+                fixes = "; ".join(f"{check.title}: {check.detail} (fix: {check.fix})" for check in missing)
+                message += ("; " if not_loaded else "") + "missing: " + fixes
             if unusable:
                 first = next(iter(unusable.values()))
                 more = f" (and {len(unusable) - 1} more unusable)" if len(unusable) > 1 else ""
@@ -444,19 +543,24 @@ def _health_router(service: Service) -> APIRouter:
             service.metrics.errors.inc(code=err.code)
             body = error_body(err.code, str(err), request_id=request.state.request_id)
             extra = {"unusable_banks": sorted(unusable)} if unusable else {}
-            return JSONResponse({**body, "checks": checks, **extra}, 503)
-        return Readiness(ready=True, checks=checks)
+            return JSONResponse({**body, "checks": checks, **extra, "capabilities": rows}, 503)
+        return Readiness(ready=True, checks=checks, capabilities=rows)
 
     @router.get(
         "/metrics",
-        response_class=PlainTextResponse,
+        response_class=PrometheusText,
         summary="Prometheus metrics (text format 0.0.4)",
-        responses={401: ERROR_RESPONSES[401]},
+        responses={  # the error is JSON, not the route's text (a `model` would be documented as the route's type)
+            401: {
+                "description": ERROR_RESPONSES[401]["description"],
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+            }
+        },
         dependencies=[Security(HTTPBearer(auto_error=False))],
     )
-    async def metrics() -> PlainTextResponse:
+    async def metrics() -> PrometheusText:
         text = await run_in_threadpool(service.metrics.render)
-        return PlainTextResponse(text, media_type=CONTENT_TYPE)
+        return PrometheusText(text)
 
     return router
 
@@ -471,19 +575,25 @@ def _v1_router(service: Service) -> APIRouter:
         response_model=InspectResponse,
         tags=["inspection"],
         summary="Inspect one image against a bank",
+        responses=BODY_ERROR_RESPONSES,
     )
     async def inspect(
         request: Request,
-        image: Annotated[UploadFile, File(description="The image (png, jpg, bmp, tif, webp).")],
-        bank: Annotated[str, Form(max_length=64, description="Bank name.")],
-        prompt_setting: Annotated[PromptSetting | None, Form()] = None,
-        caas: Annotated[CAASPolicy | None, Form()] = None,
-        alpha: Annotated[float | None, Form(ge=0.0, le=100.0, allow_inf_nan=False)] = None,
-        explain: Annotated[bool | None, Form()] = None,
+        image: Annotated[
+            UploadFile,
+            File(description="The image (png, jpg, bmp, tif, webp); body capped by EAGLE_SERVICE__MAX_UPLOAD_MB."),
+        ],
+        bank: Annotated[
+            str, Form(max_length=BANK_NAME_MAX_LENGTH, description=BANK_NAME_HELP, json_schema_extra=BANK_NAME_SCHEMA)
+        ],
+        prompt_setting: Annotated[PromptSetting | Unsent, Form()] = None,
+        caas: Annotated[CAASPolicy | Unsent, Form()] = None,
+        alpha: Annotated[Alpha | Unsent, Form()] = None,
+        explain: Annotated[bool | Unsent, Form()] = None,
         use_mllm: Annotated[bool, Form(description="False: expert only for this request.")] = True,
         attention_map: Annotated[bool, Form()] = False,
         annotated: Annotated[bool, Form(description="Return the annotated image as base64 PNG.")] = False,
-        image_name: Annotated[str | None, Form(max_length=MAX_NAME_LENGTH)] = None,
+        image_name: Annotated[str | Unsent, Form(max_length=MAX_NAME_LENGTH)] = None,
     ) -> InspectResponse:
         request_id: str = request.state.request_id
         audit: dict[str, Any] = getattr(request.state, "audit", {})
@@ -530,8 +640,9 @@ def _v1_router(service: Service) -> APIRouter:
         status_code=201,
         tags=["inspection"],
         summary="Confirm or overrule the verdict of an inspection (recorded in the audit log)",
+        responses=BODY_ERROR_RESPONSES,
     )
-    async def inspection_feedback(run_id: str, body: FeedbackRequest) -> FeedbackResponse:
+    async def inspection_feedback(run_id: RunIdPath, body: FeedbackRequest) -> FeedbackResponse:
         if not run_id or len(run_id) > MAX_NAME_LENGTH:
             raise InvalidRequest("invalid run id")
         row = await run_in_threadpool(
@@ -559,18 +670,29 @@ def _v1_router(service: Service) -> APIRouter:
         tags=["banks"],
         summary="Build a bank from a zip of normal images (background job)",
         form_limits={**FORM_LIMITS, "max_files": 2},  # the archive and an optional inspection-mask PNG
+        responses=BODY_ERROR_RESPONSES,
     )
     async def build_bank(
         request: Request,
-        name: Annotated[str, Form(max_length=64, description="Name of the new bank.")],
-        archive: Annotated[UploadFile, File(description="Zip of normal (defect-free) images.")],
+        name: Annotated[
+            str,
+            Form(
+                max_length=BANK_NAME_MAX_LENGTH,
+                description=f"Name of the new bank. {BANK_NAME_HELP}",
+                json_schema_extra=BANK_NAME_SCHEMA,
+            ),
+        ],
+        archive: Annotated[
+            UploadFile,
+            File(description="Zip of normal (defect-free) images; capped by EAGLE_SERVICE__MAX_ARCHIVE_MB."),
+        ],
         overwrite: Annotated[bool, Form(description="Rebuild an existing bank.")] = False,
         mask: Annotated[
-            UploadFile | None,
+            UploadFile | Unsent,
             File(description="Inspection mask: binary PNG in original-image pixels (white = inspected)."),
         ] = None,
         mask_polygons: Annotated[
-            str | None,
+            str | Unsent,
             Form(
                 max_length=FORM_LIMITS["max_part_size"],
                 description='Inspection mask as polygons JSON: {"width": W, "height": H, "polygons": '
@@ -598,7 +720,7 @@ def _v1_router(service: Service) -> APIRouter:
         return JobList(jobs=service.jobs.list())
 
     @router.get("/jobs/{job_id}", response_model=JobStatus, tags=["banks"], summary="Status of a bank-build job")
-    async def get_job(job_id: str) -> JobStatus:
+    async def get_job(job_id: JobIdPath) -> JobStatus:
         status = service.jobs.get(job_id) if JOB_ID_PATTERN.fullmatch(job_id) else None
         if status is None:
             raise JobNotFound(f"no job with id {job_id[:64]!r}")
@@ -610,10 +732,17 @@ def _v1_router(service: Service) -> APIRouter:
         tags=["banks"],
         summary="Teach a bank that these images are normal: rebuilt with them as a new version",
         form_limits={**FORM_LIMITS, "max_files": MAX_TEACH_IMAGES},
+        responses=BODY_ERROR_RESPONSES,
     )
     async def add_references(
-        name: str,
-        images: Annotated[list[UploadFile], File(description="One or more images of GOOD parts.")],
+        name: BankNamePath,
+        images: Annotated[
+            list[UploadFile],
+            File(
+                description=f"1 to {MAX_TEACH_IMAGES} images of GOOD parts.",
+                json_schema_extra={"minItems": 1, "maxItems": MAX_TEACH_IMAGES},
+            ),
+        ],
     ) -> TeachResponse:
         validate_bank_name(name)
         if not images or len(images) > MAX_TEACH_IMAGES:
@@ -637,7 +766,7 @@ def _v1_router(service: Service) -> APIRouter:
     @router.get(
         "/banks/{name}/versions", response_model=BankVersions, tags=["banks"], summary="Kept versions of a bank"
     )
-    async def bank_versions(name: str) -> BankVersions:
+    async def bank_versions(name: BankNamePath) -> BankVersions:
         validate_bank_name(name)
         if not await run_in_threadpool(pipeline.banks.exists, name):
             raise BankNotFound(f"no bank named {name!r}")
@@ -649,8 +778,9 @@ def _v1_router(service: Service) -> APIRouter:
         response_model=RolledBack,
         tags=["banks"],
         summary="Make a kept version of a bank current again (nothing is copied or deleted)",
+        responses=BODY_ERROR_RESPONSES,
     )
-    async def rollback_bank(name: str, request: RollbackRequest) -> RolledBack:
+    async def rollback_bank(name: BankNamePath, request: RollbackRequest) -> RolledBack:
         validate_bank_name(name)
         if service.jobs.active_for(name):
             raise BankBusy(f"bank {name!r} is being built; roll it back when the job has finished")
@@ -666,8 +796,10 @@ def _v1_router(service: Service) -> APIRouter:
         logger.info("bank %r rolled back to version %d", name, request.version)
         return RolledBack(version=request.version, bank=jsonable(summary))
 
-    @router.delete("/banks/{name}", response_model=Deleted, tags=["banks"], summary="Delete a bank")
-    async def delete_bank(name: str) -> Deleted:
+    @router.delete(
+        "/banks/{name}", response_model=Deleted, tags=["banks"], summary="Delete a bank", responses=DISK_FULL_RESPONSES
+    )
+    async def delete_bank(name: BankNamePath) -> Deleted:
         validate_bank_name(name)
         if service.jobs.active_for(name):
             raise BankBusy(f"bank {name!r} is being built; delete it when the job has finished")

@@ -1,11 +1,11 @@
 """The service's check of an uploaded zip of normal images (the input of a bank build).
 
-The rules (unsafe names, links, encryption, compression methods, entry count, sizes, zip-bomb ratio) live in
-:mod:`eagle.archives` alone; this adapter runs :func:`eagle.archives.scan_zip` on the image entries while the
-upload request is still open, so a bad archive is answered at once instead of becoming a failed job (the errors
-carry their own codes: :class:`~eagle.archives.ArchiveTooLargeError` → 413 ``archive_too_large``, any other
-:class:`~eagle.archives.ArchiveError` → 422 ``invalid_archive``) and adds the service's own rule: the archive
-must hold images. The job then
+The rules (unsafe names, links and other special files, encryption, compression methods, entry count, sizes,
+zip-bomb ratio) live in :mod:`eagle.archives` alone; this adapter runs :func:`eagle.archives.scan_zip` on the
+image entries while the upload request is still open, so a bad archive is answered at once instead of becoming a
+failed job (the errors carry their own codes: :class:`~eagle.archives.ArchiveTooLargeError` → 413
+``archive_too_large``, any other :class:`~eagle.archives.ArchiveError` → 422 ``invalid_archive``) and adds the
+service's own rule: the archive must hold images. The job then
 extracts with :func:`eagle.archives.extract_zip`, which applies the same rules and counts the bytes inflated.
 
 Example:
@@ -38,7 +38,8 @@ def scan_archive(path: Path, limits: ArchiveLimits) -> list[zipfile.ZipInfo]:
     """Validate an uploaded archive's directory and list its image entries (sorted by name) without extracting.
 
     Raises:
-        InvalidArchive: not a zip, unsafe names, links, encryption, unsupported compression, or no images.
+        InvalidArchive: not a zip, unsafe names, links or special files (FIFO, device, socket), encryption,
+            unsupported compression, or no images.
         ArchiveTooLarge: too many entries, an entry or the total too large, or too compressible.
     """
     images = scan_zip(path, limits, suffixes=set(IMAGE_EXTENSIONS))

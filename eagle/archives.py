@@ -5,7 +5,8 @@ refuses, with one clear line each:
 
 * entry names that are empty, absolute, start with a drive letter (any ``:`` in the first component), hold a
   backslash or a NUL byte, or have a ``..`` component (path traversal);
-* symbolic links, encrypted entries and compression methods other than stored, deflate, bzip2 and lzma;
+* entries whose Unix mode says symbolic link, named pipe (FIFO), character or block device or socket (each
+  named by its kind), encrypted entries and compression methods other than stored, deflate, bzip2 and lzma;
 * more than ``max_entries`` entries (counted from the end-of-archive record, before the central directory is
   even parsed), an entry larger than ``max_entry_bytes``, more than ``max_total_bytes`` declared in all, an
   entry over 1 MiB compressed more than ``max_ratio``:1, or an archive that unpacks to over 1 MiB compressed
@@ -297,8 +298,9 @@ def _check_name(info: zipfile.ZipInfo) -> PurePosixPath:
 
 def _check_entry(info: zipfile.ZipInfo, limits: ArchiveLimits) -> None:
     name = info.filename
-    if stat.S_ISLNK(info.external_attr >> 16):
-        raise ArchiveError(f"entry {name!r} is a symbolic link; links are not allowed")
+    kind = _special_kind(info.external_attr >> 16)
+    if kind is not None:
+        raise ArchiveError(f"entry {name!r} is {kind}; only files and folders are allowed")
     if info.flag_bits & 0x1:
         raise ArchiveError(f"entry {name!r} is encrypted; use an unencrypted zip")
     if info.compress_type not in SUPPORTED_COMPRESSION:
@@ -316,6 +318,26 @@ def _check_entry(info: zipfile.ZipInfo, limits: ArchiveLimits) -> None:
             f"entry {name!r} has a compression ratio of {ratio:.0f}:1; the limit is {limits.max_ratio:g}:1 "
             "(zip-bomb guard)"
         )
+
+
+_SPECIAL_KINDS = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _special_kind(mode: int) -> str | None:
+    """What a Unix mode (the high 16 bits of ``external_attr``) says an entry is, when it is no file or folder.
+
+    Zips made on Windows (or by tools that store no Unix mode) carry 0 there: those entries are plain files.
+    """
+    for test, kind in _SPECIAL_KINDS:
+        if test(mode):
+            return kind
+    return None
 
 
 def _is_content(info: zipfile.ZipInfo, path: PurePosixPath) -> bool:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import logging
 import re
 import sqlite3
 import threading
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from eagle.errors import EagleError
+from eagle.errors import EagleError, is_disk_full
 
 
 class InspectionNotFoundError(EagleError, LookupError):
@@ -202,6 +203,12 @@ class AuditFilter:
     limit: int | None = None
 
 
+MAX_PENDING_ROWS = 10_000
+"""Rows held in memory at most while the disk is full (then each further one is logged as lost)."""
+
+_log = logging.getLogger(__name__)
+
+
 class AuditLog:
     """Append-only inspection log in one SQLite file (WAL mode), safe to share between threads and processes.
 
@@ -214,6 +221,7 @@ class AuditLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._pending: list[dict[str, Any]] = []  # rows a full disk refused, written with the next insert
         self._conn = sqlite3.connect(self.path, timeout=busy_timeout_ms / 1000, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
         with self._lock:
@@ -226,9 +234,23 @@ class AuditLog:
             self._conn.commit()
 
     def close(self) -> None:
-        """Close the connection (further calls fail)."""
+        """Close the connection (further calls fail); rows a full disk held back are tried once more first."""
         with self._lock:
+            if self._pending:
+                try:
+                    self._write([])
+                except sqlite3.Error as err:
+                    runs = ", ".join(str(r["run_id"]) for r in self._pending)
+                    _log.error(
+                        "audit log: %d row(s) could not be written (%s); lost runs: %s", len(self._pending), err, runs
+                    )
             self._conn.close()
+
+    @property
+    def pending(self) -> int:
+        """Rows held in memory because the disk was full (written with the next insert once space returns)."""
+        with self._lock:
+            return len(self._pending)
 
     def __enter__(self) -> AuditLog:
         return self
@@ -389,12 +411,49 @@ class AuditLog:
         return line_stats(self.query(where), self.latest_feedback(), per=per)
 
     def _insert(self, row: dict[str, Any]) -> bool:
-        names = ", ".join(row)
-        marks = ", ".join(f":{name}" for name in row)
+        """Insert ``row`` (after any rows a full disk held back); a full disk keeps it in memory and logs an error.
+
+        Returns:
+            ``True`` if the row was added (or is held until space returns), ``False`` if its run was already logged.
+        """
         with self._lock:
-            cursor = self._conn.execute(f"INSERT OR IGNORE INTO inspections ({names}) VALUES ({marks})", row)
+            try:
+                return self._write([row])
+            except sqlite3.Error as err:
+                if not is_disk_full(err):
+                    raise
+                if len(self._pending) >= MAX_PENDING_ROWS:
+                    _log.error(
+                        "audit log: the disk is full and %d rows wait; run %s is lost", MAX_PENDING_ROWS, row["run_id"]
+                    )
+                    return False
+                self._pending.append(row)
+                _log.error(
+                    "audit log: the disk is full; run %s (%s) is held in memory and written when space returns "
+                    "(%d waiting)",
+                    row["run_id"],
+                    row.get("error_code") or row.get("status"),
+                    len(self._pending),
+                )
+                return True
+
+    def _write(self, rows: list[dict[str, Any]]) -> bool:
+        """Insert the held-back rows, then ``rows``, in one transaction (all or none); holding ``_lock``."""
+        added = False
+        try:
+            for item in [*self._pending, *rows]:
+                names = ", ".join(item)
+                marks = ", ".join(f":{name}" for name in item)
+                cursor = self._conn.execute(f"INSERT OR IGNORE INTO inspections ({names}) VALUES ({marks})", item)
+                added = cursor.rowcount == 1
             self._conn.commit()
-            return cursor.rowcount == 1
+        except BaseException:
+            self._conn.rollback()
+            raise
+        if self._pending:
+            _log.warning("audit log: space is back; %d held row(s) written", len(self._pending))
+            self._pending.clear()
+        return added
 
     # -- reading ---------------------------------------------------------------------------------------------
     def query(self, where: AuditFilter | None = None) -> list[dict[str, Any]]:

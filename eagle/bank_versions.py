@@ -13,13 +13,20 @@ A change (rebuild, "teach the bank", import) writes the next version in full, th
 Rollback moves the symlink back to a kept version; the next change still gets a number above the highest.
 After each change the oldest versions beyond ``keep`` are pruned (the current one never is).
 
-Writers of one bank take turns: every change (and rollback, delete) holds ``.versions/<name>.lock``
-(:func:`writer_lock`, an ``flock``), so the API service, an ``eagle bank add`` and the watcher on one data
-folder never build on the same version at once (two teaches at once would otherwise both start from version
-N, and the second would silently drop the first one's images).
+Writers of one bank take turns: every change (and rollback, delete) holds ``.versions/.locks/<name>.lock``
+(:func:`writer_lock`, an ``flock``; in a hidden folder, so no bank name can reach it: before, bank ``X``'s lock
+``.versions/X.lock`` was where bank ``X.lock`` keeps its versions; such old lock files are removed), so the API
+service, an ``eagle bank add`` and the watcher on one data folder never build on the same version at once (two
+teaches at once would otherwise both start from version N, and the second would silently drop the first one's
+images). Stop processes of older releases before upgrading: they still lock the old place.
 
 A bank saved before versions existed is a plain directory ``<banks>/<name>/``: it loads as it is and becomes
 version 1 on its first change (it is moved under ``.versions`` and the symlink takes its place).
+
+A writer killed mid-way (``kill -9``, out of memory) leaves its reserved version directory (empty or without
+meta.json) and scratch folders behind; :func:`clean_stale` removes them under the bank's writer lock (every
+change runs it first; :func:`sweep` does it for every bank at start-up). Holding the lock proves that no live
+writer owns them. A version directory with meta.json is complete (it is renamed into place whole) and is kept.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -43,6 +51,7 @@ __all__ = [
     "BankVersion",
     "BankVersionNotFoundError",
     "adopt_legacy",
+    "clean_stale",
     "current_version",
     "drop_if_empty",
     "history",
@@ -50,6 +59,7 @@ __all__ = [
     "prune",
     "remove_versions",
     "reserve_version",
+    "sweep",
     "version_dir",
     "versions_root",
     "write_note",
@@ -60,6 +70,9 @@ log = logging.getLogger(__name__)
 
 VERSIONS_DIR = ".versions"
 """Hidden folder under the banks directory holding every bank's versions (hidden: not a valid bank name)."""
+
+LOCKS_DIR = ".locks"
+"""Hidden folder under :data:`VERSIONS_DIR` holding the writer locks (hidden: no bank's versions folder)."""
 
 
 class BankVersionNotFoundError(EagleError, FileNotFoundError):
@@ -89,8 +102,20 @@ def versions_root(root: Path, name: str) -> Path:
 
 
 def writer_lock(root: Path, name: str) -> contextlib.AbstractContextManager[None]:
-    """Hold ``<banks>/.versions/<name>.lock`` while reading the current version and writing the next."""
-    return atomic.file_lock(Path(root) / VERSIONS_DIR / f"{name}.lock")
+    """Hold ``<banks>/.versions/.locks/<name>.lock`` while reading the current version and writing the next."""
+    return atomic.file_lock(lock_path(root, name))
+
+
+def lock_path(root: Path, name: str) -> Path:
+    """``<banks>/.versions/.locks/<name>.lock``: the writer lock of bank ``name``."""
+    return Path(root) / VERSIONS_DIR / LOCKS_DIR / f"{name}.lock"
+
+
+def _remove_legacy_lock(path: Path) -> None:
+    """Remove an empty regular file at ``path``: a writer lock where locks were kept before (``.versions/X.lock``)."""
+    with contextlib.suppress(OSError):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size == 0:
+            path.unlink()
 
 
 def version_dir(root: Path, name: str, version: int) -> Path:
@@ -120,6 +145,7 @@ def reserve_version(root: Path, name: str) -> tuple[int, Path]:
     ``os.mkdir`` fails when another writer (another process) took the number first; the next one is tried.
     """
     folder = versions_root(root, name)
+    _remove_legacy_lock(folder)  # bank "X.lock": the old lock file of bank "X" was here
     folder.mkdir(parents=True, exist_ok=True)
     number = max(_numbers(root, name), default=0) + 1
     while True:
@@ -164,6 +190,7 @@ def adopt_legacy(root: Path, name: str) -> None:
     if link.is_symlink() or not (link / META_FILE).is_file():
         return
     folder = versions_root(root, name)
+    _remove_legacy_lock(folder)
     folder.mkdir(parents=True, exist_ok=True)
     number = max(_numbers(root, name), default=0) + 1
     os.rename(link, version_dir(root, name, number))
@@ -259,3 +286,65 @@ def remove_versions(root: Path, name: str) -> None:
         trash = folder.with_name(f".{name}.deleting-{uuid.uuid4().hex[:8]}")
         os.rename(folder, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_stale(root: Path, name: str) -> list[str]:
+    """Remove what killed writers of bank ``name`` left behind; call it holding :func:`writer_lock`.
+
+    Removed: version directories without meta.json (reserved, never finished), hidden scratch entries in
+    ``.versions/<name>/`` (a save's staging, a build's ONNX scratch, a half-pruned version, a note's temporary
+    file), notes of versions that are gone, and the bank's temporary symlinks and half-deleted folders. Complete
+    versions are never touched.
+
+    Returns:
+        The removed entries' names (relative to the banks directory), for the log.
+    """
+    root = Path(root)
+    removed: list[Path] = []
+    folder = versions_root(root, name)
+    if folder.is_dir() and not folder.is_symlink():
+        for child in list(folder.iterdir()):
+            if child.name.isdigit() and child.is_dir() and not (child / META_FILE).is_file():
+                removed.append(child)
+            elif child.name.startswith("."):
+                removed.append(child)
+        for child in list(folder.glob("[0-9]*.json")):
+            if child.stem.isdigit() and not (folder / child.stem).is_dir():
+                removed.append(child)
+    tag = re.escape(name)
+    for parent, pattern in (
+        (root, rf"\.{tag}\.link-[0-9a-f]{{8}}"),
+        (root, rf"\.{tag}\.deleting"),
+        (root / VERSIONS_DIR, rf"\.{tag}\.deleting-[0-9a-f]{{8}}"),
+    ):
+        rule = re.compile(pattern)
+        with contextlib.suppress(OSError):
+            removed.extend(p for p in parent.iterdir() if rule.fullmatch(p.name))
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    legacy = root / VERSIONS_DIR / f"{name}.lock"
+    if legacy.is_file():
+        _remove_legacy_lock(legacy)
+    names = [p.relative_to(root).as_posix() for p in removed]
+    if names:
+        log.info("bank %r: removed %d left-over(s) of interrupted writers: %s", name, len(names), ", ".join(names))
+    drop_if_empty(root, name)
+    return names
+
+
+def sweep(root: Path, names: list[str]) -> list[str]:
+    """:func:`clean_stale` for each bank in ``names`` whose writer lock is free now (busy ones are skipped).
+
+    Returns:
+        Every removed entry's name (relative to the banks directory).
+    """
+    removed: list[str] = []
+    for name in names:
+        with atomic.try_file_lock(lock_path(root, name)) as held:
+            if held:
+                removed.extend(clean_stale(root, name))
+    return removed

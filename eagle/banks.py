@@ -27,9 +27,10 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import threading
+import weakref
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -37,10 +38,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from eagle import bank_versions
+from eagle import atomic, bank_versions
 from eagle.archives import ArchiveLimits, describe_names, extract_zip, scan_zip
 from eagle.bank_versions import BankVersion, BankVersionNotFoundError
-from eagle.errors import EagleError
+from eagle.errors import EagleError, is_disk_full
 from eagle.settings import ExpertSettings
 from expert.bank import META_FILE, ONNX_FILE, TENSORS_FILE, BankError, is_bank_file, read_meta
 
@@ -48,7 +49,9 @@ if TYPE_CHECKING:
     from expert.scorer import ExpertScorer
 
 __all__ = [
+    "BANK_NAME_MAX_LENGTH",
     "BANK_NAME_PATTERN",
+    "BANK_NAME_REGEX",
     "BankError",
     "BankNameError",
     "BankNotFoundError",
@@ -62,13 +65,27 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+IMPORT_STAGING_PREFIX = ".import-"
+"""Staging folder of a bank import under the banks directory (:func:`expert.atomic.staging_dir`: host and pid)."""
+
+LEGACY_STAGING_AGE_S = 24 * 3600.0
+"""Import staging folders named before they carried host and pid are removed once this old (seconds)."""
+
 BANK_ZIP_LIMITS = ArchiveLimits(max_entries=20_000, max_entry_bytes=ArchiveLimits().max_total_bytes)
 """Caps for importing a bank zip: one file (the memory bank grows with the references) may take the whole total;
 the total ratio and entry count are the rules of :class:`eagle.archives.ArchiveLimits` for every zip."""
 
-BANK_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-"""The bank-name rule, matched with ``fullmatch``: 1-64 letters, digits, ``._-``, starting with a letter or digit
-(and no ``..`` anywhere, see :func:`validate_bank_name`). Every front end checks names with that function."""
+BANK_NAME_MAX_LENGTH = 64
+"""Longest bank name (characters)."""
+
+BANK_NAME_REGEX = r"^[A-Za-z0-9](?:\.?[A-Za-z0-9_-])*\.?$"
+"""The bank-name rule as a regular expression that Python and JSON Schema (the service's OpenAPI ``pattern``) read
+alike: letters, digits, ``._-``, starting with a letter or digit, no ``..`` anywhere; at most
+:data:`BANK_NAME_MAX_LENGTH` characters on top."""
+
+BANK_NAME_PATTERN = re.compile(BANK_NAME_REGEX)
+""":data:`BANK_NAME_REGEX` compiled, matched with ``fullmatch``. Every front end checks names with
+:func:`validate_bank_name`."""
 
 
 class BankNameError(EagleError, ValueError):
@@ -106,8 +123,8 @@ class BankSummary:
 
 
 def is_valid_bank_name(name: object) -> bool:
-    """Whether ``name`` follows the bank-name rule (:data:`BANK_NAME_PATTERN`, no ``..``)."""
-    return isinstance(name, str) and BANK_NAME_PATTERN.fullmatch(name) is not None and ".." not in name
+    """Whether ``name`` follows the bank-name rule (:data:`BANK_NAME_PATTERN`, :data:`BANK_NAME_MAX_LENGTH`)."""
+    return isinstance(name, str) and len(name) <= BANK_NAME_MAX_LENGTH and BANK_NAME_PATTERN.fullmatch(name) is not None
 
 
 def validate_bank_name(name: object) -> str:
@@ -143,14 +160,17 @@ class BankStore:
     newest are kept, :meth:`rollback` points back at one. Loaded experts are cached per name, pinned to the
     version directory they were loaded from, and reloaded when the name points at another version (a change
     made by this process or any other, e.g. ``eagle bank add`` next to a running service): a request uses the
-    old version or the new one, never a half-written bank. Thread-safe.
+    old version or the new one, never a half-written bank. At most ``max_loaded`` experts stay loaded (each holds
+    its memory bank and an ONNX session, docs/edge.md); the least recently used is dropped first and loaded again
+    when next asked for (a request that is using a dropped one finishes with it). Thread-safe.
     """
 
-    def __init__(self, root: Path, settings: ExpertSettings, *, versions_kept: int = 5) -> None:
+    def __init__(self, root: Path, settings: ExpertSettings, *, versions_kept: int = 5, max_loaded: int = 4) -> None:
         self.root = Path(root)
         self.settings = settings
         self.versions_kept = max(1, int(versions_kept))
-        self._cache: dict[str, ExpertScorer] = {}
+        self.max_loaded = max(1, int(max_loaded))
+        self._cache: OrderedDict[str, ExpertScorer] = OrderedDict()  # least recently used first
         self._stamps: dict[str, tuple[str, int, int]] = {}
         self._write_lock = threading.Lock()
         self._templates: dict[tuple[str, str, int], np.ndarray] = {}  # (name, bank id, index)
@@ -206,6 +226,7 @@ class BankStore:
             stamp = _stamp(path)
             scorer = self._cache.get(name)
             if scorer is not None and self._stamps.get(name) == stamp:
+                self._cache.move_to_end(name)
                 return scorer
             broken = self._broken.get(name)
             if broken is not None and broken[0] == stamp:
@@ -221,8 +242,50 @@ class BankStore:
             for key in [k for k in self._templates if k[0] == name]:
                 del self._templates[key]
             self._cache[name] = scorer
+            self._cache.move_to_end(name)
             self._stamps[name] = stamp
+            while len(self._cache) > self.max_loaded:
+                oldest = next(iter(self._cache))
+                self._drop_loaded(oldest)
+                log.info("bank %r unloaded (the least recently used of %d loaded banks)", oldest, self.max_loaded + 1)
             return scorer
+
+    def loaded(self) -> list[str]:
+        """The names of the banks loaded now, least recently used first."""
+        with self._lock:
+            return list(self._cache)
+
+    def _drop_loaded(self, name: str) -> None:
+        scorer = self._cache.pop(name, None)
+        if scorer is not None:  # once the last request using it is done, give its memory back to the system
+            weakref.finalize(scorer, _release_free_heap)
+        self._stamps.pop(name, None)
+        for key in [k for k in self._templates if k[0] == name]:
+            del self._templates[key]
+
+    def sweep(self) -> list[str]:
+        """Remove what killed writers left under the banks directory (start-up); returns the removed entries' names.
+
+        Import staging folders of dead processes on this host (and unnamed old ones over a day old), and for
+        every bank whose writer lock is free: unfinished versions and scratch (:func:`bank_versions.clean_stale`).
+        Never anything a live process owns. Failures (a read-only folder) are logged, not raised.
+        """
+        if not self.root.is_dir():
+            return []
+        try:
+            gone = atomic.remove_dead_staging(self.root, IMPORT_STAGING_PREFIX, legacy_age_s=LEGACY_STAGING_AGE_S)
+            removed = [p.name for p in gone]
+            versions = self.root / bank_versions.VERSIONS_DIR
+            names = {p.name for p in self.root.iterdir() if is_valid_bank_name(p.name)}
+            if versions.is_dir():
+                names |= {p.name for p in versions.iterdir() if p.is_dir() and is_valid_bank_name(p.name)}
+            removed += bank_versions.sweep(self.root, sorted(names))
+        except OSError as err:
+            log.warning("could not clean left-overs under %s: %s", self.root, err)
+            return []
+        if gone:
+            log.info("removed %d import staging folder(s) of dead processes under %s", len(gone), self.root)
+        return removed
 
     def unusable(self) -> dict[str, str]:
         """Banks whose last load failed, with the one-line reason (empty once each is rebuilt or deleted)."""
@@ -286,6 +349,7 @@ class BankStore:
         self.path(name)
         self.root.mkdir(parents=True, exist_ok=True)
         with self._write_lock, bank_versions.writer_lock(self.root, name):
+            bank_versions.clean_stale(self.root, name)  # what a killed writer of this bank left (none is alive)
             bank_versions.adopt_legacy(self.root, name)
             parent = bank_versions.current_version(self.root, name)
             number, target = bank_versions.reserve_version(self.root, name)
@@ -367,7 +431,8 @@ class BankStore:
             raise BankError(f"the zip must contain exactly one bank ({META_FILE}); {found}")
         prefix = PurePosixPath(metas[0]).parent
         self.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.root, prefix=".import-") as staging:
+        atomic.remove_dead_staging(self.root, IMPORT_STAGING_PREFIX, legacy_age_s=LEGACY_STAGING_AGE_S)
+        with atomic.staging(self.root, IMPORT_STAGING_PREFIX) as staging:
             root = Path(staging) / "bank"
             extract_zip(zip_path, root, BANK_ZIP_LIMITS, keep=_bank_file_in(prefix, {META_FILE}))
             meta = read_meta(root)
@@ -429,6 +494,20 @@ def _stamp(path: Path) -> tuple[str, int, int]:
     return (real, info.st_mtime_ns, info.st_size)
 
 
+def _release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; nothing where it is missing).
+
+    A dropped bank frees its ONNX session and arrays, but glibc keeps freed heap pages for reuse, so without this
+    the process's RSS keeps what the dropped banks held (bench/bench_bank_memory.py measures both).
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        pass
+
+
 def open_expert(path: Path, settings: ExpertSettings, *, label: str) -> ExpertScorer:
     """Load a bank directory's expert and test-inspect it (:func:`probe_expert`); every failure is one BankError.
 
@@ -445,8 +524,12 @@ def open_expert(path: Path, settings: ExpertSettings, *, label: str) -> ExpertSc
     try:
         scorer = load_expert(path, settings)
     except BankError as err:
+        if is_disk_full(err):
+            raise  # not the bank's fault: the front ends answer disk_full
         raise BankError(f"{label} is unusable: {_one_line(err)}") from None
     except Exception as err:  # noqa: BLE001 - e.g. onnxruntime refusing the graph: the bank cannot be used
+        if is_disk_full(err):
+            raise
         raise BankError(f"{label}: the feature extractor cannot be loaded ({_one_line(err)})") from None
     probe_expert(scorer, label=label)
     return scorer

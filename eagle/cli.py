@@ -7,7 +7,8 @@ traceback naming it) instead of silently vanishing from ``eagle --help``. The co
 dependencies (gradio, uvicorn, torch) are imported by the handlers, when a command runs.
 
 Exit codes: 0 success; 1 some inputs failed (each named on stderr); 2 usage, configuration or bank errors;
-130 interrupted.
+3 the disk (or quota) is full (nothing half-written stays; free space and rerun); 4 ``eagle doctor``: something the
+configured setup needs is missing (the table says what and how to fix it); 130 interrupted.
 
 Example:
     $ eagle build-bank --normals ./good --name widget
@@ -25,11 +26,15 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from eagle import __version__
+from eagle.errors import disk_full_error, is_disk_full
 from eagle.settings import Settings, SettingsError, load_settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 log = logging.getLogger("eagle.cli")
+
+EXIT_DISK_FULL = 3
+"""Exit code of a command stopped by a full disk or quota (:class:`eagle.errors.DiskFullError`)."""
 
 
 class CommandError(Exception):
@@ -62,15 +67,16 @@ def command_modules() -> list[ModuleType]:
 
     Example:
         >>> [m.__name__ for m in command_modules()]
-        ['eagle.cli_expert', 'eagle.cli_bank', 'deploy.cli', 'eagle.evaluation.cli', 'app.cli']
+        ['eagle.cli_expert', 'eagle.cli_bank', 'deploy.cli', 'eagle.evaluation.cli', 'app.cli', 'eagle.cli_doctor']
     """
     import app.cli
     import deploy.cli
     import eagle.cli_bank
+    import eagle.cli_doctor
     import eagle.cli_expert
     import eagle.evaluation.cli
 
-    return [eagle.cli_expert, eagle.cli_bank, deploy.cli, eagle.evaluation.cli, app.cli]
+    return [eagle.cli_expert, eagle.cli_bank, deploy.cli, eagle.evaluation.cli, app.cli, eagle.cli_doctor]
 
 
 def build_parser(modules: Sequence[str] | None = None) -> CommandRegistry:
@@ -151,6 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as err:
         print(f"eagle {args.command}: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if not is_disk_full(err):
+            raise  # a bug: the traceback is wanted
+        print(f"eagle {args.command}: error: {disk_full_error(err)}", file=sys.stderr)
+        return EXIT_DISK_FULL
     except KeyboardInterrupt:
         print("eagle: interrupted", file=sys.stderr)
         return 130

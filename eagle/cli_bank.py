@@ -29,7 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eagle.cli import CommandError
+from eagle.cli import EXIT_DISK_FULL, CommandError
+from eagle.errors import is_disk_full
 from eagle.settings import Settings
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ def as_command_error(err: Exception) -> CommandError:
     info = describe(err)
     if info is None:
         raise err
-    return CommandError(info.message)
+    return CommandError(info.message, exit_code=EXIT_DISK_FULL if info.code == "disk_full" else 2)
 
 
 def summary_dict(summary: BankSummary, store: BankStore) -> dict[str, Any]:
@@ -177,6 +178,8 @@ def run_export(args: argparse.Namespace, settings: Settings) -> int:
         partial.replace(dest)
     except OSError as err:
         partial.unlink(missing_ok=True)
+        if is_disk_full(err):
+            raise as_command_error(err) from None
         raise CommandError(f"cannot write {str(dest)!r}: {err.strerror or err}") from None
     print(f"eagle bank export: {args.name!r} written to {dest}", file=sys.stderr)
     return 0

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from eagle.cli import CommandError
+from eagle.cli import EXIT_DISK_FULL, CommandError
 from eagle.settings import Settings
 
 log = logging.getLogger("eagle.cli")
@@ -163,7 +163,7 @@ def run_build_bank(args: argparse.Namespace, settings: Settings) -> int:
         info = describe(err)
         if info is None:
             raise
-        raise CommandError(info.message) from None
+        raise CommandError(info.message, exit_code=EXIT_DISK_FULL if info.code == "disk_full" else 2) from None
     finally:
         bar.close()
         label = "skipped" if args.skip_unreadable else "unreadable"
@@ -311,7 +311,9 @@ def run_score(args: argparse.Namespace, settings: Settings) -> int:
         info = describe(err)
         if info is None:
             raise
-        raise CommandError(f"bank {str(bank_dir)!r}: {info.message}") from None
+        raise CommandError(
+            f"bank {str(bank_dir)!r}: {info.message}", exit_code=EXIT_DISK_FULL if info.code == "disk_full" else 2
+        ) from None
     failed = 0
     records: list[dict[str, Any]] = []
     for path in args.images:

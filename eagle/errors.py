@@ -16,10 +16,21 @@ Example:
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 import sys
 from typing import ClassVar, NamedTuple
 
-__all__ = ["EagleError", "ErrorInfo", "as_eagle_error", "describe", "one_line"]
+__all__ = [
+    "DiskFullError",
+    "EagleError",
+    "ErrorInfo",
+    "as_eagle_error",
+    "describe",
+    "disk_full_error",
+    "is_disk_full",
+    "one_line",
+]
 
 
 class EagleError(Exception):
@@ -42,6 +53,49 @@ class EagleError(Exception):
     def status(self) -> int:
         """The HTTP status (the service's name for it)."""
         return self.http_status
+
+
+class DiskFullError(EagleError, OSError):
+    """The data disk (or the user's quota) is full: nothing was changed; free space and retry."""
+
+    code, http_status = "disk_full", 507
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""``OSError`` numbers of a full disk (no space left) and of an exhausted quota."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) says the disk or the quota is full.
+
+    Covers ``OSError`` with ``ENOSPC`` / ``EDQUOT`` and SQLite's "database or disk is full" (the audit log).
+
+    Example:
+        >>> import errno
+        >>> is_disk_full(OSError(errno.ENOSPC, "No space left on device")), is_disk_full(OSError(errno.EACCES, "x"))
+        (True, False)
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DiskFullError):
+            return True
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return True
+        if isinstance(current, sqlite3.OperationalError) and "disk is full" in str(current).lower():
+            return True
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return False
+
+
+def disk_full_error(exc: BaseException) -> DiskFullError:
+    """A full-disk failure as one :class:`DiskFullError` line: where it happened (a path, never file contents)."""
+    if isinstance(exc, DiskFullError):
+        return exc
+    where = getattr(exc, "filename", None)
+    place = f" while writing {str(where)!r}" if where else ""
+    return DiskFullError(f"the disk is full{place}: nothing was changed; free space and retry")
 
 
 class ErrorInfo(NamedTuple):
@@ -73,8 +127,10 @@ def as_eagle_error(exc: BaseException) -> EagleError | None:
 
     ``None`` means a bug: front ends log the traceback and show a generic message (the API: ``500 internal_error``).
     """
-    if isinstance(exc, EagleError):
+    if isinstance(exc, EagleError) and not (exc.code == "internal_error" and is_disk_full(exc)):
         return exc
+    if is_disk_full(exc):
+        return disk_full_error(exc)
     for module_name, class_name, code, http_status in _FOREIGN:
         module = sys.modules.get(module_name)
         cls = getattr(module, class_name, None) if module is not None else None

@@ -4,7 +4,10 @@ Every image the product touches (references, queries, uploads, evaluation sets) 
 :func:`load_image`, which:
 
 * refuses empty files, non-images (e.g. a text file named ``.png``), truncated or corrupt files, and images
-  smaller than 2×2 pixels;
+  smaller than 2×2 pixels; a message says what KIND of file it got ("a text file (29 bytes)", "a PDF document"),
+  never what the file holds (no quoted text or bytes: a file read by mistake must not leak through an error,
+  a log or an audit row); empty, cut-short and undecodable files raise :class:`TruncatedImageError`, which a
+  caller that watches a writer may retry;
 * refuses images with more than ``max_pixels`` pixels from the HEADER, before any pixel is decoded
   (decompression-bomb guard). Pillow's own guard (``Image.MAX_IMAGE_PIXELS``, which only warns up to twice
   its limit) is not relied on: the size is checked here explicitly; Pillow's limit is only raised (never
@@ -38,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import math
@@ -108,15 +112,85 @@ def _read_source(source: str | Path | bytes, name: str | None) -> tuple[bytes, s
         raise ImageError(f"{label}: cannot read file ({err.strerror or err})") from None
 
 
-def _describe_non_image(data: bytes) -> str:
-    head = data[:64]
-    try:
-        text = head.decode("utf-8")
+_SUPPORTED_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+    (b"RIFF", "WebP"),
+)
+"""Signatures of the supported formats: a short file that starts with one (or is cut inside one) is an image cut
+short."""
+_HEADER_BYTES = 64
+"""Files shorter than this that start like a supported format are taken as cut short (the decoder needs more)."""
+_OTHER_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"%PDF", "a PDF document"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-zip archive"),
+    (b"\xfd7zXZ\x00", "an xz archive"),
+    (b"BZh", "a bzip2 archive"),
+    (b"\x7fELF", "an executable (ELF)"),
+    (b"MZ", "a Windows executable"),
+    (b"SQLite format 3\x00", "an SQLite database"),
+    (b"GIF8", "a GIF image"),
+)
+"""Other kinds a wrong file commonly is, named by kind (never by what it holds)."""
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis")
+
+
+class TruncatedImageError(ImageError):
+    """The file ends before an image does: empty, cut short or damaged (perhaps still being written).
+
+    Same code and status as :class:`ImageError`; the watched folder retries these for a while before failing them.
+    """
+
+
+def _size_text(n: int) -> str:
+    return "1 byte" if n == 1 else f"{n:,} bytes"
+
+
+def _is_text(head: bytes) -> bool:
+    try:  # not final: a multi-byte character may be cut at the end of the sample
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
     except UnicodeDecodeError:
-        text = None
-    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
-        return f"not an image: the file holds text ({text.strip()[:24]!r}…)"
-    return f"not an image in a supported format (starts with bytes {head[:8].hex(' ')})"
+        return False
+    return bool(text) and all(c.isprintable() or c in "\r\n\t\f\v" for c in text)
+
+
+def _describe_non_image(data: bytes) -> tuple[str, bool]:
+    """What kind of file ``data`` is, in words, and whether it may be an image cut short.
+
+    The message names the KIND of file and its size, never what it holds: a text file's words or a binary
+    file's bytes could be anything (the watched folder must not echo a file it was tricked into reading).
+    """
+    size = _size_text(len(data))
+    text = _is_text(data[:512])
+    for magic, label in _SUPPORTED_MAGIC:
+        started = data.startswith(magic) or magic.startswith(data)
+        if started and len(data) < _HEADER_BYTES and not text:  # the decoder saw too little to know the format
+            if label == "WebP" and len(data) >= 12 and data[8:12] != b"WEBP":
+                break  # another RIFF file (WAV, AVI...)
+            return f"a {label} file cut short ({size}): truncated, or still being written", True
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return f"not an image in a supported format: a HEIF/AVIF image ({size}); convert it to PNG or JPEG", False
+    for magic, label in _OTHER_MAGIC:
+        if data.startswith(magic):
+            return f"not an image: {label} ({size})", False
+    if text:
+        return f"not an image: a text file ({size})", False
+    return f"not an image in a supported format (binary data, {size})", False
+
+
+_QUOTED = re.compile(r"b?'[^']*'|b?\"[^\"]*\"")
+
+
+def _reason(err: BaseException) -> str:
+    """A decoder's complaint, first line only, with anything quoted from the file (bytes, names) replaced."""
+    text = str(err).splitlines()[0] if str(err) else ""
+    text = _QUOTED.sub("…", text).strip()
+    return text[:120] if text else type(err).__name__
 
 
 def _open_header(data: bytes, label: str, max_pixels: int) -> Image.Image:
@@ -135,9 +209,10 @@ def _open_header(data: bytes, label: str, max_pixels: int) -> Image.Image:
             "refused before decoding"
         ) from None
     except UnidentifiedImageError:
-        raise ImageError(f"{label}: {_describe_non_image(data)}") from None
+        description, cut_short = _describe_non_image(data)
+        raise (TruncatedImageError if cut_short else ImageError)(f"{label}: {description}") from None
     except _DECODE_ERRORS as err:
-        raise ImageError(f"{label}: corrupt image header ({err})") from None
+        raise TruncatedImageError(f"{label}: corrupt image header, truncated or damaged ({_reason(err)})") from None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError(
@@ -187,7 +262,7 @@ def _decode_16bit_colour(data: bytes, label: str, orientation: int) -> np.ndarra
 
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if decoded is None or decoded.ndim != 3 or decoded.dtype != np.uint16:
-        raise ImageError(f"{label}: cannot decode the 16-bit colour image (truncated or corrupt)")
+        raise TruncatedImageError(f"{label}: cannot decode the 16-bit colour image (truncated or corrupt)")
     rgb = _scale_16bit(decoded[..., 2::-1])
     if decoded.shape[2] == 4:
         rgb = _composite_on_white(rgb, _scale_16bit(decoded[..., 3]))
@@ -238,6 +313,44 @@ class DecodedImage:
     def of(cls, pixels: np.ndarray) -> DecodedImage:
         """Wrap a full-resolution array (its own size is the original size)."""
         return cls(pixels, (int(pixels.shape[1]), int(pixels.shape[0])))
+
+
+TAIL_BYTES = 65536
+"""How much of a file's end :func:`looks_complete` needs (an image's end marker sits in its last bytes)."""
+
+
+def looks_complete(head: bytes, tail: bytes, size: int) -> bool | None:
+    """Whether a file that may still be being written already holds a whole image, from its first and last bytes.
+
+    Cheap (nothing is decoded): PNG ends with its ``IEND`` chunk, JPEG with the end-of-image marker ``FF D9``, and
+    BMP and WebP declare their file size in the header. Other formats (TIFF...) cannot be told this way.
+
+    Args:
+        head: the file's first bytes (at least 16).
+        tail: the file's last :data:`TAIL_BYTES` bytes (the whole file when smaller).
+        size: the file's size in bytes.
+
+    Returns:
+        ``True`` when the image looks whole, ``False`` when it is certainly cut short (or empty), ``None`` when the
+        format is not one of those (or not an image at all): let the decoder judge.
+
+    Example:
+        >>> png = bytes.fromhex("89504e470d0a1a0a") + b"..." + b"IEND" + bytes.fromhex("ae426082")
+        >>> looks_complete(png, png, len(png)), looks_complete(png[:9], png[:9], 9), looks_complete(b"II*", b"", 4)
+        (True, False, None)
+    """
+    if size == 0:
+        return False
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return b"IEND\xaeB`\x82" in tail
+    if head.startswith(b"\xff\xd8\xff"):
+        return b"\xff\xd9" in (tail[2:] if len(tail) == size else tail)
+    if head.startswith(b"BM") and len(head) >= 6:
+        declared = int.from_bytes(head[2:6], "little")
+        return None if declared == 0 else size >= declared
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return size >= int.from_bytes(head[4:8], "little") + 8
+    return None
 
 
 def image_sha256(image: bytes | str | Path | np.ndarray | DecodedImage) -> str:
@@ -323,8 +436,9 @@ def _decode_full(image: Image.Image, data: bytes, label: str, orientation: int) 
         oriented = ImageOps.exif_transpose(image)
         rgb = _to_rgb(oriented)
     except _DECODE_ERRORS as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ImageError(f"{label}: cannot decode image, the file is truncated or corrupt ({reason})") from None
+        raise TruncatedImageError(
+            f"{label}: cannot decode image, the file is truncated or corrupt ({_reason(err)})"
+        ) from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:  # pragma: no cover - defensive
         raise ImageError(f"{label}: unsupported pixel layout {rgb.shape} {rgb.dtype}")
     return np.ascontiguousarray(rgb)
@@ -347,8 +461,9 @@ def _decode_reduced(
         else:  # palette, CMYK, 16/32-bit, float...: to RGB first (its own rules), then resize
             rgb = resize_rgb(_to_rgb(image), target[1], target[0])
     except _DECODE_ERRORS as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ImageError(f"{label}: cannot decode image, the file is truncated or corrupt ({reason})") from None
+        raise TruncatedImageError(
+            f"{label}: cannot decode image, the file is truncated or corrupt ({_reason(err)})"
+        ) from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:  # pragma: no cover - defensive
         raise ImageError(f"{label}: unsupported pixel layout {rgb.shape} {rgb.dtype}")
     return _orient_array(rgb, orientation)
@@ -380,7 +495,7 @@ def load_image(source: str | Path | bytes, *, max_pixels: int, name: str | None 
     """
     data, label = _read_source(source, name)
     if len(data) == 0:
-        raise ImageError(f"{label}: empty file (0 bytes)")
+        raise TruncatedImageError(f"{label}: empty file (0 bytes)")
     image = _open_header(data, label, max_pixels)
     return _decode_full(image, data, label, _orientation(image))
 
@@ -425,7 +540,7 @@ def decode_image(
     """
     data, label = _read_source(source, name)
     if len(data) == 0:
-        raise ImageError(f"{label}: empty file (0 bytes)")
+        raise TruncatedImageError(f"{label}: empty file (0 bytes)")
     sha = image_sha256(data)
     image = _open_header(data, label, max_pixels)
     orientation = _orientation(image)

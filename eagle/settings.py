@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     bank_versions_kept: int = Field(
         5, ge=1, description="Versions kept per bank (every build, teach or import writes one; the oldest are pruned)."
     )
+    max_loaded_banks: int = Field(
+        4,
+        ge=1,
+        description="Banks kept loaded in memory at once (the least recently used is dropped; docs/edge.md: memory).",
+    )
     expert: ExpertSettings = Field(default_factory=ExpertSettings)
     mllm: MLLMSettings = Field(default_factory=MLLMSettings)
     caas: CAASSettings = Field(default_factory=CAASSettings)

@@ -31,7 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +52,12 @@ __all__ = [
     "fsync_file",
     "fsync_tree",
     "link_or_copy",
+    "process_alive",
+    "remove_dead_staging",
     "replace",
+    "staging",
+    "staging_dir",
+    "try_file_lock",
     "write_bytes",
     "write_text",
 ]
@@ -157,6 +166,26 @@ def link_or_copy(source: str | Path, destination: str | Path) -> bool:
 
 
 @contextlib.contextmanager
+def try_file_lock(path: str | Path) -> Iterator[bool]:
+    """Like :func:`file_lock`, but never waits: yields False (holding nothing) when another holder has it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        if fcntl is None:  # pragma: no cover - Windows
+            yield True
+            return
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def file_lock(path: str | Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block: one writer at a time.
 
@@ -184,3 +213,83 @@ def file_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_")
+
+
+def remove_dead_staging(parent: str | Path, prefix: str, *, legacy_age_s: float | None = None) -> list[Path]:
+    """Remove the staging folders ``<prefix><host>-<pid>-<random>`` in ``parent`` whose process on this host is gone.
+
+    Folders of live processes and of other hosts (shared storage, other pods) are never touched. ``legacy_age_s``:
+    also remove folders named ``<prefix><random>`` (no host and pid: written before staging folders carried them)
+    whose last change is older than that many seconds.
+
+    Returns:
+        The folders removed.
+    """
+    parent = Path(parent)
+    mine = re.compile(rf"{re.escape(prefix)}{re.escape(_host())}-(\d+)-[^/]+")
+    named = re.compile(rf"{re.escape(prefix)}[^-/]+-\d+-[^/]+")
+    removed = []
+    try:
+        children = list(parent.iterdir())
+    except OSError:
+        return []
+    for child in children:
+        if not child.name.startswith(prefix) or child.is_symlink() or not child.is_dir():
+            continue
+        match = mine.fullmatch(child.name)
+        if match is not None:
+            stale = not process_alive(int(match.group(1)))
+        elif named.fullmatch(child.name) is None and legacy_age_s is not None:
+            try:
+                stale = time.time() - child.stat().st_mtime > legacy_age_s
+            except OSError:
+                continue
+        else:
+            continue
+        if stale:
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
+
+
+def staging_dir(parent: str | Path, prefix: str) -> Path:
+    """A new private staging folder ``<parent>/<prefix><host>-<pid>-<random>``; first removes those of dead processes.
+
+    A writer that is killed (``kill -9``, out of memory, a power cut) cannot remove its staging folder; the name
+    says which process on which host made it, so the next writer using the same ``prefix`` in ``parent`` removes
+    it (:func:`remove_dead_staging`), and never another live process's. The caller removes its own folder when done.
+
+    Example:
+        >>> folder = staging_dir(tempfile.mkdtemp(), ".import-")
+        >>> folder.name.startswith(f".import-{_host()}-{os.getpid()}-")
+        True
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_staging(parent, prefix)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{_host()}-{os.getpid()}-", dir=parent))
+
+
+@contextlib.contextmanager
+def staging(parent: str | Path, prefix: str) -> Iterator[Path]:
+    """:func:`staging_dir` for the block, removed afterwards (like :class:`tempfile.TemporaryDirectory`)."""
+    folder = staging_dir(parent, prefix)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

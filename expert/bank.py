@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -442,7 +441,7 @@ def save_bank(
     _check_consistency(tensors, meta, where="bank to save")
     _check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = atomic.staging_dir(target.parent, f".{target.name}.tmp-")  # a killed save's is removed by the next
     try:
         _write_references(staging, bank, meta, reference_images, reference_max_side)
         meta.backbone.onnx_sha256 = _write_onnx(staging, bank, onnx_source)

@@ -34,11 +34,11 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from tempfile import TemporaryDirectory
 
 import numpy as np
 import torch
 
+from expert import atomic
 from expert.backbone import PatchEmbedder, build_patch_embedder
 from expert.bank import Bank, MaskMeta, make_meta, save_bank
 from expert.config import ExpertSettings
@@ -61,6 +61,9 @@ from expert.retrieval import global_descriptors
 from expert.weights import WeightsInfo
 
 log = logging.getLogger(__name__)
+
+EXPORT_SCRATCH_PREFIX = ".eagle-export-"
+"""Scratch folder of a build, next to its output (:func:`expert.atomic.staging_dir`)."""
 
 __all__ = ["BUILD_STAGES", "ProgressCallback", "ReferenceCountError", "build_bank", "fit_bank"]
 
@@ -371,7 +374,8 @@ def build_bank(
     _check_inputs(images, names, settings)  # bad input fails before any graph is loaded or exported
     out_dir = Path(out_dir).expanduser()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with TemporaryDirectory(prefix=".eagle-export-", dir=out_dir.parent) as scratch:
+    # Named after this host and process: a killed build's scratch is removed by the next build here.
+    with atomic.staging(out_dir.parent, EXPORT_SCRATCH_PREFIX) as scratch:
         # The graph first (cached, or exported), then embed the references with it: the bank's features come
         # from the very extractor that scores queries (and onnxruntime is faster than torch on CPU).
         report(progress, "embed", 0.0)

@@ -71,6 +71,11 @@ class ExpertSettings(BaseModel):
     recommended_references: int = Field(20, ge=1, description="Below this a bank is built with a warning.")
     gaussian_sigma: float = Field(4.0, ge=0.0, description="Gaussian smoothing of the anomaly map (pixels).")
     max_boxes: int = Field(3, ge=1)
+    box_merge: Literal["eagle", "reference"] = Field(
+        "eagle",
+        description="How defect boxes are merged: eagle (repeated; centres closer than half the smaller box's "
+        "diagonal) or reference (the reference code's one pass: IoU > 0.3 or centres within 20 px).",
+    )
     reference_max_side: int = Field(
         1024,
         ge=64,

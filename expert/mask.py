@@ -3,11 +3,15 @@
 A mask is given in ORIGINAL-image pixels, drawn over (or sized like) a reference image:
 
 * a binary PNG (:func:`read_mask_png`): a pixel is inside iff it is opaque (alpha ≥ 128, when the PNG has an alpha
-  channel that is not fully opaque) and bright (luminance ≥ 128); white = inspected, black or transparent = ignored;
+  channel that is not fully opaque) and bright (luminance ≥ 128); white = inspected, black or transparent = ignored.
+  A PNG that is not black-and-white (grey levels, colours, half-transparent pixels) is read by the same rule; it
+  is not refused, but the rule is logged and appended to the mask's description (:func:`png_reading_note`), so
+  ``bank show`` says how it was read;
 * polygons (:func:`parse_polygons`): JSON ``{"width": W, "height": H, "polygons": [[[x, y], ...], ...]}`` (or a
   bare list of polygons, sized like the first reference image), vertices in original pixel coordinates, pixel
   ``(x, y)`` being the one whose top-left corner is at ``(x, y)``; filled with PIL's ``ImageDraw.polygon``
-  (outline pixels included), the union of all polygons is inside.
+  (outline pixels included), the union of all polygons is inside; at most :data:`MAX_POLYGON_POINTS` vertices in
+  all.
 
 The pixel mask is then mapped to the patch grid (:func:`to_grid`) through the exact resize + crop the expert uses
 (:mod:`expert.preprocess`): **a patch counts iff the original pixel under its centre is inside**. Patch ``(r, c)``
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,12 @@ MASK_RULE = "patch_centre"
 """How the pixel mask becomes the grid mask: the pixel under each patch centre decides (see the module docstring)."""
 MAX_MASK_PIXELS = 100_000_000
 """Largest mask (PNG or polygon canvas) accepted, in pixels."""
+MAX_POLYGON_POINTS = 100_000
+"""Most vertices a polygons mask may have, all polygons together (a larger outline belongs in a PNG mask)."""
+INSIDE_RULE = "inspected where luminance >= 128 and, in a PNG with transparency, alpha >= 128"
+"""How every mask picture is read, in words (see the module docstring)."""
+
+log = logging.getLogger(__name__)
 
 
 class MaskError(ValueError):
@@ -54,23 +65,64 @@ class MaskError(ValueError):
 
 
 def read_mask_png(source: bytes | str | Path, *, name: str = "mask") -> np.ndarray:
-    """Read a binary mask PNG into a bool ``H × W`` array (True = inspected).
+    """Read a binary mask PNG into a bool ``H × W`` array (True = inspected; the rule: :data:`INSIDE_RULE`).
 
     Raises:
-        MaskError: unreadable image, or nothing inside.
+        MaskError: empty or unreadable file, or nothing inside.
+    """
+    return pixels_from_rgba(read_mask_rgba(source, name=name), name=name)
+
+
+def read_mask_rgba(source: bytes | str | Path, *, name: str = "mask") -> np.ndarray:
+    """The mask picture as RGBA uint8 ``H × W × 4``, before the inside rule is applied.
+
+    Raises:
+        MaskError: the file cannot be read, is empty, is not an image, or has more than :data:`MAX_MASK_PIXELS`.
     """
     try:
         data = Path(source).read_bytes() if isinstance(source, str | Path) else bytes(source)
     except OSError as err:
-        raise MaskError(f"{name}: cannot read mask file ({err.strerror or err})") from None
+        raise MaskError(f"{name}: cannot read mask file ({err.strerror or type(err).__name__})") from None
+    if not data:
+        raise MaskError(f"{name}: the mask file is empty (0 bytes); expected a PNG, white = inspected, black = ignored")
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_MASK_PIXELS:
-                raise MaskError(f"{name}: mask of {image.width}×{image.height} pixels is too large")
-            rgba = np.asarray(image.convert("RGBA"))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise MaskError(f"{name}: not a readable image ({err})") from None
-    return pixels_from_rgba(rgba, name=name)
+                raise MaskError(
+                    f"{name}: mask of {image.width}×{image.height} pixels is too large "
+                    f"(at most {MAX_MASK_PIXELS:,} pixels)"
+                )
+            return np.asarray(image.convert("RGBA"))
+    except Image.DecompressionBombError:
+        raise MaskError(f"{name}: the mask image is too large (at most {MAX_MASK_PIXELS:,} pixels)") from None
+    except UnidentifiedImageError:
+        raise MaskError(
+            f"{name}: not a readable image (not a PNG or another image format); {len(data)} bytes"
+        ) from None
+    except OSError:  # truncated or damaged image data
+        raise MaskError(f"{name}: not a readable image (the image data is truncated or damaged)") from None
+
+
+def png_reading_note(rgba: np.ndarray) -> str | None:
+    """How a mask picture that is not black-and-white was read, in one phrase; ``None`` for a black-and-white one.
+
+    Black-and-white: every pixel is pure black or pure white (0 or 255 in all three channels) and fully opaque, or
+    fully transparent. Anything else (anti-aliased edges, a grey-level or colour picture, half-transparent
+    strokes) is read by :data:`INSIDE_RULE` and this note says so.
+    """
+    array = np.asarray(rgba)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    colours = array[..., :3]
+    odd = ~(((colours == 0) | (colours == 255)).all(axis=2) & (colours == colours[..., :1]).all(axis=2))
+    if array.shape[2] == 4:  # a fully transparent pixel is ignored whatever its colour
+        odd = (odd & (array[..., 3] > 0)) | ((array[..., 3] > 0) & (array[..., 3] < 255))
+    count = int(odd.sum())
+    if count == 0:
+        return None
+    share = 100.0 * count / odd.size
+    kinds = "grey, coloured or half-transparent"
+    return f"not black-and-white: {share:.3g} % of its pixels are {kinds}; read as {INSIDE_RULE}"
 
 
 def pixels_from_rgba(rgba: np.ndarray, *, name: str = "mask") -> np.ndarray:
@@ -100,9 +152,12 @@ def parse_polygons(
         default_size: ``(width, height)`` used when the spec gives none (the first reference image's size).
 
     Raises:
-        MaskError: malformed JSON, a polygon with fewer than 3 points, non-numeric coordinates, or no size.
+        MaskError: malformed JSON, a polygon with fewer than 3 points, non-numeric coordinates, no size, or more
+            than :data:`MAX_POLYGON_POINTS` points.
     """
     if isinstance(spec, str | bytes):
+        if not spec.strip():
+            raise MaskError("mask polygons: the polygons JSON is empty")
         try:
             spec = json.loads(spec)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -129,6 +184,12 @@ def parse_polygons(
     raw = spec["polygons"]
     if not isinstance(raw, list) or not raw:
         raise MaskError("mask polygons: 'polygons' must be a non-empty list of polygons")
+    points_given = sum(len(polygon) for polygon in raw if isinstance(polygon, list))
+    if points_given > MAX_POLYGON_POINTS:
+        raise MaskError(
+            f"mask polygons: {points_given:,} points, more than the {MAX_POLYGON_POINTS:,} accepted; "
+            "simplify the outline (a few hundred points draw any region at patch precision) or send the mask as a PNG"
+        )
     polygons = []
     for i, polygon in enumerate(raw):
         if not isinstance(polygon, list) or len(polygon) < 3:
@@ -240,26 +301,37 @@ def grid_mask_from_source(
     Raises:
         MaskError: unreadable or invalid mask.
     """
+    note: str | None = None  # how a picture that is not black-and-white was read
     if isinstance(source, str | Path):
         path = Path(source)
         if path.suffix.lower() == ".json":
             try:
                 text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as err:
-                raise MaskError(f"{path.name}: cannot read mask polygons ({err})") from None
+            except OSError as err:
+                raise MaskError(
+                    f"{path.name}: cannot read mask polygons ({err.strerror or type(err).__name__})"
+                ) from None
+            except UnicodeDecodeError:
+                raise MaskError(f"{path.name}: the mask polygons file is not UTF-8 text") from None
             polygons, (width, height) = parse_polygons(text, default_size=default_size)
             pixels, description = rasterise_polygons(polygons, width, height), f"polygons:{path.name}"
         else:
-            pixels, description = read_mask_png(path, name=path.name), f"png:{path.name}"
+            rgba = read_mask_rgba(path, name=path.name)
+            pixels, note, description = (
+                pixels_from_rgba(rgba, name=path.name),
+                png_reading_note(rgba),
+                f"png:{path.name}",
+            )
     elif isinstance(source, bytes | bytearray):
-        pixels, description = read_mask_png(bytes(source), name=name), f"png:{name}"
+        rgba = read_mask_rgba(bytes(source), name=name)
+        pixels, note, description = pixels_from_rgba(rgba, name=name), png_reading_note(rgba), f"png:{name}"
     elif isinstance(source, dict | list):
         polygons, (width, height) = parse_polygons(source, default_size=default_size)
         pixels = rasterise_polygons(polygons, width, height)
         description = f"polygons:{len(polygons)}"
     elif isinstance(source, np.ndarray):
         if source.ndim == 3:
-            pixels = pixels_from_rgba(source, name=name)
+            pixels, note = pixels_from_rgba(source, name=name), png_reading_note(source)
         else:
             pixels = np.asarray(source).astype(bool)
             if not pixels.any():
@@ -268,4 +340,8 @@ def grid_mask_from_source(
     else:
         raise MaskError(f"{name}: unsupported mask source {type(source).__name__}")
     grid_mask = to_grid(pixels, resize=resize, crop=crop, center_crop=center_crop, grid=grid)
-    return grid_mask, f"{description} {pixels.shape[1]}x{pixels.shape[0]}"
+    description = f"{description} {pixels.shape[1]}x{pixels.shape[0]}"
+    if note is not None:
+        log.warning("inspection mask %s is %s", description, note)
+        description = f"{description}; {note}"
+    return grid_mask, description

@@ -226,7 +226,9 @@ class ExpertScorer:
         watch.lap("map")
         anomalous = score >= self.tau
         boxes = (
-            find_boxes_in_original(crop_map, geometry, max_boxes=self.settings.max_boxes, crop_mask=inside)
+            find_boxes_in_original(
+                crop_map, geometry, max_boxes=self.settings.max_boxes, crop_mask=inside, merge=self.settings.box_merge
+            )
             if anomalous
             else []
         )

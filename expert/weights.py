@@ -177,3 +177,33 @@ def load_backbone(settings: ExpertSettings) -> tuple[torch.nn.Module, WeightsInf
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     return module, WeightsInfo(source=source, checksum=state_dict_checksum(module))
+
+
+HUB_WEIGHT_FILES: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
+"""The files timm fetches from a hub repository for pretrained weights, in the order it tries them."""
+
+
+def hub_weights_source(name: str) -> tuple[str, str | None]:
+    """The Hugging Face hub repository (and revision, ``None`` for ``main``) timm loads ``name``'s weights from.
+
+    This is timm's own resolution (the model's pretrained config), so a check of the cache looks where
+    :func:`load_backbone` with ``weights="hub"`` will look; nothing is downloaded.
+
+    Raises:
+        BackboneWeightsError: timm knows no hub weights for ``name``.
+
+    Example:
+        >>> hub_weights_source("wide_resnet50_2.tv_in1k")
+        ('timm/wide_resnet50_2.tv_in1k', None)
+    """
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except (RuntimeError, ValueError):
+        cfg = None
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if not hub_id:
+        raise BackboneWeightsError(f"timm has no Hugging Face hub weights for {name!r}")
+    repo, _, revision = hub_id.partition("@")
+    return repo, revision or None

@@ -11,6 +11,10 @@ Quantisation (``settings.mllm.quantization``):
 without it the preset's hub id is used. ``HF_HUB_OFFLINE=1`` is honoured by huggingface_hub itself; every
 failure to find weights becomes an :class:`MLLMLoadError` with one line saying how to get them.
 
+:func:`load_mllm_from_config` loads a model from a transformers configuration instead (e.g. the preset checkpoint's
+published ``config.json``, kept in ``mllm/configs``: :func:`published_config`) with random weights, through the same
+``from_pretrained`` call and quantisation: speed and memory of the real model without its weights.
+
 Example:
     >>> from mllm.config import MLLMSettings
     >>> loaded = load_mllm(MLLMSettings(model_id="/models/tiny-qwen"))  # doctest: +SKIP
@@ -21,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -45,7 +50,12 @@ __all__ = [
     "MLLMLoadError",
     "Quantization",
     "load_mllm",
+    "load_mllm_from_config",
+    "model_source",
+    "published_config",
+    "published_config_path",
     "quantization_config",
+    "random_state_dict",
     "resolve_device",
     "resolve_quantization",
 ]
@@ -213,6 +223,22 @@ def _resolve_model_id(settings: MLLMSettings, preset: ModelPreset) -> str:
     return model_id
 
 
+def model_source(settings: MLLMSettings) -> tuple[str, ModelPreset]:
+    """What :func:`load_mllm` would load for these settings, without loading it: ``(model id, preset)``.
+
+    The model id is a resolved local directory (``settings.model_id`` naming a folder with ``config.json``) or a
+    hub id (``settings.model_id``, else the preset's).
+
+    Raises:
+        MLLMLoadError: unknown preset, remote code not allowed, or a local path that is not a model directory.
+    """
+    try:
+        preset = get_preset(settings.preset, trust_remote_code=settings.trust_remote_code)
+    except PresetError as err:
+        raise MLLMLoadError(str(err)) from None
+    return _resolve_model_id(settings, preset), preset
+
+
 def _how_to_get(model_id: str, reason: str) -> MLLMLoadError:
     return MLLMLoadError(
         f"cannot load MLLM weights {model_id!r} ({reason}): on a connected machine run "
@@ -297,6 +323,34 @@ def load_mllm(
         raise _how_to_get(model_id, _first_line(err)) from None
     except ValueError as err:
         raise MLLMLoadError(f"cannot load {model_id} as an image-text-to-text model: {_first_line(err)}") from None
+    return _finish_loading(
+        model,
+        processor,
+        preset=preset,
+        model_id=model_id,
+        quantization=quantization,
+        device=device,
+        dtype=dtype,
+        settings=settings,
+        caas=caas,
+        progress=progress,
+    )
+
+
+def _finish_loading(
+    model: Any,
+    processor: Any,
+    *,
+    preset: ModelPreset,
+    model_id: str,
+    quantization: Quantization,
+    device: torch.device,
+    dtype: torch.dtype,
+    settings: MLLMSettings,
+    caas: CAASSettings | None,
+    progress: ProgressCallback | None,
+) -> LoadedMLLM:
+    """Freeze ``model``, give ``processor`` the pixel budget, find the image token and decoder layers, check CAAS."""
     model.eval()
     model.requires_grad_(False)
     _report(progress, "Preparing processor", 0.9)
@@ -343,3 +397,169 @@ def _require_bitsandbytes() -> None:
         raise MLLMLoadError(
             "4-bit/8-bit loading needs bitsandbytes (pip install bitsandbytes), or set EAGLE_MLLM__QUANTIZATION=bf16"
         ) from None
+
+
+# --- a model from its configuration: random weights, the production quantisation -----------------------------
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+"""Published ``config.json`` files of preset checkpoints, one per hub id (:func:`published_config`)."""
+
+_INIT_STD = 0.02  # Qwen2.5-VL's initializer_range: the scale of the random weights
+
+
+def published_config_path(preset: ModelPreset) -> Path:
+    """Where the preset checkpoint's published ``config.json`` is kept: ``mllm/configs/<hub name>.json``.
+
+    The file name is the hub id's model name, lower-cased, with ``.`` and ``-`` as ``_``
+    (``Qwen/Qwen2.5-VL-7B-Instruct`` → ``qwen2_5_vl_7b_instruct.json``).
+    """
+    stem = preset.hub_id.rsplit("/", 1)[-1].lower().replace(".", "_").replace("-", "_")
+    return CONFIGS_DIR / f"{stem}.json"
+
+
+def published_config(preset_name: str) -> Any:
+    """The transformers configuration of a preset's checkpoint, from the copy in ``mllm/configs`` (no hub access).
+
+    Raises:
+        MLLMLoadError: unknown preset, or no configuration of it is kept in the repository.
+    """
+    from transformers import AutoConfig
+
+    try:
+        preset = get_preset(preset_name)
+    except PresetError as err:
+        raise MLLMLoadError(str(err)) from None
+    path = published_config_path(preset)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))) or "none"
+        raise MLLMLoadError(f"no published configuration of preset {preset.name!r} is kept (known: {known})")
+    return AutoConfig.from_pretrained(str(path))
+
+
+def random_state_dict(config: Any, dtype: torch.dtype, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights for every parameter of the model ``config`` describes, in ``dtype``, on the CPU.
+
+    Norm weights are 1, biases 0; every other weight is a view into ONE seeded N(0, 0.02²) pool as large as the
+    largest weight (at a per-weight offset), so a 7B model's state dict costs ~1 GB of host memory instead of
+    16 GB and takes seconds to make. Speed and memory of inference do not depend on the values.
+
+    Args:
+        config: A transformers model configuration (an ``AutoModelForImageTextToText`` architecture).
+        dtype: The dtype of the tensors (what the loader materialises and, under 4/8-bit, quantises).
+        seed: Seed of the pool; the same seed gives the same weights.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(config)
+    shapes = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+    buffers = {name for name, _ in skeleton.named_buffers()}
+    del skeleton
+    spread = 4096
+    largest = max(math.prod(shape) for shape in shapes.values())
+    generator = torch.Generator().manual_seed(seed)
+    pool = (torch.randn(largest + spread, generator=generator) * _INIT_STD).to(dtype)
+    state: dict[str, torch.Tensor] = {}
+    for index, (name, shape) in enumerate(shapes.items()):
+        if name in buffers:
+            continue
+        if len(shape) == 1 and name.endswith("bias"):
+            state[name] = torch.zeros(shape, dtype=dtype)
+        elif len(shape) == 1:
+            state[name] = torch.ones(shape, dtype=dtype)
+        else:
+            offset = (index * 977) % spread
+            state[name] = pool[offset : offset + math.prod(shape)].view(shape)
+    return state
+
+
+def load_mllm_from_config(
+    config: Any,
+    processor: Any,
+    settings: MLLMSettings,
+    *,
+    caas: CAASSettings | None = None,
+    progress: ProgressCallback | None = None,
+    seed: int = 0,
+) -> LoadedMLLM:
+    """Load a model from a transformers configuration instead of a hub id: random weights, production loading.
+
+    For measuring speed and memory where the real weights cannot be had (a GPU host without hub access, CI): the
+    weights are :func:`random_state_dict` (nothing is written to disk) and go through the SAME ``from_pretrained``
+    as :func:`load_mllm` (of the class ``AutoModelForImageTextToText`` picks for ``config``, in transformers'
+    documented form with ``config`` and ``state_dict`` instead of a checkpoint name), with the same device map,
+    dtype, attention and ``BitsAndBytesConfig``: under ``4bit``/``8bit`` bitsandbytes quantises every weight as it
+    is loaded, and the preset's vision tower and LM head stay un-quantised.
+    The processor is the caller's (e.g. one made locally with the checkpoint's vocabulary size); the preset's pixel
+    budget and the CAAS check are applied as by :func:`load_mllm`.
+
+    Args:
+        config: The model configuration (e.g. :func:`published_config`); ``settings.preset`` must describe it.
+        processor: Its processor (tokenizer, image processor, chat template).
+        settings: The ``mllm`` settings group (preset, quantization, device, attention, pixel budget).
+        caas: As :func:`load_mllm`.
+        progress: As :func:`load_mllm`.
+        seed: Seed of the random weights.
+
+    Raises:
+        MLLMLoadError: unknown preset, bad device, bitsandbytes missing, out of memory, or a configuration that is
+            not an image-text-to-text model.
+        CAASUnsupportedError: as :func:`load_mllm`.
+    """
+    try:
+        preset = get_preset(settings.preset, trust_remote_code=settings.trust_remote_code)
+    except PresetError as err:
+        raise MLLMLoadError(str(err)) from None
+    device = resolve_device(settings)
+    quantization = resolve_quantization(settings, device)
+    dtype = _weights_dtype(quantization)
+    bnb_config = _bnb_config(quantization, preset)
+    if quantization in ("4bit", "8bit"):
+        _require_bitsandbytes()
+
+    from transformers import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    model_id = f"config:{getattr(config, 'name_or_path', '') or config.model_type}"
+    try:  # the class AutoModelForImageTextToText picks; its from_pretrained takes a config and no checkpoint name
+        model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+    except KeyError:
+        raise MLLMLoadError(f"{model_id} ({type(config).__name__}) is not an image-text-to-text model") from None
+    _report(progress, f"Making random weights for {model_id}", 0.05)
+    try:
+        state_dict = random_state_dict(config, dtype, seed=seed)
+    except ValueError as err:
+        raise MLLMLoadError(f"cannot build {model_id} as an image-text-to-text model: {_first_line(err)}") from None
+    _report(progress, f"Loading {model_id} ({quantization} on {device}, random weights)", 0.2)
+    kwargs: dict[str, Any] = {
+        "config": config,
+        "state_dict": state_dict,
+        "dtype": dtype,
+        "attn_implementation": settings.attn_implementation,
+        "device_map": {"": str(device)},
+    }
+    if bnb_config is not None:
+        kwargs["quantization_config"] = bnb_config
+    try:
+        model = model_class.from_pretrained(None, **kwargs)
+    except torch.OutOfMemoryError:
+        estimate = estimate_weight_memory_gib(preset, quantization)
+        raise MLLMLoadError(
+            f"out of memory loading {model_id} in {quantization} (weights ≈ {estimate} GiB): use "
+            "EAGLE_MLLM__QUANTIZATION=4bit or the small preset EAGLE_MLLM__PRESET=qwen2.5-vl-3b"
+        ) from None
+    except (ImportError, ValueError) as err:
+        raise MLLMLoadError(f"cannot load {model_id} in {quantization}: {_first_line(err)}") from None
+    finally:
+        del state_dict
+    return _finish_loading(
+        model,
+        processor,
+        preset=preset,
+        model_id=model_id,
+        quantization=quantization,
+        device=device,
+        dtype=dtype,
+        settings=settings,
+        caas=caas,
+        progress=progress,
+    )

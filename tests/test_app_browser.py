@@ -34,10 +34,31 @@ def test_build_a_bank_and_inspect_in_the_browser(app_url, synthetic_root):
 
         page.get_by_role("tab", name="Inspect").click()
         assert "Expert-only mode" in page.content()
-        verdicts = {}
+        # Every message Gradio's status tracker announces (it once read the untranslated key `common.complete`).
+        page.evaluate(
+            "() => { window.announced = []; new MutationObserver(() => document.querySelectorAll('[role=status]')"
+            ".forEach(e => window.announced.push(e.textContent))).observe(document.body, "
+            "{subtree: true, childList: true, characterData: true}); }"
+        )
+        verdicts, reasons = {}, {}
         for label, image in (("defective", defective), ("good", good)):
             verdicts[label] = inspect(page, image)
+            reasons[label] = page.inner_text("#eagle-verdict-why")
             page.screenshot(path=str(ARTIFACTS / f"2-inspect-{label}.png"), full_page=True)
+        # The numbers in plain words: why the verdict, how to read it, the timings as a table with the total.
+        assert reasons["good"].startswith("The expert is sure") and "below τ" in reasons["good"]
+        assert "the verdict is the expert's" in reasons["defective"]
+        assert "the score above which the expert calls a part defective" in page.inner_text("#how-to-read")
+        timings = page.inner_text("#timings")
+        assert "stage" in timings and "total" in timings and "{" not in timings
+        page.wait_for_timeout(1500)
+        announced = page.evaluate("() => window.announced")
+        assert "Complete" in announced and not any("common." in text for text in announced), announced
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(ARTIFACTS / "2-inspect-phone.png"), full_page=True)
+        assert page.evaluate("() => document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+        page.set_viewport_size({"width": 1400, "height": 1800})
         # Operator feedback on the last verdict: a feedback row in the audit log, linked by the run id.
         page.locator("#feedback-confirm").click()
         page.wait_for_function(

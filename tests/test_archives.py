@@ -1,4 +1,5 @@
 import io
+import re
 import stat
 import struct
 import zipfile
@@ -50,8 +51,41 @@ def test_path_traversal_is_refused_before_writing(tmp_path, name):
 
 
 def test_links_are_refused(tmp_path):
-    with pytest.raises(ArchiveError, match="links"):
+    with pytest.raises(ArchiveError, match="'link.png' is a symbolic link; only files and folders are allowed"):
         extract_zip(_zip({}, link="link.png"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        (stat.S_IFIFO, "a named pipe (FIFO)"),
+        (stat.S_IFCHR, "a character device"),
+        (stat.S_IFBLK, "a block device"),
+        (stat.S_IFSOCK, "a socket"),
+    ],
+)
+def test_special_files_are_refused_by_kind_before_writing(tmp_path, kind, words):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("good.png", b"1")
+        info = zipfile.ZipInfo("dev/zero.png")
+        info.external_attr = (kind | 0o644) << 16
+        z.writestr(info, b"")
+    with pytest.raises(ArchiveError, match=re.escape(f"entry 'dev/zero.png' is {words}")):
+        extract_zip(io.BytesIO(buf.getvalue()), tmp_path / "out", suffixes={".png"})
+    assert not (tmp_path / "out").exists()
+
+
+def test_entries_without_a_unix_mode_and_plain_modes_are_files(tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, mode in (("windows.png", 0), ("unix.png", stat.S_IFREG | 0o600), ("bare-perms.png", 0o644)):
+            info = zipfile.ZipInfo(name)
+            info.external_attr = mode << 16
+            z.writestr(info, name.encode())
+        z.writestr(zipfile.ZipInfo("folder/"), b"")
+    files = extract_zip(io.BytesIO(buf.getvalue()), tmp_path)
+    assert sorted(p.name for p in files) == ["bare-perms.png", "unix.png", "windows.png"]
 
 
 def test_limits_and_bombs(tmp_path):

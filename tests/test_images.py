@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eagle.images import ImageError, list_images, load_image
+from eagle import images
+from eagle.images import ImageError, TruncatedImageError, list_images, load_image
 
 LIMIT = 64_000_000
 
@@ -190,15 +191,62 @@ def test_zero_bytes(tmp_path):
     assert message.startswith(str(path))
 
 
-def test_text_named_png(tmp_path):
+SECRET = "root:$6$Zq9sEcReT-7731:19000:0:99999:7:::"
+
+
+def test_text_named_png_says_what_kind_of_file_not_what_it_holds(tmp_path):
     path = tmp_path / "notes.png"
-    path.write_text("hello, this is not a picture\n")
-    message = assert_one_line_error(path, "not an image: the file holds text")
-    assert "notes.png" in message and "hello" in message
+    path.write_text(SECRET + "\n")
+    message = assert_one_line_error(path, f"notes.png: not an image: a text file ({len(SECRET) + 1} bytes)")
+    for fragment in ("root", "Zq9s", "19000", ":::"):
+        assert fragment not in message.replace(str(tmp_path), "")
 
 
-def test_binary_garbage():
-    assert_one_line_error(bytes(range(256)) * 4, "not an image in a supported format", name="blob.bin")
+def test_binary_garbage_is_named_by_kind_and_size_not_by_its_bytes():
+    message = assert_one_line_error(bytes(range(256)) * 4, "not an image in a supported format", name="blob.bin")
+    assert message == "blob.bin: not an image in a supported format (binary data, 1,024 bytes)"
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"%PDF-1.7\n" + SECRET.encode(), "a PDF document"),
+        (b"PK\x03\x04" + SECRET.encode(), "a zip archive"),
+        (b"\x7fELF\x02\x01" + SECRET.encode(), "an executable (ELF)"),
+        (b"\x00\x00\x00\x18ftypheic" + SECRET.encode(), "a HEIF/AVIF image"),
+        ("日本語のテキスト、秘密".encode() + SECRET.encode(), "a text file"),
+    ],
+    ids=["pdf", "zip", "elf", "heif", "utf8-text"],
+)
+def test_other_kinds_of_file_are_named_never_quoted(data, kind):
+    message = assert_one_line_error(data, kind, name="x.png")
+    assert "Zq9s" not in message and "root" not in message and "秘密" not in message
+
+
+def test_decoder_complaints_never_quote_the_file():
+    data = bytearray(encode(Image.fromarray(random_rgb(16, 16))))
+    data[12:16] = b"Zq9s"  # a chunk type no decoder knows
+    with pytest.raises(ImageError) as caught:
+        load_image(bytes(data), max_pixels=LIMIT, name="odd.png")
+    assert "Zq9s" not in str(caught.value) and "odd.png" in str(caught.value)
+    # what a decoder quotes from the file (Pillow names chunk types and markers as bytes) is cut out
+    complaint = SyntaxError("broken PNG file (bad header checksum in b'Zq9s')\nmore")
+    assert images._reason(complaint) == "broken PNG file (bad header checksum in …)"
+    assert images._reason(OSError("image file is truncated (4 bytes not processed)")) == (
+        "image file is truncated (4 bytes not processed)"
+    )
+
+
+def test_cut_short_files_raise_the_retryable_error():
+    data = encode(Image.fromarray(random_rgb(64, 64)))
+    for cut in (data[:5], data[:40], data[: len(data) // 2]):
+        with pytest.raises(TruncatedImageError):
+            load_image(cut, max_pixels=LIMIT, name="cut.png")
+    with pytest.raises(TruncatedImageError):
+        load_image(b"", max_pixels=LIMIT, name="empty.png")
+    with pytest.raises(ImageError) as caught:
+        load_image(SECRET.encode(), max_pixels=LIMIT, name="notes.png")
+    assert not isinstance(caught.value, TruncatedImageError)  # a text file will not become an image by waiting
 
 
 def test_truncated_png():

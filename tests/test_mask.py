@@ -21,6 +21,7 @@ from expert.bank import MASK_TENSOR, BankError, BankMeta, compute_bank_id, load_
 from expert.build import fit_bank
 from expert.dbt import compute_threshold
 from expert.mask import (
+    MAX_POLYGON_POINTS,
     MaskError,
     check_grid_mask,
     crop_mask,
@@ -159,6 +160,91 @@ def test_mask_validation_errors(call, message):
         call()
 
 
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_zero_byte_mask_says_the_file_is_empty(tmp_path):
+    with pytest.raises(MaskError) as caught:
+        read_mask_png(b"")
+    assert str(caught.value) == (
+        "mask: the mask file is empty (0 bytes); expected a PNG, white = inspected, black = ignored"
+    )
+    (tmp_path / "zone.png").write_bytes(b"")
+    (tmp_path / "zone.json").write_bytes(b"")
+    with pytest.raises(MaskError, match=r"^zone\.png: the mask file is empty \(0 bytes\)"):
+        grid_mask_from_source(tmp_path / "zone.png", resize=256, crop=224, center_crop=True, grid=GRID)
+    with pytest.raises(MaskError) as caught:
+        grid_mask_from_source(tmp_path / "zone.json", resize=256, crop=224, center_crop=True, grid=GRID)
+    assert str(caught.value) == "mask polygons: the polygons JSON is empty"
+
+
+NOISE_PNG = _png(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"not a png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, NOISE_PNG[: len(NOISE_PNG) // 2]],
+    ids=["text", "png-signature-only", "truncated-png"],
+)
+def test_an_unreadable_mask_is_described_without_python_objects(data):
+    with pytest.raises(MaskError) as caught:
+        read_mask_png(data, name="zone.png")
+    message = str(caught.value)
+    assert message.startswith("zone.png: not a readable image (")
+    assert "<" not in message and "object at" not in message and "BytesIO" not in message
+
+
+def test_a_million_point_polygon_gets_the_point_limit():
+    ring = [[float(i % 1000), float(i // 1000)] for i in range(1_000_000)]
+    with pytest.raises(MaskError) as caught:
+        parse_polygons({"width": 1000, "height": 1000, "polygons": [ring]})
+    assert str(caught.value) == (
+        "mask polygons: 1,000,000 points, more than the 100,000 accepted; simplify the outline (a few hundred "
+        "points draw any region at patch precision) or send the mask as a PNG"
+    )
+    polygons, _ = parse_polygons({"width": 1000, "height": 1000, "polygons": [ring[:MAX_POLYGON_POINTS]]})
+    assert len(polygons[0]) == MAX_POLYGON_POINTS  # the limit itself is accepted
+
+
+def test_a_black_and_white_png_is_described_plainly(caplog):
+    pixels = np.zeros((SIZE, SIZE), np.uint8)
+    pixels[:, 112:] = 255
+    grid, description = grid_mask_from_source(_png(pixels), resize=256, crop=224, center_crop=True, grid=GRID)
+    assert (grid == _mask()).all() and description == "png:mask 224x224" and "black-and-white" not in caplog.text
+
+
+def test_a_grey_level_png_is_read_at_128_and_says_so(caplog):
+    pixels = np.full((SIZE, SIZE), 127, np.uint8)  # just dark: ignored
+    pixels[:, 112:] = 128  # just bright: inspected
+    with caplog.at_level("WARNING", logger="expert.mask"):
+        grid, description = grid_mask_from_source(_png(pixels), resize=256, crop=224, center_crop=True, grid=GRID)
+    assert (grid == _mask()).all()
+    note = (
+        "not black-and-white: 100 % of its pixels are grey, coloured or half-transparent; read as inspected where "
+        "luminance >= 128 and, in a PNG with transparency, alpha >= 128"
+    )
+    assert description == f"png:mask 224x224; {note}"
+    assert f"inspection mask png:mask 224x224 is {note}" in caplog.text
+
+
+def test_anti_aliased_edges_and_half_transparent_strokes_are_reported_by_share():
+    pixels = np.zeros((100, 100), np.uint8)
+    pixels[:, 50:] = 255
+    pixels[:, 50] = 180  # an anti-aliased edge: 1 % of the pixels
+    _, description = grid_mask_from_source(_png(pixels), resize=100, crop=100, center_crop=True, grid=(10, 10))
+    assert description.startswith("png:mask 100x100; not black-and-white: 1 % of its pixels are grey")
+    rgba = np.zeros((100, 100, 4), np.uint8)
+    rgba[:, 50:] = (255, 255, 255, 255)
+    rgba[:, :25] = (255, 255, 255, 100)  # a half-transparent white stroke: alpha < 128, not inspected
+    rgba[:, 25:50] = (90, 10, 200, 0)  # fully transparent: its colour does not matter
+    grid, description = grid_mask_from_source(_png(rgba), resize=100, crop=100, center_crop=True, grid=(10, 10))
+    assert description.startswith("png:mask 100x100; not black-and-white: 25 % of its pixels")
+    assert grid[:, 5:].all() and not grid[:, :5].any()
+
+
 def test_a_mask_only_on_the_uninspected_border_is_refused():
     pixels = np.zeros((SIZE, SIZE), bool)
     pixels[:, :10] = True  # the centre crop never sees the first ~14 original columns
@@ -178,12 +264,6 @@ def test_build_refuses_a_mask_of_the_wrong_shape():
             embedder=EMBEDDER,
             mask=np.ones((14, 14), bool),
         )
-
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _edit_tensors(bank_dir, edit) -> None:

@@ -27,6 +27,9 @@ SIZE = 96
 OUTSIDE = (2, 40, 14, 56)  # x0, y0, x1, y1 at the far left: the receptive field of the mask's patches misses it
 INSIDE = (70, 36, 90, 60)
 RIGHT_HALF = [[[48, 0], [95, 0], [95, 95], [48, 95]]]
+MILLION_POINTS = [[i % SIZE, (i // SIZE) % SIZE] for i in range(1_000_000)]
+POINT_LIMIT = "mask polygons: 1,000,000 points, more than the 100,000 accepted"
+EMPTY_FILE = "the mask file is empty (0 bytes); expected a PNG, white = inspected, black = ignored"
 EXPERT = {
     "weights": "random",
     "resize": 128,
@@ -68,6 +71,8 @@ def data(tmp_path_factory) -> Path:
     (root / "mask.png").write_bytes(_mask_png())
     (root / "mask.json").write_text(json.dumps({"width": SIZE, "height": SIZE, "polygons": RIGHT_HALF}))
     (root / "bad.json").write_text(json.dumps({"polygons": []}))
+    (root / "empty.png").write_bytes(b"")
+    (root / "huge.json").write_text(json.dumps({"width": SIZE, "height": SIZE, "polygons": [MILLION_POINTS]}))
     return root
 
 
@@ -114,16 +119,24 @@ def test_cli_build_bank_with_a_polygon_mask_ignores_a_defect_outside_it(data, en
 
 @pytest.mark.parametrize(
     ("mask", "message"),
-    [("missing.png", "is not a file"), ("bad.json", "'polygons' must be a non-empty list"), ("outside.png", None)],
+    [
+        ("missing.png", "is not a file"),
+        ("bad.json", "'polygons' must be a non-empty list"),
+        ("empty.png", f"empty.png: {EMPTY_FILE}"),
+        ("huge.json", POINT_LIMIT),
+        ("outside.png", None),
+    ],
 )
 def test_cli_build_bank_refuses_a_bad_mask(data, env, mask, message):
     code, out, err = _run(
         ["build-bank", "--normals", str(data / "normals"), "--name", "bad", "--mask", str(data / mask)]
     )
-    if message is None:  # an RGB photo is a valid (if odd) mask: its bright pixels are inside
+    if message is None:  # an RGB photo is a valid (if odd) mask: its bright pixels are inside, and it says so
         assert code == 0, err
+        assert "(png:outside.png 96x96; not black-and-white: " in out
+        assert "read as inspected where luminance >= 128 and, in a PNG with transparency, alpha >= 128" in out
         return
-    assert code != 0 and message in err
+    assert code != 0 and message in err and "object at" not in err
     assert not (data / "home" / "banks" / "bad").exists()
 
 
@@ -192,6 +205,39 @@ def test_api_polygons_without_a_size_take_the_first_reference_size(data, server)
     assert load_bank(data / "api-home" / "banks" / "api-poly").meta.mask.patches == 128
 
 
+def test_api_says_the_form_field_limit_for_a_huge_polygon_mask(data, server):
+    with server.client() as client:
+        response = client.post(
+            "/v1/banks",
+            data={"name": "refused", "mask_polygons": json.dumps({"polygons": MILLION_POINTS})},
+            files={"archive": ("good.zip", _archive(data))},
+        )
+    body = assert_error(response, 422, "invalid_request")
+    assert body["error"]["message"].startswith(
+        "a form field is larger than 64 KiB, the limit for text fields (mask_polygons included: a few thousand points "
+        "at most; send a larger inspection mask as a PNG in the file part mask, white = inspected)"
+    )
+
+
+def test_api_builds_with_a_grey_png_mask_and_says_how_it_was_read(data, server):
+    grey = np.full((SIZE, SIZE), 60, np.uint8)
+    grey[:, SIZE // 2 :] = 190  # a grey-level picture: bright half inspected
+    with server.client() as client:
+        response = client.post(
+            "/v1/banks",
+            data={"name": "api-grey"},
+            files={"archive": ("good.zip", _archive(data)), "mask": ("grey.png", _png(grey), "image/png")},
+        )
+        assert response.status_code == 202, response.text
+        assert _wait(client, response.json()["id"])["state"] == "succeeded"
+    meta = load_bank(data / "api-home" / "banks" / "api-grey").meta
+    assert meta.mask.patches == 128
+    assert meta.mask.source.endswith(
+        "96x96; not black-and-white: 100 % of its pixels are grey, coloured or half-transparent; read as inspected "
+        "where luminance >= 128 and, in a PNG with transparency, alpha >= 128"
+    )
+
+
 @pytest.mark.parametrize(
     ("fields", "files", "message"),
     [
@@ -200,6 +246,7 @@ def test_api_polygons_without_a_size_take_the_first_reference_size(data, server)
         ({}, {"mask": ("mask.png", b"not a png", "image/png")}, "not a readable image"),
         ({}, {"mask": ("mask.png", _png(np.zeros((8, 8), np.uint8)), "image/png")}, "the mask is empty"),
         ({"mask_polygons": json.dumps({"polygons": RIGHT_HALF})}, {"mask": ("m.png", b"x", "image/png")}, "not both"),
+        ({}, {"mask": ("mask.png", b"", "image/png")}, f"mask: {EMPTY_FILE}"),
     ],
 )
 def test_api_refuses_a_bad_mask_before_queueing(data, server, fields, files, message):

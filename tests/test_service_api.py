@@ -42,7 +42,7 @@ def make_settings(tmp_path, **service) -> Settings:
         data_dir=tmp_path,
         max_image_pixels=MAX_PIXELS,
         mllm={"enabled": False},
-        expert={"min_references": 2},
+        expert={"min_references": 2, "weights": "random"},  # the fake pipeline builds nothing: no weights to find
         service={"token": TOKEN, "max_upload_mb": 1, "max_archive_mb": 2, "queue_size": 4, **service},
     )
 
@@ -79,7 +79,14 @@ def test_healthz_readyz_are_public_and_the_schema_needs_the_token(live):
         assert len(health.headers["x-request-id"]) == 32
         ready = anonymous.get("/readyz")
         assert ready.status_code == 200
-        assert ready.json() == {"ready": True, "checks": {"banks": True, "worker": True, "warm_up": True}}
+        body = ready.json()
+        assert body["ready"] is True
+        # What the configured setup needs gates readiness (random weights: a warning, not missing); the rest is
+        # reported in `capabilities` only.
+        assert body["checks"] == {"banks": True, "worker": True, "warm_up": True, "expert_weights": True, "disk": True}
+        rows = {row["name"]: row for row in body["capabilities"]}
+        assert set(rows) == {"expert_weights", "mllm_weights", "gpu", "bitsandbytes", "hub", "disk"}
+        assert rows["expert_weights"]["status"] == "warning" and rows["mllm_weights"]["needed"] is False
         for path in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"):
             assert_error(anonymous.get(path), 401, "unauthorized")
     with server.client() as authorised:

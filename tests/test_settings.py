@@ -88,7 +88,7 @@ def test_prompt_settings_are_one_vocabulary():
     from mllm import prompts
     from mllm.config import PROMPT_SETTINGS, PromptSetting, PromptSettings
 
-    assert PROMPT_SETTINGS == get_args(PromptSetting) == ("baseline", "visual", "textual", "full")
+    assert PROMPT_SETTINGS == get_args(PromptSetting) == ("baseline", "visual", "visual_all", "textual", "full")
     assert prompts.SETTINGS == PROMPT_SETTINGS and prompts.Setting is PromptSetting
     assert PromptSettings.model_fields["setting"].annotation is PromptSetting
     assert InspectOptions.model_fields["prompt_setting"].annotation == PromptSetting | None
