@@ -161,6 +161,8 @@ def run_watch(args: argparse.Namespace, settings: Any) -> int:
             audit=audit,
             max_pixels=settings.max_image_pixels,
             poll_s=settings.service.watch_poll_s,
+            truncated_retry_s=settings.service.watch_truncated_retry_s,
+            events=settings.service.watch_events,
         )
         try:
             watcher.open()

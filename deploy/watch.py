@@ -10,12 +10,26 @@ Layout (``IN`` is ``--in``, ``OUT`` is ``--out``)::
     OUT/part-0001.annotated.png heatmap + red boxes
     OUT/part-0002.error.json    why part-0002 failed
 
+**Only regular files of its own.** The folder is listed with ``lstat``: symbolic links (to a file, an image or a
+folder anywhere), pipes, sockets and devices, whatever their name, and image files with more than one name (hard
+links) are moved to ``failed/`` WITHOUT being opened or followed (the rename moves the link itself), with code
+``not_a_regular_file`` in ``OUT/<name>.error.json``, the audit row (empty sha256: nothing was read) and the log,
+all saying what KIND of entry it is, never what it or its target holds (see :mod:`deploy.watch_files`). Plain
+sub-folders are left in place (logged once). If ``processing/``, ``done/``, ``failed/`` or the lock file is a
+link, the watcher refuses to start.
+
 **Fully written.** Only top-level files with an image extension are considered, and never names starting
 with ``.`` or ``~`` or ending in ``.tmp``, ``.part``, ``.partial``, ``.crdownload``, ``.filepart`` or ``.swp``.
-A file is taken when its size, modification time and inode were identical in ``stable_polls`` consecutive
-scans (``poll_s`` apart); a zero-byte file must stay so ten times longer. Writers that can should still use the
-lock-free convention: write ``name.png.part`` (or ``.name.png``) and rename it to ``name.png`` when complete —
-a rename is atomic, so the image appears whole.
+With ``events`` (inotify close-write through watchdog, :mod:`deploy.watch_events`), a file is taken as soon as its
+writer closed it and it has not changed since; a file a writer still holds waits for its close (or for
+``truncated_retry_s`` after its last change). Without events for a file (it was there before the watcher started,
+the file system sends none, or ``events=False``) it is taken when its size, modification time, inode and link
+count were identical in ``stable_polls`` consecutive scans (``poll_s`` apart); a zero-byte file must stay so ten
+times longer. Either way, an image whose end is missing (PNG without ``IEND``, JPEG without its end marker, BMP or
+WebP shorter than declared: :func:`eagle.images.looks_complete`) is left in place until ``truncated_retry_s``
+passed since its last change, and one the decoder finds cut short (TIFF...) is put back for the same time; only
+then is it failed. Writers that can should still use the lock-free convention: write ``name.png.part`` (or
+``.name.png``) and rename it to ``name.png`` when complete — a rename is atomic, so the image appears whole.
 
 **Exactly once.** A file is claimed by an atomic rename into ``processing/`` under a fresh run id, then:
 outputs are written atomically (temporary file + rename), the audit row is inserted keyed by
@@ -34,11 +48,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import re
+import stat
 import threading
 import time
 import uuid
@@ -49,11 +65,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from deploy.errors import BankNotFound
 from deploy.limits import check_image_pixels
+from deploy.watch_events import WriteTracker, signature_of
+from deploy.watch_files import NotARegularFileError, kind_of, read_ends, read_regular_file
 from eagle import atomic
 from eagle.annotate import annotated_image, encode_png
 from eagle.audit import AuditLog, utc_now
 from eagle.errors import ErrorInfo, describe, one_line
-from eagle.images import IMAGE_EXTENSIONS, image_sha256
+from eagle.images import IMAGE_EXTENSIONS, TAIL_BYTES, TruncatedImageError, image_sha256, looks_complete
 
 if TYPE_CHECKING:
     from eagle.pipeline import InspectionPipeline
@@ -64,10 +82,15 @@ PROCESSING, DONE, FAILED = "processing", "done", "failed"
 LOCK_NAME = ".eagle-watch.lock"
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", ".swp")
 _CLAIMED = re.compile(r"^(?P<run>[0-9a-f]{32})__(?P<name>.+)$")
+_OWN = frozenset({PROCESSING, DONE, FAILED, LOCK_NAME})
 
 
 class WatcherBusyError(RuntimeError):
     """Another watcher holds the input folder's lock."""
+
+
+class UnsafeFolderError(ValueError):
+    """The watcher's own ``processing/``, ``done/``, ``failed/`` or lock file is a link or of the wrong kind."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +108,7 @@ class Outcome:
 
 @dataclass
 class _Seen:
-    signature: tuple[int, int, int]
+    signature: tuple[int, ...]
     stable: int
 
 
@@ -112,6 +135,10 @@ class FolderWatcher:
         poll_s: seconds between scans.
         stable_polls: identical consecutive scans needed before a file is taken.
         max_attempts: starts after which an input that keeps crashing the process is failed.
+        truncated_retry_s: an image that is cut short is left in place (and retried) until this many seconds
+            passed since its last change; only then is it failed (0: fail at once).
+        events: take a file as soon as its writer closes it (inotify close-write through watchdog, where
+            available), polling kept as the fallback; ``False``: polling only.
     """
 
     def __init__(
@@ -127,6 +154,8 @@ class FolderWatcher:
         poll_s: float = 1.0,
         stable_polls: int = 2,
         max_attempts: int = 3,
+        truncated_retry_s: float = 30.0,
+        events: bool = True,
     ) -> None:
         self.pipeline = pipeline
         self.in_dir = Path(in_dir)
@@ -138,12 +167,17 @@ class FolderWatcher:
         self.poll_s = poll_s
         self.stable_polls = max(1, stable_polls)
         self.max_attempts = max(1, max_attempts)
+        self.truncated_retry_s = max(0.0, truncated_retry_s)
+        self.events = events
         self.processing_dir = self.in_dir / PROCESSING
         self.done_dir = self.in_dir / DONE
         self.failed_dir = self.in_dir / FAILED
         self._seen: dict[str, _Seen] = {}
         self._skipped: set[str] = set()
+        self._cut_short: dict[str, tuple[int, ...]] = {}  # name -> signature last seen cut short (not re-read)
         self._lock_file: Any = None
+        self._wake = threading.Event()
+        self._tracker = WriteTracker(self.in_dir, self._wake)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def open(self) -> None:
@@ -152,14 +186,26 @@ class FolderWatcher:
         Raises:
             WatcherBusyError: another watcher runs on ``in_dir``.
             NotADirectoryError: ``in_dir`` does not exist.
+            UnsafeFolderError: ``processing/``, ``done/``, ``failed/`` or the lock file is a link (or of the wrong
+                kind): the watcher would write where the link points.
         """
         if not self.in_dir.is_dir():
             raise NotADirectoryError(f"the watched folder {self.in_dir} does not exist")
         if self.out_dir.resolve() == self.in_dir.resolve():
             raise ValueError("--out must differ from --in (annotated PNGs would be inspected as new images)")
-        for folder in (self.processing_dir, self.done_dir, self.failed_dir, self.out_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-        lock = open(self.in_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held for the watcher's life
+        for folder in (self.processing_dir, self.done_dir, self.failed_dir):
+            try:
+                st = os.lstat(folder)
+            except FileNotFoundError:
+                folder.mkdir()
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise UnsafeFolderError(
+                    f"{folder} is {kind_of(st)}, not a folder: the watcher keeps its own {folder.name}/ there and "
+                    "will not write through a link; remove it (the watcher creates the folder)"
+                )
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        lock = self._open_lock()
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -172,9 +218,29 @@ class FolderWatcher:
         lock.write(str(os.getpid()))
         lock.flush()
         self._lock_file = lock
+        if self.events and not self._tracker.start():
+            logger.info("watching %s by polling every %s s", self.in_dir, self.poll_s)
+
+    def _open_lock(self) -> Any:
+        """The lock file, opened without following a link (a link there is refused, not written through)."""
+        path = self.in_dir / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            if err.errno != errno.ELOOP:
+                raise
+            raise UnsafeFolderError(
+                f"{path} is a symbolic link: remove it (the watcher creates its lock file)"
+            ) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise UnsafeFolderError(f"{path} is {kind_of(st)}, not the watcher's lock file: remove it")
+        return os.fdopen(fd, "r+")
 
     def close(self) -> None:
-        """Release the lock."""
+        """Stop the events and release the lock."""
+        self._tracker.stop()
         if self._lock_file is not None:
             with contextlib.suppress(OSError):
                 fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
@@ -215,7 +281,9 @@ class FolderWatcher:
         for claimed in self.journal():
             if stop.is_set():
                 return outcomes
-            finish(self.process_claimed(claimed))
+            outcome = self.process_claimed(claimed)
+            if outcome is not None:
+                finish(outcome)
         bank_missing = False
         while not stop.is_set():
             if not self.pipeline.banks.exists(self.bank):
@@ -232,49 +300,113 @@ class FolderWatcher:
                 if stop.is_set():
                     break
                 claimed = self.claim(path)
-                if claimed is not None:
-                    finish(self.process_claimed(claimed))
+                outcome = None if claimed is None else self.process_claimed(claimed)
+                if outcome is not None:
+                    finish(outcome)
             if once and not ready and not waiting:
                 break
             if not ready:
-                stop.wait(self.poll_s)
+                self._pause(stop)
         return outcomes
+
+    def _pause(self, stop: threading.Event) -> None:
+        """Wait ``poll_s``, or less when ``stop`` is set or an event says a file was closed."""
+        deadline = time.monotonic() + self.poll_s
+        while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            if self._wake.wait(min(left, 0.1)):
+                self._wake.clear()
+                return
 
     # -- steps -----------------------------------------------------------------------------------------------
     def journal(self) -> list[Path]:
         """Inputs left in ``processing/`` by an earlier run (to be re-processed with their run ids)."""
-        return sorted(p for p in self.processing_dir.iterdir() if p.is_file() and _CLAIMED.match(p.name) is not None)
+        return sorted(  # any kind but a folder: a link or pipe claimed by mistake is refused, never read
+            p
+            for p in self.processing_dir.iterdir()
+            if _CLAIMED.match(p.name) is not None and not stat.S_ISDIR(os.lstat(p).st_mode)
+        )
 
     def scan(self) -> tuple[list[Path], list[Path]]:
-        """One poll: ``(ready, waiting)`` — stable candidates to take now, and candidates still changing."""
+        """One poll: ``(ready, waiting)`` — entries to take now, and candidates still being written.
+
+        Nothing is followed or opened here but a candidate's own ends (to see whether an image is cut short):
+        links, pipes, sockets and devices are ready at once (to be refused, see :meth:`process_claimed`); plain
+        sub-folders are left in place (logged once); other files are candidates when :func:`is_candidate`.
+        """
         ready: list[Path] = []
         waiting: list[Path] = []
         present: set[str] = set()
         listed: set[str] = set()
+        now = time.time()
         for path in sorted(self.in_dir.iterdir()):
-            listed.add(path.name)
-            if not path.is_file() or not is_candidate(path):
-                if path.is_file() and path.name != LOCK_NAME and path.name not in self._skipped:
-                    self._skipped.add(path.name)
-                    logger.info("ignoring %s (not an image, hidden, or still being written)", path.name)
+            name = path.name
+            listed.add(name)
+            if name in _OWN:
                 continue
             try:
-                st = path.stat()
+                st = os.lstat(path)
             except FileNotFoundError:
                 continue
-            present.add(path.name)
-            signature = (st.st_size, st.st_mtime_ns, st.st_ino)
-            seen = self._seen.get(path.name)
+            if stat.S_ISDIR(st.st_mode):
+                self._note_once(name, "leaving the sub-folder %s in place (only files in the folder itself are taken)")
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                ready.append(path)  # a link, pipe, socket or device: refused without being opened
+                continue
+            if not is_candidate(path):
+                self._note_once(name, "ignoring %s (not an image, hidden, or still being written)")
+                continue
+            present.add(name)
+            signature = (*signature_of(st), st.st_nlink)
+            seen = self._seen.get(name)
             if seen is None or seen.signature != signature:
-                self._seen[path.name] = seen = _Seen(signature, 1)
+                self._seen[name] = seen = _Seen(signature, 1)
             else:
                 seen.stable += 1
-            needed = self.stable_polls * (10 if st.st_size == 0 else 1)
-            (ready if seen.stable >= needed else waiting).append(path)
+            (ready if self._is_ready(path, st, seen, now) else waiting).append(path)
         for name in set(self._seen) - present:
             del self._seen[name]
+        for name in set(self._cut_short) - present:
+            del self._cut_short[name]
+        self._tracker.forget_all_but(present)
         self._skipped &= listed  # forget files that are gone (a long-running watcher must not grow)
         return ready, waiting
+
+    def _is_ready(self, path: Path, st: os.stat_result, seen: _Seen, now: float) -> bool:
+        """Whether a candidate is complete: closed by its writer (events) or unchanged (polls), and not cut short."""
+        name = path.name
+        age = now - st.st_mtime
+        stable = seen.stable >= self.stable_polls * (10 if st.st_size == 0 else 1)
+        state = self._tracker.state(name, signature_of(st)) if self._tracker.active else None
+        if state == "closed":
+            complete = True  # its writer closed it and it has not changed since
+        elif state == "writing":  # a writer holds it: wait for its close, or for the retry time to pass
+            complete = stable and age >= self.truncated_retry_s
+        else:
+            complete = stable  # no event seen (there before the watcher, or no events on this file system)
+        if not complete or age >= self.truncated_retry_s or st.st_nlink > 1:
+            return complete  # (a file with several names is refused unread by process_claimed)
+        if self._cut_short.get(name) == seen.signature:
+            return False
+        try:
+            head, tail, size = read_ends(path, 16, TAIL_BYTES)
+        except (NotARegularFileError, FileNotFoundError):
+            return True  # swapped or gone since the lstat: process_claimed (or the next scan) decides
+        if looks_complete(head, tail, size) is False:
+            self._cut_short[name] = seen.signature
+            logger.info(
+                "%s is cut short (%s); waiting until %s s after its last change before failing it",
+                name,
+                "empty" if size == 0 else f"{size:,} bytes so far",
+                self.truncated_retry_s,
+            )
+            return False
+        return True
+
+    def _note_once(self, name: str, message: str) -> None:
+        if name not in self._skipped:
+            self._skipped.add(name)
+            logger.info(message, name)
 
     def claim(self, path: Path) -> Path | None:
         """Atomically move ``path`` into ``processing/`` under a new run id; ``None`` if it vanished."""
@@ -286,16 +418,27 @@ class FolderWatcher:
             return None
         finally:
             self._seen.pop(path.name, None)
+            self._cut_short.pop(path.name, None)
+            self._tracker.forget(path.name)
         return target
 
-    def process_claimed(self, claimed: Path) -> Outcome:
-        """Inspect one claimed input and finish it (idempotent: safe to repeat after a crash)."""
+    def process_claimed(self, claimed: Path) -> Outcome | None:
+        """Inspect one claimed input and finish it (idempotent: safe to repeat after a crash).
+
+        An entry that is no regular file with one name (a symbolic link, hard link, pipe, socket, device) is
+        failed with code ``not_a_regular_file`` without being opened: the record, audit row and log say its kind,
+        never what it or its target holds. An image cut short whose last change is younger than
+        ``truncated_retry_s`` is put back where it was (its writer may go on) and ``None`` is returned.
+        """
         match = _CLAIMED.match(claimed.name)
         if match is None:
             raise ValueError(f"{claimed} is not a claimed input")
         run_id, name = match.group("run"), match.group("name")
         attempts = self._count_attempt(run_id)
-        data = claimed.read_bytes()
+        try:
+            data = read_regular_file(claimed, label=name)
+        except NotARegularFileError as err:
+            return self._fail(claimed, run_id, name, "", err.code, one_line(err), None)
         sha256 = image_sha256(data)
         if attempts > self.max_attempts:
             message = f"the process stopped {attempts - 1} times while inspecting this input"
@@ -306,10 +449,15 @@ class FolderWatcher:
             result = self.pipeline.inspect(data, self.bank, self.options, image_name=name)
             picture = encode_png(annotated_image(result))
         except Exception as exc:  # noqa: BLE001 - every failure is recorded and the input kept in failed/
+            if isinstance(exc, TruncatedImageError) and self._put_back(claimed, name, run_id):
+                return None
             info = describe(exc)
             if info is None:
                 logger.exception("unexpected error inspecting %s", name)
                 info = ErrorInfo("internal_error", 500, f"unexpected error: {type(exc).__name__}: {one_line(exc)}")
+            if isinstance(exc, TruncatedImageError) and self.truncated_retry_s > 0:
+                waited = f"unchanged for {self.truncated_retry_s:g} s (EAGLE_SERVICE__WATCH_TRUNCATED_RETRY_S)"
+                info = info._replace(message=f"{info.message}; {waited}")
             latency_ms = (time.perf_counter() - start) * 1000.0
             return self._fail(claimed, run_id, name, sha256, info.code, info.message, latency_ms)
         latency_ms = (time.perf_counter() - start) * 1000.0
@@ -367,9 +515,28 @@ class FolderWatcher:
                 return f"{stem}.{run_id[:8]}"
         return stem
 
+    def _put_back(self, claimed: Path, name: str, run_id: str) -> bool:
+        """Return an image found cut short to the folder if it changed less than ``truncated_retry_s`` ago.
+
+        ``link`` + ``unlink`` rather than ``rename``: a file of that name written meanwhile is never replaced
+        (then the claimed one is failed). A writer that still holds the file writes on into the same inode.
+        """
+        try:
+            age = time.time() - os.lstat(claimed).st_mtime
+            if age >= self.truncated_retry_s:
+                return False
+            os.link(claimed, self.in_dir / name)
+        except OSError:
+            return False
+        os.unlink(claimed)
+        with contextlib.suppress(FileNotFoundError):
+            (self.processing_dir / f".{run_id}.attempts").unlink()
+        logger.info("%s is cut short; put back to wait for its writer (changed %.1f s ago)", name, age)
+        return True
+
     def _move(self, claimed: Path, folder: Path, name: str, run_id: str) -> Path:
         destination = folder / name
-        if destination.exists():
+        if os.path.lexists(destination):  # a link there counts too: rename would replace it
             destination = folder / f"{Path(name).stem}.{run_id[:8]}{Path(name).suffix}"
         os.rename(claimed, destination)
         atomic.fsync_dir(folder)

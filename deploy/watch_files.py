@@ -30,13 +30,21 @@ from eagle.errors import EagleError
 
 _ONLY_FILES = "the watcher reads only regular files inside the folder"
 _KINDS = (
-    (stat.S_ISLNK, f"a symbolic link: {_ONLY_FILES} (copy the file in instead)"),
-    (stat.S_ISDIR, f"a folder: {_ONLY_FILES} (put its images in the folder itself)"),
-    (stat.S_ISFIFO, f"a named pipe (FIFO): {_ONLY_FILES}"),
-    (stat.S_ISSOCK, f"a socket: {_ONLY_FILES}"),
-    (stat.S_ISCHR, f"a character device: {_ONLY_FILES}"),
-    (stat.S_ISBLK, f"a block device: {_ONLY_FILES}"),
+    (stat.S_ISLNK, "a symbolic link", "copy the file in instead"),
+    (stat.S_ISDIR, "a folder", "put its images in the folder itself"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)", None),
+    (stat.S_ISSOCK, "a socket", None),
+    (stat.S_ISCHR, "a character device", None),
+    (stat.S_ISBLK, "a block device", None),
 )
+
+
+def kind_of(st: os.stat_result) -> str:
+    """What kind of entry an ``lstat`` result describes, in words: ``'a symbolic link'``, ``'a regular file'``..."""
+    for test, kind, _ in _KINDS:
+        if test(st.st_mode):
+            return kind
+    return "a regular file" if stat.S_ISREG(st.st_mode) else "not a regular file"
 
 
 class NotARegularFileError(EagleError):
@@ -51,9 +59,9 @@ def refusal(st: os.stat_result) -> str | None:
     Args:
         st: the entry's ``os.lstat`` (or ``os.fstat`` of it, once opened) result.
     """
-    for test, reason in _KINDS:
+    for test, kind, advice in _KINDS:
         if test(st.st_mode):
-            return reason
+            return f"{kind}: {_ONLY_FILES}" + (f" ({advice})" if advice else "")
     if not stat.S_ISREG(st.st_mode):
         return f"not a regular file: {_ONLY_FILES}"
     if st.st_nlink > 1:
@@ -64,25 +72,50 @@ def refusal(st: os.stat_result) -> str | None:
     return None
 
 
-def read_regular_file(path: Path) -> bytes:
+def _open_regular(path: Path, label: str) -> int:
+    """A read-only descriptor of ``path`` after both checks (``lstat`` before, ``fstat`` after the open)."""
+    reason = refusal(os.lstat(path))
+    if reason is not None:
+        raise NotARegularFileError(f"{label}: {reason}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.ELOOP:  # became a link after the check
+            raise NotARegularFileError(f"{label}: {refusal(os.lstat(path)) or 'a symbolic link'}") from None
+        raise
+    reason = refusal(os.fstat(fd))
+    if reason is not None:
+        os.close(fd)
+        raise NotARegularFileError(f"{label}: {reason}")
+    return fd
+
+
+def read_regular_file(path: Path, *, label: str | None = None) -> bytes:
     """The bytes of ``path``, which must be a regular file with one name; links are never followed.
+
+    Args:
+        path: the file.
+        label: how messages name it (default: ``path``'s name).
 
     Raises:
         NotARegularFileError: ``path`` is a link, folder, pipe, socket, device or has several names (the message
             names the kind, never anything the target holds).
         FileNotFoundError: ``path`` vanished.
     """
-    reason = refusal(os.lstat(path))
-    if reason is not None:
-        raise NotARegularFileError(f"{path.name}: {reason}")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as err:
-        if err.errno == errno.ELOOP:  # became a link after the check
-            raise NotARegularFileError(f"{path.name}: {_KINDS[0][1]}") from None
-        raise
-    with os.fdopen(fd, "rb") as handle:
-        reason = refusal(os.fstat(handle.fileno()))
-        if reason is not None:
-            raise NotARegularFileError(f"{path.name}: {reason}")
+    with os.fdopen(_open_regular(path, label or path.name), "rb") as handle:
         return handle.read()
+
+
+def read_ends(path: Path, head_bytes: int, tail_bytes: int) -> tuple[bytes, bytes, int]:
+    """``(first head_bytes, last tail_bytes, size)`` of ``path``, opened as :func:`read_regular_file` does.
+
+    Raises:
+        NotARegularFileError: as :func:`read_regular_file`.
+        FileNotFoundError: ``path`` vanished.
+    """
+    fd = _open_regular(path, path.name)
+    try:
+        size = os.fstat(fd).st_size
+        return os.pread(fd, head_bytes, 0), os.pread(fd, tail_bytes, max(0, size - tail_bytes)), size
+    finally:
+        os.close(fd)

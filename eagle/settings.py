@@ -80,6 +80,17 @@ class ServiceSettings(_Group):
     shutdown_timeout_s: float = Field(120.0, gt=0, description="Graceful shutdown: wait this long for accepted work.")
     audit_path: Path | None = Field(None, description="SQLite audit log; default <data_dir>/audit.sqlite3.")
     watch_poll_s: float = Field(1.0, gt=0, description="Watched folder: seconds between scans.")
+    watch_truncated_retry_s: float = Field(
+        30.0,
+        ge=0,
+        description="Watched folder: an image cut short is left in place and retried until this many seconds passed "
+        "since its last change, then failed (0: fail at once).",
+    )
+    watch_events: bool = Field(
+        True,
+        description="Watched folder: take a file when its writer closes it (inotify close-write events, where "
+        "available), polling kept as the fallback; false: polling only.",
+    )
 
 
 class Settings(BaseSettings):

@@ -166,15 +166,17 @@ def parse_polygons(
         spec = {"polygons": spec}
     if not isinstance(spec, dict) or "polygons" not in spec:
         raise MaskError('mask polygons: expected {"width": W, "height": H, "polygons": [[[x, y], ...], ...]}')
-    unknown = sorted(set(spec) - {"width", "height", "polygons"})
+    unknown = set(spec) - {"width", "height", "polygons"}
     if unknown:
-        raise MaskError(f"mask polygons: unknown keys {unknown}")
+        count = f"{len(unknown)} unknown key" + ("s" if len(unknown) > 1 else "")
+        raise MaskError(f"mask polygons: {count}; the accepted keys are width, height and polygons")
     if ("width" in spec) != ("height" in spec):
         raise MaskError("mask polygons: give both width and height, or neither")
     if "width" in spec:
         size = (spec["width"], spec["height"])
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
-            raise MaskError(f"mask polygons: width and height must be positive integers, got {size}")
+            got = ", ".join(_kind_of(v) for v in size)
+            raise MaskError(f"mask polygons: width and height must be positive integers (got {got})")
     elif default_size is not None:
         size = default_size
     else:
@@ -195,14 +197,41 @@ def parse_polygons(
         if not isinstance(polygon, list) or len(polygon) < 3:
             raise MaskError(f"mask polygons: polygon {i} needs at least 3 [x, y] points")
         points = []
-        for point in polygon:
+        for j, point in enumerate(polygon):
             ok = isinstance(point, list | tuple) and len(point) == 2
             ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in point)
             if not ok:
-                raise MaskError(f"mask polygons: polygon {i} has a point that is not [x, y] numbers: {point!r}")
+                raise MaskError(
+                    f"mask polygons: polygon {i}, point {j} is not [x, y] finite numbers (got {_kind_of(point)})"
+                )
             points.append((float(point[0]), float(point[1])))
         polygons.append(points)
     return polygons, (int(size[0]), int(size[1]))
+
+
+def _kind_of(value: Any) -> str:
+    """What kind of JSON value ``value`` is, in words, never the value itself (messages must not echo input)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        if not np.isfinite(value):
+            return "a non-finite number"
+        if value < 0:
+            return "a negative number"
+        if value == 0:
+            return "zero"
+        return "a number" if float(value).is_integer() else "a fractional number"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, list | tuple):
+        if len(value) == 2 and not any(isinstance(v, list | tuple | dict) for v in value):
+            return f"[{_kind_of(value[0])}, {_kind_of(value[1])}]"
+        return f"a list of {len(value)} item" + ("" if len(value) == 1 else "s")
+    if isinstance(value, dict):
+        return "an object"
+    return "a value of another kind"
 
 
 def rasterise_polygons(polygons: Sequence[Sequence[tuple[float, float]]], width: int, height: int) -> np.ndarray:

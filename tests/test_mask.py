@@ -152,7 +152,7 @@ def test_crop_mask_follows_patch_centres():
         (lambda: parse_polygons({"width": 5, "polygons": [[[0, 0], [1, 1], [0, 1]]]}), "both width and height"),
         (lambda: parse_polygons({"polygons": [[[0, 0], [1, "x"], [0, 1]]]}, default_size=(5, 5)), "not \\[x, y\\]"),
         (lambda: parse_polygons({"polygons": [], "width": 5, "height": 5}), "non-empty list"),
-        (lambda: parse_polygons({"polygons": [[[0, 0]] * 3], "width": 5, "height": 5, "x": 1}), "unknown keys"),
+        (lambda: parse_polygons({"polygons": [[[0, 0]] * 3], "width": 5, "height": 5, "x": 1}), "1 unknown key"),
     ],
 )
 def test_mask_validation_errors(call, message):
@@ -195,6 +195,34 @@ def test_an_unreadable_mask_is_described_without_python_objects(data):
     message = str(caught.value)
     assert message.startswith("zone.png: not a readable image (")
     assert "<" not in message and "object at" not in message and "BytesIO" not in message
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            {"polygons": [[[0, 0], [1, "root:SECRET-CANARY-123"], [0, 1]]]},
+            "mask polygons: polygon 0, point 1 is not [x, y] finite numbers (got [a number, a string])",
+        ),
+        (
+            {"polygons": [[[0, 0], [1, 1], [0, 1], ["SECRET-CANARY-123"]]]},
+            "mask polygons: polygon 0, point 3 is not [x, y] finite numbers (got a list of 1 item)",
+        ),
+        (
+            {"polygons": [[[0, 0]] * 3], "width": 5, "height": 5, "SECRET-CANARY-123": 1, "x": 2},
+            "mask polygons: 2 unknown keys; the accepted keys are width, height and polygons",
+        ),
+        (
+            {"polygons": [[[0, 0]] * 3], "width": "SECRET-CANARY-123", "height": 2.5},
+            "mask polygons: width and height must be positive integers (got a string, a fractional number)",
+        ),
+    ],
+    ids=["point", "short-point", "unknown-keys", "size"],
+)
+def test_polygon_errors_say_the_kind_and_position_never_the_value(spec, message):
+    with pytest.raises(MaskError) as caught:
+        parse_polygons(spec, default_size=(5, 5))
+    assert str(caught.value) == message and "SECRET" not in message
 
 
 def test_a_million_point_polygon_gets_the_point_limit():

@@ -97,7 +97,7 @@ def test_watch_processes_every_image_once_and_keeps_inputs(tmp_path):
 
 
 def test_files_are_taken_only_when_stable(tmp_path):
-    watcher = make_watcher(tmp_path, stable_polls=2)
+    watcher = make_watcher(tmp_path, stable_polls=2, events=False, truncated_retry_s=0)  # the polling rule alone
     watcher.open()
     path = tmp_path / "in" / "a.png"
     data = png_bytes()
