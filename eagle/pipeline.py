@@ -423,7 +423,7 @@ class Pipeline:
                 --skip-unreadable``); the summary's ``n_references`` says how many were used.
             on_unreadable: called with each unreadable image's one-line message.
             out_dir: write the bank there instead of ``<banks_dir>/<name>`` (``eagle build-bank --out``).
-            mask: the inspection mask (issue 14, :mod:`expert.mask`): a ``.png`` / ``.json`` path, PNG bytes, a polygons
+            mask: the inspection mask (:mod:`expert.mask`): a ``.png`` / ``.json`` path, PNG bytes, a polygons
                 dict or list (JSON form), an ``H × W`` picture in original-image pixels (bool, or RGB/RGBA: white and
                 opaque = inspected), or a bool array of the patch grid's shape (an existing bank's ``bank.mask``,
                 taken as is). Polygons without a size are sized like the first reference image. None: no mask.
@@ -578,7 +578,7 @@ class Pipeline:
                 name=meta.name,
                 progress=progress,
                 onnx_cache=self.onnx_cache,
-                mask=bank.mask,  # the inspection mask stays (issue 14 §2)
+                mask=bank.mask,  # the inspection mask stays
                 mask_source=meta.mask.source if meta.mask is not None else "",
             )
 
@@ -794,7 +794,7 @@ class Pipeline:
         else:
             template_img = np.ascontiguousarray(template)
             template_name = template_name or "external template"
-        # Pictures at the bounded view (never the original's pixel count; issue 11): boxes (ORIGINAL pixels) are
+        # Pictures at the bounded view (never the original's pixel count): boxes (ORIGINAL pixels) are
         # scaled onto it, the map is sampled onto it from the expert's crop-resolution map.
         view = self.view(image)
         view_h, view_w = view.shape[:2]
@@ -838,7 +838,8 @@ class Pipeline:
             s_max=float(expert.s_max),
             expert_decision="anomalous" if expert.anomalous else "normal",
             low_confidence=bool(expert.low_confidence),
-            boxes=[BoxRecord(x0=b.x0, y0=b.y0, x1=b.x1, y1=b.y1, peak=float(b.peak)) for b in expert.boxes],
+            # what the MLLM was shown: visual_all boxes a normal image too, and its record says so
+            boxes=[BoxRecord(x0=b.x0, y0=b.y0, x1=b.x1, y1=b.y1, peak=float(b.peak)) for b in drawn],
             inspected_region=expert.geometry.inspected_region(),
             template=template_name,
             images=images,
@@ -905,9 +906,11 @@ class Pipeline:
             n_input_tokens=0,
             n_new_tokens=0,
         )
+        # the same views as the answer turn: no template when the prompt sends none (0-shot, the reference profile)
+        template = Image.fromarray(images.template) if self.settings.prompt.template else None
         yield from inspector.explain_stream(
             query=Image.fromarray(self.view(image)),
-            template=Image.fromarray(images.template),
+            template=template,
             boxed=Image.fromarray(images.boxed) if images.boxed is not None else None,
             expert_anomalous=result.expert_decision == "anomalous",
             answer=answer,

@@ -20,7 +20,7 @@ THOSE options:
 Example:
     >>> item = MultipleChoice("Is there any defect in the object?", (("A", "No."), ("B", "Yes.")))
     >>> item.text()
-    'Question 1: Is there any defect in the object? \\nA. No.\\nB. Yes.'
+    'Question 1: Is there any defect in the object? \nA. No.\nB. Yes.'
     >>> parse_choice("A", item), option_answer(item, "A")
     (ParsedChoice(letter='A', source='letter'), 'no')
     >>> parse_choice("Yes, there is a scratch.", item).letter

@@ -250,9 +250,23 @@ def test_pipeline_visual_all_boxes_a_normal_image_and_reference_sends_no_templat
         return real_ask(self, **kwargs)
 
     monkeypatch.setattr(MLLMInspector, "ask", spy)
-    for setting in ("visual_all", "visual"):
+    results = [
         pipeline.finish(image, expert, "widget", InspectOptions(prompt_setting=setting, caas="off", explain=False))
+        for setting in ("visual_all", "visual")
+    ]
     every, gated = seen
+    assert results[0].boxes and not results[1].boxes  # the record holds the boxes the model was shown
+    assert results[0].expert_decision == "normal"
+    explained = []
+    real_explain = MLLMInspector.explain_stream
+
+    def explain_spy(self, **kwargs):
+        explained.append(kwargs)
+        return real_explain(self, **kwargs)
+
+    monkeypatch.setattr(MLLMInspector, "explain_stream", explain_spy)
+    "".join(pipeline.explain_stream(image, results[0]))  # the app's streamed explanation: the answer turn's views
+    assert explained[0]["template"] is None and explained[0]["boxed"] is not None
     assert every["expert_anomalous"] is False and every["boxed"] is not None  # boxes sent although "normal"
     assert gated["boxed"] is None
     assert every["template"] is None and gated["template"] is None  # the reference profile: no template
