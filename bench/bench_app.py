@@ -414,7 +414,7 @@ def expert_phase(browser, args, work: Path, references: list[Path], queries: lis
             bank["onnx_warm_up_s_after_spawn"] = round(warm_s, 2)
             print(f"  upload {bank['upload_s']} s, build {bank['build_s']} s", flush=True)
             runs = inspection_series(page, queries, timeout_ms=300_000, label="expert")
-            # The issue-11 goal: references uploaded → bank built → first query uploaded → its verdict shown.
+            # The goal: references uploaded → bank built → first query uploaded → its verdict shown.
             bank["upload_to_first_verdict_s"] = round(bank["upload_and_build_s"] + runs[0]["total_ms"] / 1000, 2)
             print(f"  references upload → first verdict {bank['upload_to_first_verdict_s']} s", flush=True)
         finally:

@@ -1,6 +1,6 @@
 """Benchmark bank builds: first vs second build (ONNX export cache), and the peak memory of a build.
 
-Not a test. Issue 11, section 5: "a bank is ready in seconds". Every measurement runs the product's path,
+Not a test. The goal: "a bank is ready in seconds". Every measurement runs the product's path,
 ``Pipeline.build_bank`` (random-weight WideResNet-50-2, the same compute as real weights), on the synthetic
 MVTec-like set (tests/synthetic.py), each scenario in its own process so its peak RSS is its own:
 

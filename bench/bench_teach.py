@@ -1,11 +1,11 @@
-"""Benchmark "teach the bank" (issue 14, part 1): the rebuild of a 50-reference bank with the cached ONNX backbone.
+"""Benchmark "teach the bank": the rebuild of a 50-reference bank with the cached ONNX backbone.
 
 Not a test. The product's path, ``Pipeline.add_references`` (random-weight WideResNet-50-2: the same compute as real
 weights), on the synthetic MVTec-like set (tests/synthetic.py): a fresh data dir, a bank built from ``--refs - 1``
 (49) references (this first build loads the weights and exports the graph into the ONNX cache), then one image is
 taught: the bank is rebuilt from its 49 stored references plus the new one (50) as version 2. The teach is timed
 end to end (read the stored references, embed, coreset, DBT, save, swap, score the taught image before and after).
-Goal (issue 14): seconds on a GPU, well under a minute on 2 cores.
+Goal: seconds on a GPU, well under a minute on 2 cores.
 
 Results with machine info go to ``bench/results/teach-<date>.json``.
 

@@ -1,4 +1,4 @@
-"""Benchmark: peak memory and time of ONE inspection as a function of the image's pixel count (issue 11 §1).
+"""Benchmark: peak memory and time of ONE inspection as a function of the image's pixel count.
 
 Goal: for any accepted image up to the pixel limit (64 MP), the peak RSS of one inspection is at most 600 MB
 above the same process's idle RSS, and a 12 MP JPEG is inspected in at most 1.5× the time of a 1 MP one.
@@ -196,7 +196,7 @@ def child(image: Path, path_kind: str, repeats: int) -> None:
                     min_short_side=settings.expert.resize,
                 )
                 return decoded.pixels, decoded.original_size
-        except ImportError:  # before issue 11: full-resolution decoding only
+        except ImportError:  # an older checkout: full-resolution decoding only
             from eagle.images import load_image
 
             def decode(payload: bytes):

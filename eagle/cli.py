@@ -1,10 +1,12 @@
 """The ``eagle`` command line: one entry point, subcommands contributed by several packages.
 
-Each subcommand module is imported explicitly in :func:`command_modules` and exposes
-``register(subparsers)``, which adds its subcommands with ``parser.set_defaults(func=handler)``; a handler is
-``handler(args, settings) -> int`` (the exit code). A module that fails to import fails ``eagle`` loudly (a
-traceback naming it) instead of silently vanishing from ``eagle --help``. The command modules are light: heavy
-dependencies (gradio, uvicorn, torch) are imported by the handlers, when a command runs.
+The subcommands are listed in a static table, :data:`eagle.cli_table.COMMANDS` (name, one-line help, module), so
+``eagle --help`` and ``eagle --version`` import no command module. ``eagle NAME ...`` imports only NAME's module,
+whose ``register(subparsers)`` adds its subcommands with ``parser.set_defaults(func=handler)``; a handler is
+``handler(args, settings) -> int`` (the exit code). A module that fails to import fails its command loudly (a
+traceback naming it); ``tests/test_cli_table.py`` imports every module of the table and checks that each registers
+exactly the names and help the table lists. Heavy dependencies (gradio, uvicorn, torch) are imported by the
+handlers, when a command runs.
 
 Exit codes: 0 success; 1 some inputs failed (each named on stderr); 2 usage, configuration or bank errors;
 3 the disk (or quota) is full (nothing half-written stays; free space and rerun); 4 ``eagle doctor``: something the
@@ -19,17 +21,20 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-from eagle import __version__
-from eagle.errors import disk_full_error, is_disk_full
-from eagle.settings import Settings, SettingsError, load_settings
+from eagle import __version__, cli_table
 
-Handler = Callable[[argparse.Namespace, Settings], int]
+if TYPE_CHECKING:  # settings (pydantic) load after parsing, so --version and --help stay fast
+    from eagle.settings import Settings
+
+Handler = Callable[[argparse.Namespace, "Settings"], int]
 
 log = logging.getLogger("eagle.cli")
 
@@ -60,37 +65,39 @@ class CommandRegistry:
 
 
 def command_modules() -> list[ModuleType]:
-    """The modules contributing subcommands, in help order: imported explicitly, so a broken one fails loudly.
+    """Import every command module of :data:`~eagle.cli_table.COMMANDS`, in help order (an import error propagates).
 
-    The imports live in this function (not at the top of the module) because the command modules import
-    :class:`CommandError` from here. A new command module is added here and nowhere else.
+    ``eagle`` itself imports one module per run (:func:`main`); this is for a parser with every command
+    registered (:func:`build_parser` with no arguments) and for the tests.
 
     Example:
         >>> [m.__name__ for m in command_modules()]
         ['eagle.cli_expert', 'eagle.cli_bank', 'deploy.cli', 'eagle.evaluation.cli', 'app.cli', 'eagle.cli_doctor']
     """
-    import app.cli
-    import deploy.cli
-    import eagle.cli_bank
-    import eagle.cli_doctor
-    import eagle.cli_expert
-    import eagle.evaluation.cli
-
-    return [eagle.cli_expert, eagle.cli_bank, deploy.cli, eagle.evaluation.cli, app.cli, eagle.cli_doctor]
+    return [importlib.import_module(name) for name in cli_table.command_module_names()]
 
 
 def build_parser(modules: Sequence[str] | None = None) -> CommandRegistry:
-    """Build the ``eagle`` parser from the subcommand modules.
+    """Build the ``eagle`` parser: the given command modules register their parsers, the rest are listed only.
+
+    Every command of :data:`~eagle.cli_table.COMMANDS` appears in ``--help``; those of ``modules`` get their real
+    parser (imported and registered), the others a placeholder that only carries the table's help line.
 
     Args:
-        modules: names of the command modules to register (default: all of :func:`command_modules`).
+        modules: names of the command modules to import and register (default: all of them; ``[]``: none).
 
     Returns:
         The registry holding the parser.
 
     Raises:
-        ValueError: a name in ``modules`` is not a command module.
+        ValueError: a name in ``modules`` is not a command module of the table.
+        RuntimeError: a module does not register a command the table assigns to it.
     """
+    known = cli_table.command_module_names()
+    names = known if modules is None else list(modules)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"not command modules: {', '.join(unknown)} (known: {', '.join(known)})")
     parser = argparse.ArgumentParser(
         prog="eagle",
         description="EAGLE: tuning-free industrial visual inspection (PatchCore expert + multimodal LLM).",
@@ -103,14 +110,25 @@ def build_parser(modules: Sequence[str] | None = None) -> CommandRegistry:
         help="Logging level (default: EAGLE_LOG_LEVEL, else INFO).",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    available = {module.__name__: module for module in command_modules()}
-    names = list(available) if modules is None else list(modules)
-    unknown = [name for name in names if name not in available]
-    if unknown:
-        raise ValueError(f"not command modules: {', '.join(unknown)} (known: {', '.join(available)})")
     for name in names:
-        available[name].register(subparsers)
+        importlib.import_module(name).register(subparsers)
+        missing = [row.name for row in cli_table.COMMANDS if row.module == name and row.name not in subparsers.choices]
+        if missing:
+            raise RuntimeError(f"{name} does not register {', '.join(missing)} (see eagle/cli_table.py)")
+    for row in cli_table.COMMANDS:
+        if row.name not in subparsers.choices:  # listed, not imported: a placeholder that swallows its arguments
+            subparsers.add_parser(row.name, help=row.help, add_help=False)
     return CommandRegistry(parser)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``, importing only the module of the command it names (argparse's SystemExit propagates)."""
+    listed_only = build_parser([]).parser  # --version, --help and a bad command name end here
+    command, _ = listed_only.parse_known_args(argv)
+    if command.command is None:
+        return command
+    module = next(row.module for row in cli_table.COMMANDS if row.name == command.command)
+    return build_parser([module]).parser.parse_args(argv)
 
 
 #: Third-party loggers that narrate routine work at INFO (ONNX export passes, faiss's loader).
@@ -134,15 +152,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit code (see the module docstring).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser().parser
     try:
-        args = parser.parse_args(argv)
+        args = _parse(argv)
     except SystemExit as exit_:  # argparse prints its own one-line usage error
         return int(exit_.code or 0)
     handler: Handler | None = getattr(args, "func", None)
     if handler is None:
-        parser.print_help(sys.stderr)
+        build_parser([]).parser.print_help(sys.stderr)
         return 2
+    from eagle.errors import disk_full_error, is_disk_full
+    from eagle.settings import SettingsError, load_settings
+
     try:
         settings = load_settings()
     except SettingsError as err:

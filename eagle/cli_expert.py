@@ -318,7 +318,7 @@ def run_score(args: argparse.Namespace, settings: Settings) -> int:
     records: list[dict[str, Any]] = []
     for path in args.images:
         try:
-            # Decoded reduced when large (bounded memory; issue 11); boxes stay in ORIGINAL pixels.
+            # Decoded reduced when large (bounded memory); boxes stay in ORIGINAL pixels.
             image = pipeline.decode(path, image_name=str(path))
             record = _result_record(path, pipeline.run_expert(image, bank))
         except ImageError as err:

@@ -1,6 +1,6 @@
 """PatchCore's patch embedding on top of the WideResNet-50-2 ``layer2`` and ``layer3`` feature maps.
 
-Exactly as the PatchCore/EAGLE reference code (DESIGN.md "Expert"):
+Exactly as the PatchCore/EAGLE reference code:
 
 1. each layer's map is unfolded into 3×3 neighbourhoods (stride 1, zero padding 1): a ``C·9`` vector per
    position, ordered channel-major ``(c, ky, kx)``;

@@ -1,6 +1,6 @@
 """The visual prompt: defect boxes from an anomaly map, drawn red on the original image; a heatmap for people.
 
-Box finding (DESIGN.md "Visual prompt"):
+Box finding:
 
 1. the map (inspected pixels only) is normalised by its own maximum;
 2. binarised at 2/3 of the maximum; if more than half of the inspected pixels pass (a diffuse map),

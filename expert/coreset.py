@@ -1,6 +1,6 @@
 """Approximate greedy k-center coreset (PatchCore's memory-bank subsampling, EAGLE's start points).
 
-The algorithm (DESIGN.md, "Coreset"):
+The algorithm:
 
 1. Project every patch feature with a seeded Gaussian random matrix to ``projection_dim`` dimensions
    (Johnson-Lindenstrauss: entries drawn from N(0, 1/projection_dim), so squared distances are preserved

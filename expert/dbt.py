@@ -1,6 +1,6 @@
 """Distribution-Based Thresholding (DBT): leave-own-out training scores and the threshold τ.
 
-Training scores (paper §3.2.2, DESIGN.md "DBT"): for every training image i, its UNSAMPLED patches
+Training scores (paper §3.2.2): for every training image i, its UNSAMPLED patches
 (those the coreset did not keep) are scored against a search bank, and the image's score is the largest
 of those patch scores. The search bank (:data:`DBT_SEARCHES`, :func:`training_scores`):
 

@@ -3,7 +3,7 @@
 Preprocess → embed (batch of 1) → faiss k = 1 search → patch-score grid → image score = max → anomaly map (kept
 at crop resolution, with the geometry to map it back) → boxes in ORIGINAL coordinates only when score ≥ τ →
 template retrieval. Nothing of the original's pixel count is allocated after preprocessing, so memory and time
-do not grow with the image (issue 11). Building the bank is :mod:`expert.build`.
+do not grow with the image. Building the bank is :mod:`expert.build`.
 
 Example:
     >>> from expert.config import ExpertSettings

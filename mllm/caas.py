@@ -1,4 +1,4 @@
-"""CAAS — Confidence-Aware Attention Scaling (paper §3.3.3, Eq. 9; DESIGN.md "CAAS").
+"""CAAS — Confidence-Aware Attention Scaling (paper §3.3.3, Eq. 9).
 
 When the expert is unsure (``tau <= s_img <= s_max``), the attention that the language model's intermediate
 decoder layers (default 9..15, 0-based, inclusive) pay to visual tokens is amplified by ``1 + alpha``. Three

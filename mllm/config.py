@@ -73,7 +73,7 @@ class _Group(BaseModel):
 
 
 class MLLMSettings(_Group):
-    """The multimodal LLM (DESIGN.md: Prompt)."""
+    """The multimodal LLM: model, quantisation, device and generation lengths."""
 
     enabled: bool = Field(True, description="False: expert-only mode, the MLLM stack is never imported.")
     preset: str = Field("qwen2.5-vl-7b", description="Model preset name (see `mllm.presets`).")
@@ -95,7 +95,7 @@ class MLLMSettings(_Group):
 
 
 class CAASSettings(_Group):
-    """Confidence-Aware Attention Scaling (DESIGN.md: CAAS)."""
+    """Confidence-Aware Attention Scaling (:mod:`mllm.caas`)."""
 
     policy: CAASPolicy = Field("auto", description="auto: active iff tau <= s_img <= s_max.")
     mode: CAASMode = Field("logit")

@@ -3,7 +3,7 @@
 Quantisation (``settings.mllm.quantization``):
 
 - ``auto``: 4-bit NF4 (bf16 compute, double quantisation; bitsandbytes) on CUDA; fp32 on a CPU-only host,
-  with a warning — bitsandbytes 4-bit runs on CPU but is slower there than fp32 (DESIGN.md, measured).
+  with a warning — bitsandbytes 4-bit runs on CPU but is slower there than fp32 (measured).
 - ``4bit`` / ``8bit``: bitsandbytes; on CPU they work but warn (slow).
 - ``bf16`` / ``fp32``: plain weights.
 

@@ -1,4 +1,4 @@
-"""Issue 14 §2 in a real browser: build a bank with an inspection mask (an uploaded PNG, or painted with the mouse
+"""Inspection masks in a real browser: build a bank with an inspection mask (an uploaded PNG, or painted with the mouse
 over a reference image in the editor), then a defect outside the mask passes and one inside is flagged. Same
 Chromium/Playwright set-up as ``tests/test_app_browser.py`` (its helpers).
 

@@ -1,4 +1,4 @@
-"""'This is normal — teach the bank' in a real headless Chromium (issue 14, part 1).
+"""'This is normal — teach the bank' in a real headless Chromium.
 
 The app runs as ``eagle app`` in a subprocess (expert-only, the random-weight 32 × 32 expert of
 ``tests.service_helpers.REAL_EXPERT``). The operator builds a bank from six references, inspects a good part the bank

@@ -244,7 +244,7 @@ def test_extraction_never_writes_more_than_the_header_declares(tmp_path):
     assert not written.exists() or written.stat().st_size <= 3
 
 
-# -- limits in total (issue 11 §3) ----------------------------------------------------------------------------------
+# -- limits in total ----------------------------------------------------------------------------------
 def _many_zeros(count: int, size: int = 1024 * 1024) -> io.BytesIO:
     """``count`` entries of ``size`` zero bytes each: every entry stays at the per-entry ratio threshold."""
     buf = io.BytesIO()

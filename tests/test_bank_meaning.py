@@ -1,4 +1,4 @@
-"""A bank that passes validation always scores (issue 11 §2): what `load_bank` checks beyond integrity.
+"""A bank that passes validation always scores: what `load_bank` checks beyond integrity.
 
 The bank_id is a hash anyone can recompute, so every forged bank here has consistent checksums and bank_id
 (:func:`tests.bank_tamper.tamper`); only the meaning checks can refuse it, each with one line.

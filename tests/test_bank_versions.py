@@ -1,4 +1,4 @@
-"""Versioned banks and "teach the bank" (issue 14, part 1) at the store and pipeline level, with the real expert.
+"""Versioned banks and "teach the bank" at the store and pipeline level, with the real expert.
 
 A random-weight expert at 32 × 32 input (``tests.service_helpers.REAL_EXPERT``): the whole build path, fast.
 """

@@ -92,7 +92,7 @@ def test_corrupt_bank_tensor_file_is_refused(built_pipeline, tmp_path):
         built_pipeline.pipeline.banks.import_zip(broken, "broken")
 
 
-# -- a bank that passes validation always scores; imports take only bank files (issue 11 §2, §3) ---------------------
+# -- a bank that passes validation always scores; imports take only bank files ---------------------
 def _export_dir(built_pipeline, tmp_path: Path) -> Path:
     """A copy of the session's real bank directory, to forge."""
     copy = tmp_path / "forged" / "widget"

@@ -1,7 +1,7 @@
 """Every benchmark script starts (``--help``) and none shadows a project package when ``bench/`` is on sys.path.
 
 ``python bench/<script>.py`` puts ``bench/`` first on ``sys.path``; a script named like a project package
-(``bench/expert.py``) then made ``import expert`` import the script itself (issue 10).
+(``bench/expert.py``) then made ``import expert`` import the script itself.
 """
 
 from __future__ import annotations

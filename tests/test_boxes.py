@@ -1,4 +1,4 @@
-"""Boxes from anomaly maps (DESIGN.md "Visual prompt"), drawing in pure red, and the heatmap overlay."""
+"""Boxes from anomaly maps (the visual prompt, expert/boxes.py), drawing in pure red, and the heatmap overlay."""
 
 from __future__ import annotations
 

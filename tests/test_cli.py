@@ -67,7 +67,7 @@ def test_build_bank_skips_unreadable_files_and_says_how_many_it_used(built, env)
 
 
 def test_build_bank_no_progress_draws_no_bar(env, data, tmp_path):
-    """Issue 10, bug 5: only the command line renders progress, and ``--no-progress`` silences it."""
+    """Only the command line renders progress, and ``--no-progress`` silences it."""
     argv = ["build-bank", "--normals", str(data / "widget" / "train" / "good"), "--name", "quiet"]
     code, out, err = _run([*argv, "--out", str(tmp_path / "quiet"), "--json", "--no-progress"])
     assert code == 0 and json.loads(out)["references"] == 4

@@ -237,7 +237,7 @@ def test_progress_is_reported_through_the_callback_and_never_printed(capfd):
     assert calls and {stage for stage, _ in calls} == {"coreset"}
     fractions = [fraction for _, fraction in calls]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert capfd.readouterr() == ("", "")  # library code draws no bar (issue 10, bug 5)
+    assert capfd.readouterr() == ("", "")  # library code draws no bar
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The real pipeline and the one fake the tests use satisfy the same protocol (issue 10).
+"""The real pipeline and the one fake the tests use satisfy the same protocol.
 
 ``InspectionPipeline`` is ``runtime_checkable``, but ``isinstance`` only checks that the members exist; the
 signatures are compared here too, so the fake cannot drift from what the front ends call.

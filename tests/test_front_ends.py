@@ -1,4 +1,4 @@
-"""One pipeline for every front end: the app, the HTTP API and the folder watcher agree (issue 10).
+"""One pipeline for every front end: the app, the HTTP API and the folder watcher agree.
 
 Regression tests for: the same photo getting another ``image_sha256`` in the app than in the API and the
 watcher; an MLLM that cannot be loaded answered expert-only by the app but ``500`` by the API; ``eagle watch

@@ -1,4 +1,4 @@
-"""The layers of DESIGN.md hold (issue 10): import-linter's contracts in pyproject.toml, run as a test.
+"""The layers of docs/architecture.md hold: import-linter's contracts in pyproject.toml, run as a test.
 
 app/  deploy/      front ends
    eagle/          composition root

@@ -1,4 +1,4 @@
-"""Issue 11 §1: memory and time of one inspection must not depend on the image's pixel count.
+"""Memory and time of one inspection must not depend on the image's pixel count.
 
 Before the fix, a full-resolution float32 anomaly map, its mask and a float64 heatmap overlay were built for
 every request (a 7900×7900 PNG raised the service's peak from 1.9 to 12.6 GB). These tests pin the behaviour

@@ -1,8 +1,7 @@
-"""Packaging (issue 10): declared ranges vs the lock files, one version string, explicit subcommands."""
+"""Packaging: declared ranges vs the lock files, one version string, the command table on the command line."""
 
 from __future__ import annotations
 
-import inspect
 import re
 import subprocess
 import sys
@@ -149,32 +148,41 @@ def test_eagle_help_lists_every_subcommand():
     assert set(SUBCOMMANDS) <= listed, f"missing from eagle --help: {sorted(set(SUBCOMMANDS) - listed)}"
 
 
-def test_subcommand_modules_are_imported_explicitly():
-    from eagle import cli
-
-    source = Path(cli.__file__).read_text(encoding="utf-8")
-    loading = inspect.getsource(cli.command_modules)
-    assert "importlib" not in source and "except" not in loading  # an import error is never swallowed
-    names = [module.__name__ for module in cli.command_modules()]
-    assert names == [
-        "eagle.cli_expert",
-        "eagle.cli_bank",
-        "deploy.cli",
-        "eagle.evaluation.cli",
-        "app.cli",
-        "eagle.cli_doctor",
-    ]
+def test_eagle_version_and_help_import_no_command_module():
+    code = (
+        "import sys; from eagle.cli import main; from eagle.cli_table import command_module_names; "
+        "code = main(sys.argv[1:]); "
+        "loaded = [m for m in (*command_module_names(), 'torch', 'numpy', 'pydantic') if m in sys.modules]; "
+        "print(loaded, file=sys.stderr); assert not loaded, loaded"
+    )
+    for args in (["--version"], ["--help"]):
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, cwd=ROOT, check=False
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_a_broken_command_module_fails_loudly(monkeypatch):
-    from eagle import cli
+def test_a_command_imports_only_its_own_module():
+    code = (
+        "import sys; from eagle.cli import main; from eagle.cli_table import command_module_names; "
+        "code = main(sys.argv[1:]); "
+        "print([m for m in command_module_names() if m in sys.modules], 'torch' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "score", "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "['eagle.cli_expert'] False"
 
-    def broken():
-        raise ImportError("deploy.cli: cannot import name 'x'")
 
-    monkeypatch.setattr(cli, "command_modules", broken)
-    with pytest.raises(ImportError, match="deploy.cli"):
-        cli.main(["--help"])
+def test_a_broken_command_module_fails_its_command_loudly(monkeypatch):
+    from eagle import cli, cli_table
+
+    rows = cli_table.COMMANDS
+    broken = tuple(row._replace(module="eagle.no_such_module") if row.name == "score" else row for row in rows)
+    monkeypatch.setattr(cli_table, "COMMANDS", broken)
+    with pytest.raises(ModuleNotFoundError, match="eagle.no_such_module"):
+        cli.main(["score", "--help"])
 
 
 def test_asking_for_an_unknown_command_module_is_an_error():

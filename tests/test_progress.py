@@ -1,6 +1,6 @@
 """Progress: library code reports ``progress(stage, fraction)`` and prints nothing; only front ends draw bars.
 
-Regression tests of issue 10, bug 5: tqdm bars printed from the expert's bank building, so ``eagle eval --no-progress``
+Regression tests: tqdm bars printed from the expert's bank building, so ``eagle eval --no-progress``
 and the service's logs could not silence them.
 """
 

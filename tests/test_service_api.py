@@ -524,7 +524,7 @@ def test_soak_600_requests_zero_errors_bounded_memory(tmp_path):
     assert AuditLog(service.audit.path).count() == inspected  # every inspection audited exactly once
 
 
-# -- the audit log records every inspection request (issue 11 §4) ------------------------------------------------------
+# -- the audit log records every inspection request ------------------------------------------------------
 def _rows(service, response: httpx.Response) -> list[dict]:
     return [r for r in service.audit.query() if r["run_id"] == response.headers["x-request-id"]]
 

@@ -1,4 +1,4 @@
-"""A forged bank never makes /readyz lie and never makes an inspection 500 (issue 11 §2), with the real pipeline.
+"""A forged bank never makes /readyz lie and never makes an inspection 500, with the real pipeline.
 
 The session's real bank (random-weight expert at 224, ``tests.fixtures_pipeline``) is copied twice into a fresh
 data directory: once as it is (``good``) and once forged the way the issue describes (``broken``: feature_dim 16,

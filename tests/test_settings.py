@@ -57,7 +57,7 @@ def test_cross_field_validation():
         load_settings(expert={"weights": "file"})
 
 
-# -- each package owns its configuration; eagle.settings composes it (issue 10) -----------------------------
+# -- each package owns its configuration; eagle.settings composes it -----------------------------
 def test_the_root_composes_the_packages_own_models(monkeypatch):
     from expert.config import ExpertSettings
     from mllm.config import CAASSettings, MLLMSettings, PromptSettings

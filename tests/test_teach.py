@@ -1,4 +1,4 @@
-"""Teach the bank end to end (issue 14, part 1): `eagle bank add|history|rollback`, `POST /v1/banks/{name}/references`.
+"""Teach the bank end to end: `eagle bank add|history|rollback`, `POST /v1/banks/{name}/references`.
 
 The service runs on a real uvicorn with the real (random-weight, 32 × 32) pipeline; the CLI works on the same data
 directory next to it, as on a line's box: the running service picks up every new version without a restart.
