@@ -139,6 +139,11 @@ class ScriptedPipeline(FakePipeline):
 @pytest.fixture
 def tree(tmp_path: Path) -> tuple[Path, Path]:
     """``(MMAD root, MVTec-AD root)``: MMAD's layout, and the original data set DS-MVTec's images come from."""
+    return make_tree(tmp_path)
+
+
+def make_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """Write the fixture tree under ``tmp_path``: ``(MMAD root, MVTec-AD root)`` (also used by the Ray test)."""
     mmad, mvtec = tmp_path / "MMAD", tmp_path / "mvtec_anomaly_detection"
     for image in ITEMS:
         _png(mmad / image)

@@ -153,6 +153,39 @@ def test_same_records_maps_and_report_as_local_and_work_spreads(
     assert sum(again.per_actor) == 0 and _keys(out) == keys
 
 
+@dataclass
+class ScriptedFactory:
+    """Builds the MMAD test's scripted fake pipeline on every Ray worker (its replies are fixed per question)."""
+
+    def __call__(self, settings: Settings):
+        from tests.test_eval_mmad import ScriptedPipeline
+
+        return ScriptedPipeline(settings.data_dir, mllm_enabled=settings.mllm.enabled)
+
+
+def test_mmad_every_question_type_gives_the_local_records_and_mmads_table(ray_address: str, tmp_path: Path) -> None:
+    """``--mmad-questions all`` through Ray: the same question records and MMAD per-type table as the local run."""
+    from eagle.evaluation.cli import build_config
+    from tests.test_eval_mmad import _eval_args, _run, make_tree
+
+    mmad, mvtec = make_tree(tmp_path)
+    extra = ("--settings", "full", "--mmad-questions", "all", "--bank-root", f"DS-MVTec={mvtec}")
+    local_report, _ = _run(mmad, tmp_path / "local", *extra)
+    config = build_config(_eval_args(mmad, tmp_path / "ray", *extra))
+    runner = RayEvalRunner(
+        Settings(expert={"weights": "random"}),
+        config,
+        options=RayOptions(actors=2, cpus_per_actor=0.5, bank_cpus=1.0),
+        pipeline_factory=ScriptedFactory(),
+    )
+    report = runner.run()
+    assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
+    table = report["metrics"]["mmad"]["mmad_table"]["full"]["drop"]
+    assert table == local_report["metrics"]["mmad"]["mmad_table"]["full"]["drop"]
+    assert table["rows"]["DS-MVTec"]["Average"] == pytest.approx(575 / 7)  # the hand computation of test_eval_mmad
+    assert table["rows"]["VisA"]["Average"] == pytest.approx(250 / 3)
+
+
 DRIVER = """
 import sys
 from pathlib import Path
@@ -227,7 +260,8 @@ def test_actor_plan_from_cluster_resources() -> None:
 
 
 def test_cli_options(monkeypatch: pytest.MonkeyPatch, data_root: Path, tmp_path: Path) -> None:
-    from eagle.cli import CommandError, build_parser
+    from eagle.cli import build_parser
+    from eagle.errors import CommandError
     from eagle.evaluation import cli, ray_executor
 
     seen = {}
