@@ -79,6 +79,7 @@ COPY pyproject.toml README.md ./
 COPY eagle ./eagle
 COPY expert ./expert
 COPY mllm ./mllm
+COPY common ./common
 COPY app ./app
 COPY deploy ./deploy
 RUN /opt/venv/bin/pip wheel --no-deps --no-index --no-build-isolation --wheel-dir /dist .

@@ -24,14 +24,16 @@ import numpy as np
 
 from app.downloads import download_path
 from app.explain import timings_markdown, verdict_reason
+from app.health_plots import health_histogram, recent_scores_plot
 from app.plots import dbt_histogram, score_gauge
 from app.uploads import collect_reference_files
 from eagle.annotate import annotated_image
 from eagle.archives import ArchiveLimits
 from eagle.audit import STATS_COLUMNS, AuditFilter, AuditLog, default_audit_path, parse_time, write_stats_csv
 from eagle.errors import describe
+from eagle.line_health import DriftState, LineHealth
 from eagle.pipeline import Pipeline
-from eagle.records import InspectionResult, InspectOptions
+from eagle.records import OPERATOR_VERDICTS, InspectionResult, InspectOptions, OperatorVerdict, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +285,12 @@ def _audit_inspection(pipeline: Pipeline, result: InspectionResult, run_id: str,
         log.exception("could not audit app inspection %s", run_id)
 
 
-FEEDBACK_VERDICTS = [("(opposite of the verdict)", ""), ("defect", "defect"), ("no defect", "no_defect")]
+OPERATOR_VERDICT_LABELS: dict[OperatorVerdict, str] = {"defect": "defect", "no_defect": "no defect"}
+"""How the feedback form names each verdict an operator can give (each of :data:`eagle.records.OPERATOR_VERDICTS`)."""
+FEEDBACK_VERDICTS = [
+    ("(opposite of the verdict)", ""),
+    *((OPERATOR_VERDICT_LABELS[verdict], verdict) for verdict in OPERATOR_VERDICTS),
+]
 
 
 @user_facing
@@ -330,14 +337,91 @@ def line_stats(pipeline: Pipeline, bank: str | None, since: str | None, per: str
     return rows, str(dest)
 
 
+HEALTH_STATE_TEXTS: dict[DriftState, str] = {
+    "ok": "OK",
+    "watch": "WATCH",
+    "drifting": "DRIFTING",
+    "not_enough_references": "NOT ENOUGH REFERENCES",
+    "not_enough_inspections": "NOT ENOUGH INSPECTIONS",
+}
+"""What the Line health panel shows for each state (every state of :class:`eagle.line_health.LineHealth`)."""
+HEALTH_STATE_COLOURS: dict[DriftState, str] = {
+    "ok": "#2e7d32",
+    "watch": "#ef6c00",
+    "drifting": "#c62828",
+    "not_enough_references": "#6d6d6d",
+    "not_enough_inspections": "#6d6d6d",
+}
+"""The colour of each state's box in :func:`health_html`."""
+HEALTH_CHECK_FAILED = "CANNOT CHECK"
+"""The panel's state word when the bank cannot be checked (not found, unreadable): its one-line error follows."""
+
+
+def _state_box(state: str, colour: str, title: str, lines: list[str]) -> str:
+    body = "".join(f'<div style="margin-top:4px;color:white">{html.escape(line)}</div>' for line in lines)
+    return (
+        f'<div id="eagle-health" data-state="{state}" '
+        f'style="padding:14px;border-radius:8px;background:{colour};color:white;overflow-wrap:anywhere">'
+        f'<div style="font-size:1.8em;font-weight:700;color:white">{html.escape(title)}</div>{body}</div>'
+    )
+
+
+def health_html(health: LineHealth) -> str:
+    """The state, large and coloured, with its reason in words and what it compared."""
+    facts = (
+        f"bank {health.bank!r} (version {health.bank_id}): {health.n_references} training scores, "
+        f"{health.n_recent} recent inspection{'' if health.n_recent == 1 else 's'}, τ = {health.tau:.4g}"
+    )
+    return _state_box(
+        health.state, HEALTH_STATE_COLOURS[health.state], HEALTH_STATE_TEXTS[health.state], [health.reason, facts]
+    )
+
+
+def health_figures(health: LineHealth) -> tuple[Any, Any]:
+    """(histogram of the bank's DBT scores with the recent ones and τ, recent scores over time with τ).
+
+    Each is ``None`` when it would be empty: no training scores (histogram), no recent inspection (time plot).
+    """
+    recent = [point.score for point in health.recent]
+    histogram = health_histogram(health.train_scores, recent, health.tau) if health.train_scores else None
+    timeline = recent_scores_plot([p.time for p in health.recent], recent, health.tau) if recent else None
+    return histogram, timeline
+
+
+def line_health(pipeline: Pipeline, name: str | None) -> tuple[str, Any, Any]:
+    """The Line health panel for bank ``name``: (state HTML, histogram figure, time-plot figure).
+
+    Reads the bank and the app's audit log (:meth:`eagle.pipeline.Pipeline.line_health`); only called on the
+    panel's Refresh, its bank choice and opening its tab, never while inspecting. A bank that cannot be checked
+    shows its one-line error in the state box (no figures), never a traceback.
+    """
+    if not name:
+        return _state_box("", "#6d6d6d", "NO BANK", ["Pick a bank (build one in the References tab)."]), None, None
+    try:
+        health = pipeline.line_health(name, audit_log(pipeline))
+    except Exception as err:  # noqa: BLE001 - the panel shows why, never a traceback
+        info = describe(err)
+        if info is None:
+            log.exception("unexpected error in line_health")
+        message = GENERIC_ERROR if info is None else info.message
+        return _state_box("error", "#6d6d6d", HEALTH_CHECK_FAILED, [message]), None, None
+    return (health_html(health), *health_figures(health))
+
+
 def _cell(value: Any) -> Any:
     return round(value, 4) if isinstance(value, float) else ("" if value is None else value)
 
 
+VERDICT_COLOURS: dict[Verdict, str] = {"defect": "#c62828", "no_defect": "#2e7d32", "unknown": "#6d6d6d"}
+"""The colour of each verdict word (every one of :data:`eagle.records.VERDICTS`) in :func:`verdict_html`."""
+VERDICT_TEXTS: dict[Verdict, str] = {"defect": "DEFECT", "no_defect": "NO DEFECT", "unknown": "UNSURE"}
+"""What :func:`verdict_html` shows for each verdict word (every one of :data:`eagle.records.VERDICTS`)."""
+
+
 def verdict_html(result: InspectionResult, run_id: str | None = None) -> str:
     """The verdict, large and coloured, with the expert's view beside it."""
-    colour = {"defect": "#c62828", "no_defect": "#2e7d32", "unknown": "#6d6d6d"}[result.verdict]
-    text = {"defect": "DEFECT", "no_defect": "NO DEFECT", "unknown": "UNSURE"}[result.verdict]
+    colour = VERDICT_COLOURS[result.verdict]
+    text = VERDICT_TEXTS[result.verdict]
     source = "MLLM" if result.mode == "expert+mllm" else "expert only"
     unsure = " · expert unsure (τ ≤ score ≤ s_max)" if result.low_confidence else ""
     caas = f" · CAAS α={result.caas_alpha:g}" if result.caas_applied else ""

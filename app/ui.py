@@ -1,4 +1,4 @@
-"""The Gradio layout: Inspect (with operator feedback), References, Banks and Line statistics tabs.
+"""The Gradio layout: Inspect (with operator feedback), References, Banks, Line statistics and Line health tabs.
 
 Every tab is wired to :mod:`app.handlers`.
 
@@ -17,12 +17,14 @@ import gradio as gr
 
 from app import explain, handlers
 from app.capabilities import AppGates, app_gates, details_markdown, markdown_text, status_markdown
+from eagle.audit import PERIODS
 from eagle.doctor import Report, run_checks
 from eagle.pipeline import Pipeline
+from eagle.records import CAASPolicy, PromptSetting
 from eagle.settings import PROMPT_SETTINGS as SETTING_NAMES
 
 TITLE = "EAGLE — tuning-free industrial visual inspection"
-_SETTING_LABELS = {
+PROMPT_SETTING_LABELS: dict[PromptSetting, str] = {
     "full": "full: boxes + textual prior",
     "visual": "visual: boxes only",
     "visual_all": "visual_all: boxes on every image, no prior",
@@ -30,8 +32,9 @@ _SETTING_LABELS = {
     "baseline": "baseline: no expert hints",
 }
 # Most informative first; the values are the one vocabulary (mllm.config.PROMPT_SETTINGS).
-PROMPT_SETTINGS = [(_SETTING_LABELS[setting], setting) for setting in reversed(SETTING_NAMES)]
-CAAS_CHOICES = [("auto (when the expert is unsure)", "auto"), ("off", "off"), ("forced on", "on")]
+PROMPT_SETTINGS = [(PROMPT_SETTING_LABELS[setting], setting) for setting in reversed(SETTING_NAMES)]
+CAAS_LABELS: dict[CAASPolicy, str] = {"auto": "auto (when the expert is unsure)", "off": "off", "on": "forced on"}
+CAAS_CHOICES = [(label, policy) for policy, label in CAAS_LABELS.items()]
 
 CSS = """
 #capability-details code, #build-unavailable code { white-space: pre-wrap; word-break: break-all; }
@@ -283,11 +286,53 @@ def _stats_tab(pipeline: Pipeline) -> gr.Dropdown:
             [("all banks", "")] + [(n, n) for n in handlers.bank_names(pipeline)], value="", label="Bank"
         )
         since = gr.Textbox(value="7d", label="Since (ISO time or age: 24h, 7d)", max_lines=1)
-        per = gr.Radio(["all", "day", "week", "month"], value="all", label="Per")
+        per = gr.Radio(list(PERIODS), value="all", label="Per")
         refresh = gr.Button("Refresh", elem_id="stats-refresh")
     table = gr.Dataframe(headers=list(handlers.STATS_COLUMNS), interactive=False, label="Line statistics")
     download = gr.File(label="CSV", interactive=False)
     refresh.click(functools.partial(handlers.line_stats, pipeline), [bank, since, per], [table, download])
+    return bank
+
+
+DRIFT_EXPLAINED = (
+    "**Drift** means the expert's scores of good parts are moving away from the bank's own: light, camera or "
+    "material changed; teach or rebuild the bank."
+)
+
+
+def _health_tab(pipeline: Pipeline, health_tab: gr.Tab) -> gr.Dropdown:
+    """One bank's drift check (:func:`handlers.line_health`): run on Refresh, a bank choice and opening the tab."""
+    gr.Markdown(
+        "Are this line's recent scores of good parts still like the bank's own? The last inspections of the bank's "
+        "current version (the service's, the watched folder's and this app's; parts an operator marked defective "
+        "left out) against its DBT training scores. Same check as `eagle bank health`."
+    )
+    names = handlers.bank_names(pipeline)
+    with gr.Row():
+        bank = gr.Dropdown(names, value=names[0] if names else None, label="Bank", elem_id="health-bank")
+        refresh = gr.Button("Refresh", elem_id="health-refresh")
+    state = gr.HTML(elem_id="health-state")
+    gr.Markdown(DRIFT_EXPLAINED, elem_id="drift-explained")
+    with gr.Row():
+        histogram = gr.Plot(
+            label="Training scores, recent scores and τ", elem_id="health-histogram", visible=False, show_label=False
+        )
+        timeline = gr.Plot(label="Recent scores over time", elem_id="health-timeline", visible=False, show_label=False)
+
+    def show(name):
+        html, histogram_fig, timeline_fig = handlers.line_health(pipeline, name)
+        return (
+            html,
+            gr.update(value=histogram_fig, visible=histogram_fig is not None),
+            gr.update(value=timeline_fig, visible=timeline_fig is not None),
+        )
+
+    outputs = [state, histogram, timeline]
+    refresh.click(show, bank, outputs)
+    bank.input(show, bank, outputs)
+    health_tab.select(lambda selected: handlers.bank_choice(pipeline, selected, default_first=True), bank, bank).then(
+        show, bank, outputs
+    )
     return bank
 
 
@@ -329,6 +374,8 @@ def build_ui(pipeline: Pipeline, report: Report | None = None) -> gr.Blocks:
             banks_table = _banks_tab(pipeline, banks_bank)
         with gr.Tab("Line statistics", id="stats") as stats_tab:
             stats_bank = _stats_tab(pipeline)
+        with gr.Tab("Line health", id="health") as health_tab:
+            _health_tab(pipeline, health_tab)
         # Banks change outside this page (the API, the CLI, another browser): every list of them is read again
         # when a page loads and when its tab opens, so nobody has to restart the app to see a new bank.
         demo.load(

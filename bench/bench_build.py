@@ -59,6 +59,7 @@ def _settings(data_dir: Path):
 
     return Settings(
         data_dir=data_dir,
+        onnx_cache_dir=None,  # the cache under the fresh data dir, whatever EAGLE_ONNX_CACHE_DIR says: cold first
         mllm={"enabled": False},
         expert={"weights": "random", "seed": 0, "min_references": 2, "recommended_references": 2},
     )

@@ -9,4 +9,6 @@ One job per module:
 * ``metrics``: Prometheus exposition (the audit log: :mod:`eagle.audit`; the annotated PNG: :mod:`eagle.annotate`);
 * ``watch``: the watched folder; ``serve``: uvicorn; ``cli``: ``eagle serve|watch|audit``;
   ``healthcheck``: the container's probe.
+
+Layers, data flow and where each rule lives: docs/architecture.md.
 """

@@ -56,8 +56,6 @@ from deploy.auth import BearerAuth
 from deploy.errors import (
     HTTP_STATUS_CODES,
     BankBusy,
-    BankNotFound,
-    InvalidImage,
     InvalidRequest,
     JobNotFound,
     NotReady,
@@ -66,7 +64,7 @@ from deploy.errors import (
     UploadTooLarge,
     error_body,
 )
-from deploy.jobs import JOB_ID_PATTERN, BankBuildJobs, JobStatus, jsonable
+from deploy.jobs import JOB_ID_PATTERN, BankBuildJobs, JobStatus
 from deploy.limits import FORM_LIMITS, check_image_pixels, mib_to_bytes
 from deploy.metrics import ServiceMetrics
 from deploy.middleware import BodyLimit, FailureAudit, RequestGate
@@ -83,13 +81,15 @@ from deploy.schema_params import (
 from deploy.worker import InferenceWorker
 from eagle.annotate import annotated_png_base64
 from eagle.archives import ArchiveLimits
-from eagle.audit import AuditLog, default_audit_path
-from eagle.banks import BANK_NAME_MAX_LENGTH, validate_bank_name
-from eagle.doctor import ReportCache
+from eagle.audit import AuditLog, FeedbackKind, default_audit_path
+from eagle.bank_records import BankSummary, BankVersion, TeachResult
+from eagle.banks import BANK_NAME_MAX_LENGTH, BankNotFoundError, validate_bank_name
+from eagle.doctor import ReportCache, Status
 from eagle.errors import EagleError, as_eagle_error, is_disk_full, one_line
-from eagle.images import image_sha256
+from eagle.images import ImageError, image_sha256
+from eagle.line_health import LineHealth
 from eagle.pipeline import InspectionPipeline
-from eagle.records import CAASPolicy, InspectionResult, InspectOptions, PromptSetting
+from eagle.records import CAASPolicy, InspectionResult, InspectOptions, OperatorVerdict, PromptSetting
 from eagle.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -118,8 +118,8 @@ class FeedbackRequest(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    verdict: Literal["confirmed", "overruled"] = Field(description="The operator's view of the verdict.")
-    correct_verdict: Literal["defect", "no_defect"] | None = Field(
+    verdict: FeedbackKind = Field(description="The operator's view of the verdict.")
+    correct_verdict: OperatorVerdict | None = Field(
         None, description="The right verdict; for 'overruled' it defaults to the opposite of the verdict."
     )
     operator: str | None = Field(None, max_length=200, description="Who gave the feedback.")
@@ -134,8 +134,8 @@ class FeedbackResponse(BaseModel):
     time: str
     bank: str | None
     verdict: str | None = Field(description="The inspection's verdict, as audited.")
-    feedback: Literal["confirmed", "overruled"]
-    correct_verdict: Literal["defect", "no_defect"] | None
+    feedback: FeedbackKind
+    correct_verdict: OperatorVerdict | None
     operator: str | None
     note: str | None
 
@@ -143,7 +143,7 @@ class FeedbackResponse(BaseModel):
 class BankList(BaseModel):
     """``GET /v1/banks``."""
 
-    banks: list[dict[str, Any]]
+    banks: list[BankSummary] = Field(description="The saved banks, newest first.")
 
 
 class JobList(BaseModel):
@@ -152,35 +152,10 @@ class JobList(BaseModel):
     jobs: list[JobStatus]
 
 
-class TaughtImageOut(BaseModel):
-    """One taught image: its score against the bank before and after, and whether it passes now."""
-
-    name: str
-    score_before: float
-    score_after: float
-    passed_before: bool
-    passes_now: bool
-
-
-class TeachResponse(BaseModel):
-    """``POST /v1/banks/{name}/references``: the new version, τ and s_max before → after, the taught images."""
-
-    bank: str
-    version_before: int | None = Field(description="None: the bank was unversioned (saved before versions).")
-    version: int
-    tau_before: float
-    tau_after: float
-    s_max_before: float
-    s_max_after: float
-    references_before: int
-    references_after: int
-    taught: list[TaughtImageOut]
-
-
 class BankVersions(BaseModel):
     """``GET /v1/banks/{name}/versions``: kept versions, oldest first (``current`` marks the one in use)."""
 
-    versions: list[dict[str, Any]]
+    versions: list[BankVersion] = Field(description="The kept versions, oldest first.")
 
 
 class RollbackRequest(BaseModel):
@@ -192,8 +167,8 @@ class RollbackRequest(BaseModel):
 class RolledBack(BaseModel):
     """``POST /v1/banks/{name}/rollback``: the version now current and the bank as it now is."""
 
-    version: int
-    bank: dict[str, Any]
+    version: int = Field(description="The version now current.")
+    bank: BankSummary = Field(description="The bank as it now is.")
 
 
 MAX_TEACH_IMAGES = 64
@@ -217,7 +192,7 @@ class Capability(BaseModel):
 
     name: str
     title: str
-    status: Literal["ok", "warning", "missing"]
+    status: Status
     needed: bool = Field(description="The configured setup needs it: when missing, ``/readyz`` answers 503.")
     detail: str
     fix: str
@@ -340,7 +315,11 @@ def create_app(
             min_references=settings.expert.min_references,
             max_pending=svc_settings.max_pending_builds,
         )
-    metrics = ServiceMetrics(queue_state=lambda: (worker.depth, worker.capacity, worker.busy), job_states=jobs.states)
+    metrics = ServiceMetrics(
+        queue_state=lambda: (worker.depth, worker.capacity, worker.busy),
+        job_states=jobs.states,
+        line_health=lambda: _loaded_banks_health(pipeline, audit),
+    )
     service = Service(pipeline, settings, worker, jobs, audit, metrics, owned)
     auth = BearerAuth(svc_settings.token)
     if not auth.enabled:
@@ -602,11 +581,11 @@ def _v1_router(service: Service) -> APIRouter:
         audit["image_name"] = name
         validate_bank_name(bank)
         if not await run_in_threadpool(pipeline.banks.exists, bank):
-            raise BankNotFound(f"no bank named {bank!r}")
+            raise BankNotFoundError(f"no bank named {bank!r}")
         data = await image.read()
         audit["image_sha256"] = image_sha256(data)
         if not data:
-            raise InvalidImage(f"image {name!r} is empty (0 bytes)" if name else "the image is empty (0 bytes)")
+            raise ImageError(f"image {name!r} is empty (0 bytes)" if name else "the image is empty (0 bytes)")
         check_image_pixels(data, max_pixels=settings.max_image_pixels, name=name)
         try:
             options = InspectOptions(
@@ -661,7 +640,7 @@ def _v1_router(service: Service) -> APIRouter:
     @router.get("/banks", response_model=BankList, tags=["banks"], summary="List the saved banks")
     async def list_banks() -> BankList:
         summaries = await run_in_threadpool(pipeline.banks.list)
-        return BankList(banks=[jsonable(s) for s in summaries])
+        return BankList(banks=summaries)
 
     @router.post(
         "/banks",
@@ -728,7 +707,7 @@ def _v1_router(service: Service) -> APIRouter:
 
     @router.post(
         "/banks/{name}/references",
-        response_model=TeachResponse,
+        response_model=TeachResult,
         tags=["banks"],
         summary="Teach a bank that these images are normal: rebuilt with them as a new version",
         form_limits={**FORM_LIMITS, "max_files": MAX_TEACH_IMAGES},
@@ -743,14 +722,14 @@ def _v1_router(service: Service) -> APIRouter:
                 json_schema_extra={"minItems": 1, "maxItems": MAX_TEACH_IMAGES},
             ),
         ],
-    ) -> TeachResponse:
+    ) -> TeachResult:
         validate_bank_name(name)
         if not images or len(images) > MAX_TEACH_IMAGES:
             raise InvalidRequest(f"send 1 to {MAX_TEACH_IMAGES} images, got {len(images)}")
         if service.jobs.active_for(name):
             raise BankBusy(f"bank {name!r} is being built; add references when the job has finished")
         if not await run_in_threadpool(pipeline.banks.exists, name):
-            raise BankNotFound(f"no bank named {name!r}")
+            raise BankNotFoundError(f"no bank named {name!r}")
         datas = [await upload.read() for upload in images]
         names = [_clean_name(u.filename) or f"taught_{i:02d}.png" for i, u in enumerate(images)]
         try:
@@ -761,7 +740,7 @@ def _v1_router(service: Service) -> APIRouter:
                 raise
             raise mapped from None
         logger.info("bank %r taught %d image(s): version %s", name, len(datas), result.version)
-        return TeachResponse.model_validate(result.to_dict())
+        return result
 
     @router.get(
         "/banks/{name}/versions", response_model=BankVersions, tags=["banks"], summary="Kept versions of a bank"
@@ -769,9 +748,27 @@ def _v1_router(service: Service) -> APIRouter:
     async def bank_versions(name: BankNamePath) -> BankVersions:
         validate_bank_name(name)
         if not await run_in_threadpool(pipeline.banks.exists, name):
-            raise BankNotFound(f"no bank named {name!r}")
+            raise BankNotFoundError(f"no bank named {name!r}")
         found = await run_in_threadpool(pipeline.banks.history, name)
-        return BankVersions(versions=[jsonable(v) for v in found])
+        return BankVersions(versions=found)
+
+    @router.get(
+        "/banks/{name}/health",
+        response_model=LineHealth,
+        tags=["banks"],
+        summary="Line health: have this bank's recent scores of good parts drifted from its own? (ok/watch/drifting)",
+    )
+    async def bank_health(name: BankNamePath) -> LineHealth:
+        validate_bank_name(name)
+        if not await run_in_threadpool(pipeline.banks.exists, name):
+            raise BankNotFoundError(f"no bank named {name!r}")
+        try:
+            return await run_in_threadpool(pipeline.line_health, name, service.audit)
+        except Exception as exc:
+            mapped = as_eagle_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from None
 
     @router.post(
         "/banks/{name}/rollback",
@@ -785,7 +782,7 @@ def _v1_router(service: Service) -> APIRouter:
         if service.jobs.active_for(name):
             raise BankBusy(f"bank {name!r} is being built; roll it back when the job has finished")
         if not await run_in_threadpool(pipeline.banks.exists, name):
-            raise BankNotFound(f"no bank named {name!r}")
+            raise BankNotFoundError(f"no bank named {name!r}")
         try:
             summary = await run_in_threadpool(pipeline.banks.rollback, name, request.version)
         except Exception as exc:
@@ -794,7 +791,7 @@ def _v1_router(service: Service) -> APIRouter:
                 raise
             raise mapped from None
         logger.info("bank %r rolled back to version %d", name, request.version)
-        return RolledBack(version=request.version, bank=jsonable(summary))
+        return RolledBack(version=request.version, bank=summary)
 
     @router.delete(
         "/banks/{name}", response_model=Deleted, tags=["banks"], summary="Delete a bank", responses=DISK_FULL_RESPONSES
@@ -804,7 +801,7 @@ def _v1_router(service: Service) -> APIRouter:
         if service.jobs.active_for(name):
             raise BankBusy(f"bank {name!r} is being built; delete it when the job has finished")
         if not await run_in_threadpool(pipeline.banks.exists, name):
-            raise BankNotFound(f"no bank named {name!r}")
+            raise BankNotFoundError(f"no bank named {name!r}")
         await run_in_threadpool(pipeline.banks.delete, name)
         logger.info("bank %r deleted", name)
         return Deleted(deleted=name)
@@ -818,6 +815,17 @@ def _admit_inspection(service: Service) -> ServiceError | None:
     if refusal is not None:
         service.metrics.rejections.inc()
     return refusal
+
+
+def _loaded_banks_health(pipeline: InspectionPipeline, audit: AuditLog) -> list[LineHealth]:
+    """Line health of the banks loaded now (the ones the line uses; a scrape never loads a bank)."""
+    found = []
+    for name in pipeline.banks.loaded():
+        try:
+            found.append(pipeline.line_health(name, audit))
+        except Exception as exc:  # noqa: BLE001 - one bank's failure must not hide the others
+            logger.warning("line health of bank %r: %s", name, one_line(exc))
+    return found
 
 
 def _unusable_banks(service: Service) -> dict[str, str]:

@@ -19,8 +19,8 @@ Example:
     >>> _ = path.write_bytes(buf.getvalue())
     >>> try:
     ...     scan_archive(path, ArchiveLimits())
-    ... except InvalidArchive as err:
-    ...     print(err.status, err.code)
+    ... except ArchiveError as err:
+    ...     print(err.http_status, err.code)
     422 invalid_archive
 """
 
@@ -29,8 +29,7 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from deploy.errors import InvalidArchive
-from eagle.archives import ArchiveLimits, scan_zip
+from eagle.archives import ArchiveError, ArchiveLimits, scan_zip
 from eagle.images import IMAGE_EXTENSIONS
 
 
@@ -38,12 +37,12 @@ def scan_archive(path: Path, limits: ArchiveLimits) -> list[zipfile.ZipInfo]:
     """Validate an uploaded archive's directory and list its image entries (sorted by name) without extracting.
 
     Raises:
-        InvalidArchive: not a zip, unsafe names, links or special files (FIFO, device, socket), encryption,
+        ArchiveError: not a zip, unsafe names, links or special files (FIFO, device, socket), encryption,
             unsupported compression, or no images.
-        ArchiveTooLarge: too many entries, an entry or the total too large, or too compressible.
+        ArchiveTooLargeError: too many entries, an entry or the total too large, or too compressible.
     """
     images = scan_zip(path, limits, suffixes=set(IMAGE_EXTENSIONS))
     if not images:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise InvalidArchive(f"the archive holds no images (looked for {extensions})")
+        raise ArchiveError(f"the archive holds no images (looked for {extensions})")
     return images

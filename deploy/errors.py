@@ -7,39 +7,29 @@ Every error the service sends has the same JSON shape, whatever raised it::
 
 Clients branch on ``code`` (stable), people read ``message`` (one line). The pipeline's errors (an undecodable
 image, a bad bank name, an unusable bank, the MLLM unavailable, ...) are :class:`eagle.errors.EagleError` subclasses and
-carry their own code and HTTP status; this module adds the failures only the service has (authentication,
-queueing, jobs, upload limits). A stack trace is never sent: an unexpected exception becomes
-``500 internal_error`` with a generic message while the traceback goes to the log.
+carry their own code and HTTP status (raise them under their own names, e.g. :class:`eagle.banks.BankNotFoundError`);
+this module adds the failures only the service has (authentication, queueing, jobs, upload limits). A stack trace
+is never sent: an unexpected exception becomes ``500 internal_error`` with a generic message while the traceback
+goes to the log.
 
 Example:
-    >>> err = BankNotFound("no bank named 'screws'")
-    >>> (err.status, err.code)
-    (404, 'bank_not_found')
+    >>> err = JobNotFound("no job 'abc'")
+    >>> (err.http_status, err.code)
+    (404, 'job_not_found')
     >>> error_body(err.code, str(err))
-    {'error': {'code': 'bank_not_found', 'message': "no bank named 'screws'"}}
+    {'error': {'code': 'job_not_found', 'message': "no job 'abc'"}}
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from eagle.archives import ArchiveError as InvalidArchive
-from eagle.archives import ArchiveTooLargeError as ArchiveTooLarge
-from eagle.banks import BankNameError as InvalidBankName
-from eagle.banks import BankNotFoundError as BankNotFound
 from eagle.errors import EagleError
-from eagle.images import ImageError as InvalidImage
 
 __all__ = [
-    "ArchiveTooLarge",
     "BankBusy",
     "BankExists",
-    "BankNotFound",
-    "EagleError",
     "ImageTooLarge",
-    "InvalidArchive",
-    "InvalidBankName",
-    "InvalidImage",
     "InvalidRequest",
     "JobNotFound",
     "NotReady",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
-import json
 import logging
 import re
 import shutil
@@ -27,10 +26,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from common import atomic
 from deploy.archive import scan_archive
-from deploy.errors import BankBusy, BankExists, InvalidArchive, QueueFull, ShuttingDown
-from eagle import atomic
-from eagle.archives import ArchiveLimits, extract_zip
+from deploy.errors import BankBusy, BankExists, QueueFull, ShuttingDown
+from eagle.archives import ArchiveError, ArchiveLimits, extract_zip
+from eagle.bank_records import BankSummary
 from eagle.errors import describe
 from eagle.images import IMAGE_EXTENSIONS
 
@@ -46,40 +46,29 @@ JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 class JobError(BaseModel):
     """Why a job failed: a stable code and one line."""
 
-    code: str
-    message: str
+    code: str = Field(description="Stable error code, e.g. invalid_archive, interrupted, internal_error.")
+    message: str = Field(description="One line for people.")
 
 
 class JobStatus(BaseModel):
     """What ``GET /v1/jobs/{id}`` returns."""
 
-    id: str
-    bank: str
-    state: JobState
+    id: str = Field(description="The job id (32 hex digits).")
+    bank: str = Field(description="The bank being built.")
+    state: JobState = Field(description="queued → running → succeeded | failed.")
     stage: str | None = Field(None, description="Current build stage (extract, embed, coreset, dbt, save).")
     progress: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of the current stage done.")
-    overwrite: bool = False
-    n_images: int = 0
-    created: str
-    started: str | None = None
-    finished: str | None = None
-    result: dict[str, Any] | None = Field(None, description="The bank summary once the build succeeded.")
+    overwrite: bool = Field(False, description="Whether the build replaces an existing bank.")
+    n_images: int = Field(0, description="Images in the uploaded archive.")
+    created: str = Field(description="When the job was queued, ISO 8601 in UTC.")
+    started: str | None = Field(None, description="When it started running.")
+    finished: str | None = Field(None, description="When it succeeded or failed.")
+    result: BankSummary | None = Field(None, description="The bank summary once the build succeeded.")
     error: JobError | None = None
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def jsonable(value: Any) -> Any:
-    """A JSON-ready form of a pydantic model, dataclass or plain value (for bank summaries)."""
-    import dataclasses
-
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return json.loads(json.dumps(dataclasses.asdict(value), default=str))
-    return json.loads(json.dumps(value, default=str))
 
 
 class BankBuildJobs:
@@ -152,7 +141,7 @@ class BankBuildJobs:
         """Validate the staged archive of ``job_id`` and queue the build of bank ``name``.
 
         Raises:
-            InvalidArchive | ArchiveTooLarge: the archive is unsafe, unreadable, or holds too few images.
+            ArchiveError | ArchiveTooLargeError: the archive is unsafe, unreadable, or holds too few images.
             BankExists: ``name`` exists and ``overwrite`` is false.
             BankBusy: a job for ``name`` is queued or running.
             QueueFull: ``max_pending`` jobs already wait.
@@ -162,7 +151,7 @@ class BankBuildJobs:
         try:
             entries = scan_archive(archive, self.limits)
             if len(entries) < self.min_references:
-                raise InvalidArchive(
+                raise ArchiveError(
                     f"the archive holds {len(entries)} image(s); a bank needs at least {self.min_references}"
                 )
             if not overwrite and self.pipeline.banks.exists(name):
@@ -241,7 +230,8 @@ class BankBuildJobs:
                 progress=lambda stage, fraction: self._progress(job_id, stage, fraction),
                 **({"mask": masks[0]} if masks else {}),
             )
-            self._update(job_id, state="succeeded", finished=_now(), progress=1.0, result=jsonable(summary))
+            result = BankSummary.model_validate(summary, from_attributes=True)
+            self._update(job_id, state="succeeded", finished=_now(), progress=1.0, result=result)
             logger.info("bank %r built by job %s", status.bank, job_id)
         except Exception as exc:  # noqa: BLE001 - every failure becomes the job's status
             info = describe(exc)

@@ -32,12 +32,15 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import prometheus_client
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from eagle.line_health import LineHealth
 
 prometheus_client.disable_created_metrics()  # no ``*_created`` series: the exposition stays as it was
 
@@ -147,21 +150,47 @@ def gpu_memory() -> list[tuple[dict[str, Any], float, float]]:
         return []
 
 
+_HEALTH_STATISTICS: tuple[tuple[str, str, Callable[[LineHealth], float | None]], ...] = (
+    (
+        "eagle_line_health_median_shift_sigma",
+        "Median score of recent good parts minus the bank's training median, in training spreads.",
+        lambda h: h.median_shift,
+    ),
+    ("eagle_line_health_above_tau_ratio", "Share of recent scores of good parts above τ.", lambda h: h.above_tau),
+    (
+        "eagle_line_health_expected_above_tau_ratio",
+        "The bank's own ceiling for that share (95 % upper bound from its training scores).",
+        lambda h: h.expected_above_tau_max,
+    ),
+    (
+        "eagle_line_health_ks_statistic",
+        "Kolmogorov-Smirnov D between recent scores of good parts and the bank's training scores.",
+        lambda h: h.ks_statistic,
+    ),
+)
+"""The line-health statistics exported as gauges per bank, beside ``eagle_line_health_state``."""
+
+
 class ServiceMetrics:
     """The service's metrics, fed by the API middleware, the inspection task and the job manager.
 
     Args:
         queue_state: callback returning ``(depth, capacity, busy)`` of the inference worker.
         job_states: callback returning ``{state: count}`` of bank-build jobs.
+        line_health: callback returning the line-health results (:class:`eagle.line_health.LineHealth`) of the
+            banks to report, read at each scrape (never during an inspection).
     """
 
     def __init__(
         self,
         queue_state: Callable[[], tuple[int, int, bool]] | None = None,
         job_states: Callable[[], dict[str, int]] | None = None,
+        line_health: Callable[[], Iterable[LineHealth]] | None = None,
     ) -> None:
         self.queue_state = queue_state or (lambda: (0, 0, False))
         self.job_states = job_states or dict
+        self.line_health = line_health or list
+        self._health: list[LineHealth] = []
         r = self.registry = Registry()
         self.requests = r.counter("eagle_http_requests_total", "HTTP requests answered.", ["route", "method", "status"])
         self.request_seconds = r.histogram(
@@ -198,6 +227,30 @@ class ServiceMetrics:
             ["device"],
             callback=lambda: [(labels, reserved) for labels, _, reserved in gpu_memory()],
         )
+
+        r.gauge(
+            "eagle_line_health_state",
+            "Line health per bank: 0 ok, 1 watch, 2 drifting; -1 not enough inspections, -2 not enough references.",
+            ["bank"],
+            callback=self._health_gauge(lambda h: float(h.level), refresh=True),
+        )
+        for name, help_text, value in _HEALTH_STATISTICS:
+            r.gauge(name, help_text, ["bank"], callback=self._health_gauge(value))
+
+    def _health_gauge(
+        self, value: Callable[[LineHealth], float | None], *, refresh: bool = False
+    ) -> Callable[[], list[tuple[dict[str, Any], float]]]:
+        """A gauge callback over the line-health results; ``refresh``: the first gauge of a scrape reads them anew."""
+
+        def series() -> list[tuple[dict[str, Any], float]]:
+            if refresh:
+                try:
+                    self._health = list(self.line_health())
+                except Exception:  # noqa: BLE001 - metrics must never fail a scrape
+                    self._health = []
+            return [({"bank": h.bank}, float(v)) for h in self._health if (v := value(h)) is not None]
+
+        return series
 
     def _q(self) -> tuple[float, float, float]:
         depth, capacity, busy = self.queue_state()

@@ -214,7 +214,7 @@ class RequestGate:
             if early is not None:
                 self.metrics.errors.inc(code=early.code)
                 body = error_body(early.code, str(early), request_id=request_id)
-                await send_json(send_wrapper, early.status, body, early.headers)
+                await send_json(send_wrapper, early.http_status, body, early.headers)
                 return
             await self.app(scope, self._limited_receive(scope, receive, limit), send_wrapper)
             route = scope.get("route")

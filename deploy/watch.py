@@ -63,13 +63,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from deploy.errors import BankNotFound
+from common import atomic
 from deploy.limits import check_image_pixels
 from deploy.watch_events import WriteTracker, signature_of
 from deploy.watch_files import NotARegularFileError, kind_of, read_ends, read_regular_file
-from eagle import atomic
 from eagle.annotate import annotated_image, encode_png
 from eagle.audit import AuditLog, utc_now
+from eagle.banks import BankNotFoundError
 from eagle.errors import ErrorInfo, describe, one_line
 from eagle.images import IMAGE_EXTENSIONS, TAIL_BYTES, TruncatedImageError, image_sha256, looks_complete
 
@@ -288,7 +288,7 @@ class FolderWatcher:
         while not stop.is_set():
             if not self.pipeline.banks.exists(self.bank):
                 if once:
-                    raise BankNotFound(f"no bank named {self.bank!r}")
+                    raise BankNotFoundError(f"no bank named {self.bank!r}")
                 if not bank_missing:
                     logger.error("bank %r does not exist; waiting for it (images stay where they are)", self.bank)
                 bank_missing = True

@@ -38,9 +38,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal, get_args
 
 from eagle.errors import EagleError, is_disk_full
+from eagle.records import OPERATOR_VERDICTS
 
 
 class InspectionNotFoundError(EagleError, LookupError):
@@ -106,6 +107,7 @@ CREATE TABLE IF NOT EXISTS inspections (
 );
 CREATE INDEX IF NOT EXISTS inspections_time ON inspections (time);
 CREATE INDEX IF NOT EXISTS inspections_bank_time ON inspections (bank, time);
+CREATE INDEX IF NOT EXISTS inspections_bank_id ON inspections (bank_id, id);
 CREATE TABLE IF NOT EXISTS feedback (
     id             INTEGER PRIMARY KEY AUTOINCREMENT,
     time           TEXT    NOT NULL,
@@ -136,12 +138,19 @@ FEEDBACK_COLUMNS: tuple[str, ...] = (
 verdict (``defect``/``no_defect``; the ground truth of :func:`line_stats`), ``None`` when an ``unknown`` verdict was
 confirmed."""
 
-FEEDBACK_KINDS = ("confirmed", "overruled")
-VERDICTS = ("defect", "no_defect")
+FeedbackKind = Literal["confirmed", "overruled"]
+"""An operator's feedback on one inspection's verdict."""
+
+FEEDBACK_KINDS: tuple[FeedbackKind, ...] = get_args(FeedbackKind)
+VERDICTS = OPERATOR_VERDICTS
+"""The verdicts an operator can give as the right one (:data:`eagle.records.OPERATOR_VERDICTS`)."""
 MAX_FEEDBACK_TEXT = 1000
 """Longest operator name or note kept (longer ones are refused)."""
 
-SOURCES = ("api", "watch", "app")
+AuditSource = Literal["api", "watch", "app"]
+"""Which front end an audited inspection came through."""
+
+SOURCES: tuple[AuditSource, ...] = get_args(AuditSource)
 
 
 def default_audit_path(settings: Any) -> Path:
@@ -405,6 +414,22 @@ class AuditLog:
                 "(SELECT MAX(id) FROM feedback GROUP BY inspection_id)"
             ).fetchall()
         return {int(row["inspection_id"]): dict(row) for row in rows}
+
+    def recent_scores(self, bank_id: str, *, limit: int) -> list[tuple[str, float]]:
+        """``(time, score)`` of the ``limit`` latest inspections of one bank version that no operator marked defective.
+
+        The scores the line-health check compares with the bank's own (:mod:`eagle.line_health`): successful
+        inspections of bank id ``bank_id`` (one version; every audited source), leaving out each row whose latest
+        feedback gives ``defect`` as the correct verdict. Oldest first.
+        """
+        sql = (
+            "SELECT i.time, i.score FROM inspections AS i WHERE i.bank_id = ? AND i.status = 'ok' "
+            "AND i.score IS NOT NULL AND COALESCE((SELECT f.correct_verdict FROM feedback AS f "
+            "WHERE f.inspection_id = i.id ORDER BY f.id DESC LIMIT 1), '') != 'defect' ORDER BY i.id DESC LIMIT ?"
+        )
+        with self._lock:
+            rows = self._conn.execute(sql, (bank_id, int(limit))).fetchall()
+        return [(str(row["time"]), float(row["score"])) for row in reversed(rows)]
 
     def stats(self, where: AuditFilter | None = None, *, per: str = "all") -> list[dict[str, Any]]:
         """:func:`line_stats` of the rows matching ``where`` with their latest feedback."""

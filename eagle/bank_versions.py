@@ -38,11 +38,11 @@ import os
 import re
 import shutil
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from eagle import atomic
+from common import atomic
+from eagle.bank_records import BankVersion
 from eagle.errors import EagleError
 from expert.bank import META_FILE, BankError, read_meta
 
@@ -79,21 +79,6 @@ class BankVersionNotFoundError(EagleError, FileNotFoundError):
     """The bank has no kept version with that number."""
 
     code, http_status = "bank_version_not_found", 404
-
-
-@dataclass(frozen=True)
-class BankVersion:
-    """One kept version of a bank, read from its meta.json and its note."""
-
-    version: int
-    current: bool
-    bank_id: str
-    created: str
-    tau: float
-    s_max: float
-    n_references: int
-    action: str
-    note: str
 
 
 def versions_root(root: Path, name: str) -> Path:

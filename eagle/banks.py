@@ -32,15 +32,16 @@ import weakref
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from eagle import atomic, bank_versions
+from common import atomic
+from eagle import bank_versions
 from eagle.archives import ArchiveLimits, describe_names, extract_zip, scan_zip
-from eagle.bank_versions import BankVersion, BankVersionNotFoundError
+from eagle.bank_records import BankSummary, BankVersion
+from eagle.bank_versions import BankVersionNotFoundError
 from eagle.errors import EagleError, is_disk_full
 from eagle.settings import ExpertSettings
 from expert.bank import META_FILE, ONNX_FILE, TENSORS_FILE, BankError, is_bank_file, read_meta
@@ -66,7 +67,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 IMPORT_STAGING_PREFIX = ".import-"
-"""Staging folder of a bank import under the banks directory (:func:`expert.atomic.staging_dir`: host and pid)."""
+"""Staging folder of a bank import under the banks directory (:func:`common.atomic.staging_dir`: host and pid)."""
 
 LEGACY_STAGING_AGE_S = 24 * 3600.0
 """Import staging folders named before they carried host and pid are removed once this old (seconds)."""
@@ -98,28 +99,6 @@ class BankNotFoundError(EagleError, FileNotFoundError):
     """No saved bank has that name."""
 
     code, http_status = "bank_not_found", 404
-
-
-@dataclass(frozen=True)
-class BankSummary:
-    """What people need to know about a saved bank, read from its meta.json alone."""
-
-    name: str
-    bank_id: str
-    created: str
-    n_references: int
-    n_patches: int
-    coreset_size: int
-    coreset_ratio: float
-    threshold_method: str
-    tau: float
-    s_max: float
-    backbone: str
-    weights_source: str
-    distance: str
-    warning: str | None = None
-    build_warnings: tuple[str, ...] = ()  # meta.json "warnings" (e.g. few references, an empty CAAS band)
-    mask: str | None = None  # the inspection mask, e.g. "412 of 784 patches (png:mask.png 640x480)"; None: none
 
 
 def is_valid_bank_name(name: object) -> bool:

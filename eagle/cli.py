@@ -8,6 +8,10 @@ traceback naming it); ``tests/test_cli_table.py`` imports every module of the ta
 exactly the names and help the table lists. Heavy dependencies (gradio, uvicorn, torch) are imported by the
 handlers, when a command runs.
 
+Errors: a handler raises; :func:`main` shows every known failure (an :class:`eagle.errors.EagleError`, or a library
+error :func:`eagle.errors.as_eagle_error` maps) as one line on stderr and exits with its exit code. Anything else
+is a bug and keeps its traceback.
+
 Exit codes: 0 success; 1 some inputs failed (each named on stderr); 2 usage, configuration or bank errors;
 3 the disk (or quota) is full (nothing half-written stays; free space and rerun); 4 ``eagle doctor``: something the
 configured setup needs is missing (the table says what and how to fix it); 130 interrupted.
@@ -27,7 +31,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 from eagle import __version__, cli_table
 
@@ -36,25 +40,11 @@ if TYPE_CHECKING:  # settings (pydantic) load after parsing, so --version and --
 
 Handler = Callable[[argparse.Namespace, "Settings"], int]
 
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+"""The logging levels ``--log-level`` and ``EAGLE_LOG_LEVEL`` accept (defined here: this module stays cheap)."""
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+
 log = logging.getLogger("eagle.cli")
-
-EXIT_DISK_FULL = 3
-"""Exit code of a command stopped by a full disk or quota (:class:`eagle.errors.DiskFullError`)."""
-
-
-class CommandError(Exception):
-    """A failure a handler reports as one line on stderr (no traceback) with its exit code.
-
-    Example:
-        >>> raise CommandError("bank not found: ./banks/widget", exit_code=2)
-        Traceback (most recent call last):
-        ...
-        eagle.cli.CommandError: bank not found: ./banks/widget
-    """
-
-    def __init__(self, message: str, *, exit_code: int = 2) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass
@@ -71,8 +61,11 @@ def command_modules() -> list[ModuleType]:
     registered (:func:`build_parser` with no arguments) and for the tests.
 
     Example:
-        >>> [m.__name__ for m in command_modules()]
-        ['eagle.cli_expert', 'eagle.cli_bank', 'deploy.cli', 'eagle.evaluation.cli', 'app.cli', 'eagle.cli_doctor']
+        >>> names = [m.__name__ for m in command_modules()]
+        >>> names[:4]
+        ['eagle.cli_expert', 'eagle.cli_bank', 'deploy.cli', 'eagle.cli_audit']
+        >>> names[4:]
+        ['eagle.evaluation.cli', 'app.cli', 'eagle.cli_doctor']
     """
     return [importlib.import_module(name) for name in cli_table.command_module_names()]
 
@@ -105,7 +98,7 @@ def build_parser(modules: Sequence[str] | None = None) -> CommandRegistry:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--log-level",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        choices=list(LOG_LEVELS),
         default=None,
         help="Logging level (default: EAGLE_LOG_LEVEL, else INFO).",
     )
@@ -160,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         build_parser([]).parser.print_help(sys.stderr)
         return 2
-    from eagle.errors import disk_full_error, is_disk_full
+    from eagle.errors import as_eagle_error, one_line
     from eagle.settings import SettingsError, load_settings
 
     try:
@@ -171,17 +164,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.log_level or settings.log_level)
     try:
         return int(handler(args, settings))
-    except CommandError as err:
-        print(f"eagle {args.command}: error: {err}", file=sys.stderr)
-        return err.exit_code
     except SettingsError as err:
         print(f"eagle {args.command}: {err}", file=sys.stderr)
         return 2
     except Exception as err:
-        if not is_disk_full(err):
+        known = as_eagle_error(err)
+        if known is None:
             raise  # a bug: the traceback is wanted
-        print(f"eagle {args.command}: error: {disk_full_error(err)}", file=sys.stderr)
-        return EXIT_DISK_FULL
+        print(f"eagle {args.command}: error: {one_line(known)}", file=sys.stderr)
+        return known.exit_code
     except KeyboardInterrupt:
         print("eagle: interrupted", file=sys.stderr)
         return 130

@@ -17,20 +17,19 @@ Examples:
     $ eagle bank add widget flagged-but-good.png
     $ eagle bank history widget --json
     $ eagle bank rollback widget 3
+    $ eagle bank health widget --json
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eagle.cli import EXIT_DISK_FULL, CommandError
-from eagle.errors import is_disk_full
+from eagle.errors import CommandError, is_disk_full
 from eagle.settings import Settings
 
 if TYPE_CHECKING:
@@ -41,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``bank`` and its subcommands to the ``eagle`` parser."""
     bank = subparsers.add_parser(
         "bank",
-        help="List, show, export, import, delete, teach (add), version history and rollback of saved banks.",
+        help="List, show, export, import, delete, teach (add), history, rollback and line health of saved banks.",
         description="Manage the banks under <data_dir>/banks with the same checks as the app and the API.",
     )
     bank_subparsers = bank.add_subparsers(dest="bank_command", metavar="SUBCOMMAND")
@@ -66,23 +65,9 @@ def open_store(settings: Settings) -> BankStore:
     return Pipeline(settings).banks
 
 
-def as_command_error(err: Exception) -> CommandError:
-    """A known failure (bad name, unknown bank, bad zip, unusable bank) as one :class:`CommandError` line (exit 2).
-
-    Raises:
-        Exception: ``err`` itself when it is not a known failure (a bug: the traceback is wanted).
-    """
-    from eagle.errors import describe
-
-    info = describe(err)
-    if info is None:
-        raise err
-    return CommandError(info.message, exit_code=EXIT_DISK_FULL if info.code == "disk_full" else 2)
-
-
 def summary_dict(summary: BankSummary, store: BankStore) -> dict[str, Any]:
     """A bank summary as JSON-ready data, with its directory."""
-    data = dataclasses.asdict(summary)
+    data = summary.model_dump()
     data["build_warnings"] = list(summary.build_warnings)
     data["path"] = str(store.path(summary.name))
     return data
@@ -129,11 +114,8 @@ def run_show(args: argparse.Namespace, settings: Settings) -> int:
     from expert.bank import read_meta
 
     store = open_store(settings)
-    try:
-        summary = store.summary(args.name)
-        meta = read_meta(store.path(args.name))
-    except Exception as err:  # noqa: BLE001 - known failures become one line, others re-raise
-        raise as_command_error(err) from None
+    summary = store.summary(args.name)
+    meta = read_meta(store.path(args.name))
     data = summary_dict(summary, store)
     data["references"] = [ref.name for ref in meta.references]
     if args.json:
@@ -164,10 +146,7 @@ def run_export(args: argparse.Namespace, settings: Settings) -> int:
     """``eagle bank export NAME [--out FILE]``."""
     store = open_store(settings)
     dest = (args.out or Path(f"{args.name}.zip")).expanduser()
-    try:
-        store.summary(args.name)  # name rule and existence first: nothing is written for a bad name
-    except Exception as err:  # noqa: BLE001
-        raise as_command_error(err) from None
+    store.summary(args.name)  # name rule and existence first: nothing is written for a bad name
     if dest.exists() and not args.overwrite:
         raise CommandError(f"{str(dest)!r} exists; pass --overwrite to replace it")
     if dest.is_dir():
@@ -179,7 +158,7 @@ def run_export(args: argparse.Namespace, settings: Settings) -> int:
     except OSError as err:
         partial.unlink(missing_ok=True)
         if is_disk_full(err):
-            raise as_command_error(err) from None
+            raise  # one line and exit 3 (eagle.cli.main)
         raise CommandError(f"cannot write {str(dest)!r}: {err.strerror or err}") from None
     print(f"eagle bank export: {args.name!r} written to {dest}", file=sys.stderr)
     return 0
@@ -205,17 +184,12 @@ def run_import(args: argparse.Namespace, settings: Settings) -> int:
     zip_path: Path = args.zip.expanduser()
     name = args.name or zip_path.stem
     store = open_store(settings)
-    try:
-        validate_bank_name(name)
-        if not zip_path.is_file():
-            raise CommandError(f"no such zip file: {str(zip_path)!r}")
-        if store.exists(name) and not args.overwrite:
-            raise CommandError(f"a bank named {name!r} exists; pass --overwrite to replace it, or choose --name")
-        summary = store.import_zip(zip_path, name)
-    except CommandError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        raise as_command_error(err) from None
+    validate_bank_name(name)
+    if not zip_path.is_file():
+        raise CommandError(f"no such zip file: {str(zip_path)!r}")
+    if store.exists(name) and not args.overwrite:
+        raise CommandError(f"a bank named {name!r} exists; pass --overwrite to replace it, or choose --name")
+    summary = store.import_zip(zip_path, name)
     if args.json:
         print(json.dumps(summary_dict(summary, store)))
     print(
@@ -236,10 +210,7 @@ def _add_delete(bank_subparsers: argparse._SubParsersAction) -> None:
 def run_delete(args: argparse.Namespace, settings: Settings) -> int:
     """``eagle bank delete NAME``."""
     store = open_store(settings)
-    try:
-        store.delete(args.name)
-    except Exception as err:  # noqa: BLE001
-        raise as_command_error(err) from None
+    store.delete(args.name)
     print(f"eagle bank delete: {args.name!r} deleted", file=sys.stderr)
     return 0
 
@@ -279,11 +250,8 @@ def run_add(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandError("no images found to add")
     pipeline = Pipeline(settings)
     bar = StageBar(BUILD_STAGES, desc=f"bank {args.name}", enabled=not args.no_progress)
-    try:
-        with bar:
-            result = pipeline.add_references(paths, args.name, progress=bar)
-    except Exception as err:  # noqa: BLE001 - known failures become one line, others re-raise
-        raise as_command_error(err) from None
+    with bar:
+        result = pipeline.add_references(paths, args.name, progress=bar)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -304,12 +272,9 @@ def _add_history(bank_subparsers: argparse._SubParsersAction) -> None:
 def run_history(args: argparse.Namespace, settings: Settings) -> int:
     """``eagle bank history NAME``."""
     store = open_store(settings)
-    try:
-        versions = store.history(args.name)
-    except Exception as err:  # noqa: BLE001
-        raise as_command_error(err) from None
+    versions = store.history(args.name)
     if args.json:
-        print(json.dumps([dataclasses.asdict(v) for v in versions]))
+        print(json.dumps([v.model_dump() for v in versions]))
         return 0
     print(f"  {'version':>7} {'refs':>5} {'tau':>10} {'s_max':>10}  {'created (UTC)':<26} {'action':<10} note")
     for v in versions:
@@ -336,15 +301,42 @@ def _add_rollback(bank_subparsers: argparse._SubParsersAction) -> None:
 def run_rollback(args: argparse.Namespace, settings: Settings) -> int:
     """``eagle bank rollback NAME VERSION``."""
     store = open_store(settings)
-    try:
-        summary = store.rollback(args.name, args.version)
-    except Exception as err:  # noqa: BLE001
-        raise as_command_error(err) from None
+    summary = store.rollback(args.name, args.version)
     print(
         f"eagle bank rollback: {args.name!r} is at version {args.version} ({summary.n_references} references, "
         f"tau {summary.tau:.5g}, bank_id {summary.bank_id[:16]})",
         file=sys.stderr,
     )
+    return 0
+
+
+# -- health ------------------------------------------------------------------------------------------------------
+def _add_health(bank_subparsers: argparse._SubParsersAction) -> None:
+    parser = bank_subparsers.add_parser(
+        "health",
+        help="Line health: have the bank's recent scores of good parts drifted from its own? (ok, watch, drifting)",
+        description="Compare the scores of the bank's latest audited inspections (service, watched folder, app; "
+        "parts an operator marked defective left out) with its DBT training scores: median shift in training "
+        "spreads, share above tau against the bank's own rate, Kolmogorov-Smirnov D. Windows and limits: "
+        "EAGLE_HEALTH__*. Exit code 0 whatever the state (read it from the output or --json).",
+    )
+    _add_name(parser)
+    parser.add_argument(
+        "--json", action="store_true", help="Print one JSON object (every statistic, the scores compared)."
+    )
+    parser.set_defaults(func=run_health)
+
+
+def run_health(args: argparse.Namespace, settings: Settings) -> int:
+    """``eagle bank health NAME``."""
+    from eagle.audit import AuditLog, default_audit_path
+    from eagle.line_health import describe_health
+    from eagle.pipeline import Pipeline
+
+    pipeline = Pipeline(settings)
+    with AuditLog(default_audit_path(settings)) as audit:
+        health = pipeline.line_health(args.name, audit)
+    print(health.model_dump_json() if args.json else describe_health(health))
     return 0
 
 
@@ -357,5 +349,6 @@ BANK_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_add,
     _add_history,
     _add_rollback,
+    _add_health,
 ]
 """The ``eagle bank`` subcommands in help order: each adds its parser and sets its handler."""

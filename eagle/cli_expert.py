@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from eagle.cli import EXIT_DISK_FULL, CommandError
+from eagle.errors import CommandError
 from eagle.settings import Settings
 
 log = logging.getLogger("eagle.cli")
@@ -75,9 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     warm = subparsers.add_parser(
         "warm-cache",
         help="Export the expert's ONNX backbone into the cache now, so bank builds skip the 10-20 s export.",
-        description="Load the configured backbone weights and export its ONNX graph into <data_dir>/cache/onnx "
-        "(nothing to do when a verified graph for these weights, crop, opset and torch version is there). The "
-        "container build and the app's start-up run it; builds use the cached graph.",
+        description="Load the configured backbone weights and export its ONNX graph into the cache "
+        "(EAGLE_ONNX_CACHE_DIR, default <data_dir>/cache/onnx; nothing to do when a verified graph for these "
+        "weights, crop, opset and torch version is there). The container build and the app's start-up run it; "
+        "builds use the cached graph.",
     )
     warm.add_argument(
         "--prune", action="store_true", help="Also remove cached graphs of other weights, crops or torch versions."
@@ -88,13 +89,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_warm_cache(args: argparse.Namespace, settings: Settings) -> int:
     """Handler of ``eagle warm-cache``: put the configured backbone's ONNX graph in the cache."""
     from eagle.pipeline import Pipeline
-    from expert.weights import BackboneWeightsError
 
     started = time.perf_counter()
-    try:
-        path = Pipeline(settings).warm_onnx_cache(prune=args.prune)
-    except BackboneWeightsError as err:
-        raise CommandError(str(err)) from None
+    path = Pipeline(settings).warm_onnx_cache(prune=args.prune)  # missing weights: one line, exit 2 (eagle.cli.main)
     print(f"ONNX backbone cached: {path} ({path.stat().st_size / 2**20:.0f} MB, {time.perf_counter() - started:.1f} s)")
     return 0
 
@@ -120,17 +117,13 @@ def run_build_bank(args: argparse.Namespace, settings: Settings) -> int:
     ``--skip-unreadable`` and ``--out`` are the pipeline's ``skip_unreadable`` and ``out_dir``; every unreadable
     file is one line on stderr, and without ``--skip-unreadable`` nothing is built (exit 1).
     """
-    from eagle.banks import BankNameError, validate_bank_name
-    from eagle.errors import describe
+    from eagle.banks import validate_bank_name
     from eagle.images import list_images
     from eagle.pipeline import BUILD_STAGES, Pipeline, ReferenceImagesError
     from eagle.progress_bars import StageBar, fan_out
     from expert.bank import read_meta
 
-    try:
-        validate_bank_name(args.name)
-    except BankNameError as err:
-        raise CommandError(str(err)) from None
+    validate_bank_name(args.name)
     if not args.normals.is_dir():
         raise CommandError(f"--normals {str(args.normals)!r} is not a directory")
     mask = getattr(args, "mask", None)
@@ -159,11 +152,6 @@ def run_build_bank(args: argparse.Namespace, settings: Settings) -> int:
             "(fix or remove them, or pass --skip-unreadable to build from the other images)",
             exit_code=1,
         ) from None
-    except Exception as err:
-        info = describe(err)
-        if info is None:
-            raise
-        raise CommandError(info.message, exit_code=EXIT_DISK_FULL if info.code == "disk_full" else 2) from None
     finally:
         bar.close()
         label = "skipped" if args.skip_unreadable else "unreadable"
@@ -291,7 +279,7 @@ def run_score(args: argparse.Namespace, settings: Settings) -> int:
     The bank is loaded as every front end loads it (:meth:`eagle.banks.BankStore.load`: checked and
     test-inspected); a bank that cannot be used is one line and exit 2, with the same message as the app and API.
     """
-    from eagle.errors import describe
+    from eagle.errors import as_eagle_error, one_line
     from eagle.images import ImageError
     from eagle.pipeline import Pipeline
 
@@ -307,13 +295,11 @@ def run_score(args: argparse.Namespace, settings: Settings) -> int:
         pipeline.banks.load(bank)
     except CommandError:
         raise
-    except Exception as err:
-        info = describe(err)
-        if info is None:
+    except Exception as err:  # a known failure gets the bank's path in front of its line; a bug re-raises
+        known = as_eagle_error(err)
+        if known is None:
             raise
-        raise CommandError(
-            f"bank {str(bank_dir)!r}: {info.message}", exit_code=EXIT_DISK_FULL if info.code == "disk_full" else 2
-        ) from None
+        raise CommandError(f"bank {str(bank_dir)!r}: {one_line(known)}", exit_code=known.exit_code) from None
     failed = 0
     records: list[dict[str, Any]] = []
     for path in args.images:

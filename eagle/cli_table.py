@@ -45,12 +45,12 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "bank",
-        "List, show, export, import, delete, teach (add), version history and rollback of saved banks.",
+        "List, show, export, import, delete, teach (add), history, rollback and line health of saved banks.",
         "eagle.cli_bank",
     ),
     Command("serve", "Run the headless HTTP inspection service (REST API, metrics).", "deploy.cli"),
     Command("watch", "Inspect every image dropped into a folder (exactly once, crash-safe).", "deploy.cli"),
-    Command("audit", "Show or export the inspection audit log.", "deploy.cli"),
+    Command("audit", "Show or export the inspection audit log.", "eagle.cli_audit"),
     Command(
         "eval",
         "Evaluate on MVTec-AD / VisA / MMAD / a good+bad folder and write the paper's tables.",

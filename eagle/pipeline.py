@@ -19,13 +19,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from eagle.bank_versions import BankVersion
+from common.progress import ProgressCallback
+from eagle.bank_records import BankVersion, TaughtImage, TeachResult
 from eagle.banks import BankError, BankStore, BankSummary, summarize_bank, validate_bank_name
 from eagle.errors import EagleError, one_line
 from eagle.images import DecodedImage, ImageError, decode_image, load_image, resize_rgb, view_size
@@ -33,9 +33,10 @@ from eagle.images import image_sha256 as sha256_of_image
 from eagle.records import BoxRecord, InspectionImages, InspectionResult, InspectOptions
 from eagle.settings import Settings
 from expert.progress import BUILD_STAGES as EXPERT_BUILD_STAGES
-from expert.progress import ProgressCallback
 
 if TYPE_CHECKING:  # the MLLM stack is imported only when it is used
+    from eagle.audit import AuditLog
+    from eagle.line_health import LineHealth
     from expert.bank import BankMeta
     from expert.config import ExpertSettings
     from expert.scorer import ExpertResult, ExpertScorer
@@ -90,6 +91,10 @@ class BankCatalog(Protocol):
         """Banks whose last load failed, name → one-line reason."""
         ...
 
+    def loaded(self) -> list[str]:
+        """The names of the banks loaded now, least recently used first."""
+        ...
+
     def history(self, name: str) -> list[BankVersion]:
         """The kept versions of a bank, oldest first (``BankNotFoundError``)."""
         ...
@@ -122,6 +127,10 @@ class InspectionPipeline(Protocol):
         image_name: str | None = None,
     ) -> InspectionResult:
         """Inspect one image (see :meth:`Pipeline.inspect`)."""
+        ...
+
+    def line_health(self, name: str, audit: AuditLog) -> LineHealth:
+        """The drift check of a bank's current version (see :meth:`Pipeline.line_health`)."""
         ...
 
     def build_bank(
@@ -159,49 +168,6 @@ class InspectionPipeline(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class TaughtImage:
-    """One image taught to a bank: its score against the bank before and after, and whether it passes."""
-
-    name: str
-    score_before: float
-    score_after: float
-    passed_before: bool
-    passes_now: bool
-
-
-@dataclass(frozen=True)
-class TeachResult:
-    """What :meth:`Pipeline.add_references` changed: versions, τ and s_max before → after, the taught images."""
-
-    bank: str
-    version_before: int | None
-    version: int
-    tau_before: float
-    tau_after: float
-    s_max_before: float
-    s_max_after: float
-    references_before: int
-    references_after: int
-    taught: list[TaughtImage] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        """JSON-ready form (the API's and ``eagle bank add --json``'s answer)."""
-        return asdict(self)
-
-    def describe(self) -> str:
-        """One paragraph for people: ``τ 0.41 → 0.47 (version 3 → 4); part.png: 0.52 → 0.31, passes now``."""
-        lines = [
-            f"bank {self.bank!r}: version {self.version_before or 'unversioned'} → {self.version}, "
-            f"references {self.references_before} → {self.references_after}, "
-            f"τ {self.tau_before:.4g} → {self.tau_after:.4g}, s_max {self.s_max_before:.4g} → {self.s_max_after:.4g}"
-        ]
-        for image in self.taught:
-            verdict = "passes now" if image.passes_now else "would still be flagged"
-            lines.append(f"  {image.name}: score {image.score_before:.4g} → {image.score_after:.4g}, {verdict}")
-        return "\n".join(lines)
-
-
 def _unique_names(new: Sequence[str], taken: Sequence[str]) -> list[str]:
     """``new`` with a ``-taught-N`` suffix where a name is already in ``taken`` (bank names must be unique)."""
     used, out = set(taken), []
@@ -216,14 +182,13 @@ def _unique_names(new: Sequence[str], taken: Sequence[str]) -> list[str]:
     return out
 
 
-_THRESHOLD_PARAMS = ("kappa", "quantile", "mad_k", "evt_quantile")
-
-
 def _settings_of_bank(running: ExpertSettings, meta: BankMeta) -> ExpertSettings:
     """The running expert settings with the bank's own coreset, seed, threshold and reference-size settings.
 
     A rebuild (teach) must derive τ the way the bank's first build did, whatever the running threshold settings.
     """
+    from expert.dbt import THRESHOLD_PARAMETERS
+
     update = {
         "coreset_ratio": meta.coreset.ratio,
         "coreset_projection_dim": meta.coreset.projection_dim,
@@ -235,7 +200,7 @@ def _settings_of_bank(running: ExpertSettings, meta: BankMeta) -> ExpertSettings
         "dbt_search": meta.threshold.search,
         "reference_max_side": meta.reference_max_side or running.reference_max_side,
     }
-    update.update({k: float(v) for k, v in meta.threshold.params.items() if k in _THRESHOLD_PARAMS})
+    update.update({k: float(v) for k, v in meta.threshold.params.items() if k in THRESHOLD_PARAMETERS})
     return running.model_copy(update=update)
 
 
@@ -301,10 +266,10 @@ class Pipeline:
     # ------------------------------------------------------------------ banks
     @property
     def onnx_cache(self):
-        """The :class:`~expert.onnx_cache.OnnxCache` under ``<data_dir>/cache/onnx`` every bank build uses."""
+        """The :class:`~expert.onnx_cache.OnnxCache` every bank build uses (``settings.onnx_cache_path``)."""
         from expert.onnx_cache import OnnxCache
 
-        return OnnxCache(self.settings.onnx_cache_dir)
+        return OnnxCache(self.settings.onnx_cache_path)
 
     def _export_key(self, weights_info):
         from expert.onnx_cache import ExportKey
@@ -661,6 +626,22 @@ class Pipeline:
             "banks": bool(self.banks.list()),
             "mllm": self.mllm_loaded() or not self.mllm_enabled,
         }
+
+    def line_health(self, name: str, audit: AuditLog) -> LineHealth:
+        """The drift check of bank ``name``'s current version over its latest audited inspections.
+
+        The bank is loaded (and cached) for its DBT training scores and τ; the statistics and states are
+        :func:`expert.drift.assess_drift`'s, with ``settings.health``'s windows and limits.
+
+        Raises:
+            BankNotFoundError: no bank named ``name``.
+        """
+        from eagle.line_health import line_health
+
+        bank = self.banks.load(name).bank
+        return line_health(
+            name, bank.meta.bank_id, bank.train_scores, bank.meta.threshold.tau, audit, self.settings.health
+        )
 
     # ------------------------------------------------------------------ inspection
     def _view_limits(self) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Progress for the command line: tqdm bars drawn from :class:`expert.progress.ProgressCallback` reports.
+"""Progress for the command line: tqdm bars drawn from :class:`common.progress.ProgressCallback` reports.
 
 Library code only reports ``progress(stage, fraction)``; front ends decide how (and whether) to show it.
 This module is the command line's renderer (``eagle build-bank``, ``eagle eval``) and the only place that
@@ -20,7 +20,7 @@ from types import TracebackType
 
 from tqdm.auto import tqdm
 
-from expert.progress import ProgressCallback
+from common.progress import ProgressCallback
 
 __all__ = ["StageBar", "count_bar", "fan_out"]
 
@@ -28,7 +28,7 @@ __all__ = ["StageBar", "count_bar", "fan_out"]
 class StageBar:
     """One bar over a sequence of stages: each stage is an equal share of 100 %; the current stage is the postfix.
 
-    It is a :class:`~expert.progress.ProgressCallback`. A stage not in ``stages`` counts as the last one.
+    It is a :class:`~common.progress.ProgressCallback`. A stage not in ``stages`` counts as the last one.
 
     Args:
         stages: the stages in the order they run (e.g. :data:`eagle.pipeline.BUILD_STAGES`).

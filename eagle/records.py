@@ -7,12 +7,27 @@ evaluation appends to JSONL; pictures ride along in :class:`InspectionImages`, e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from mllm.config import CAASPolicy, PromptSetting
+from mllm.config import Answer, CAASPolicy, PromptSetting
+
+OperatorVerdict = Literal["defect", "no_defect"]
+"""A verdict an operator can give as the right one (audit feedback): the definite :data:`Verdict` words."""
+
+Verdict = Literal[OperatorVerdict, "unknown"]
+"""The final verdict of an inspection: the one vocabulary of verdict words (``unknown``: the MLLM's reply could not
+be read)."""
+
+VERDICTS: tuple[Verdict, ...] = get_args(Verdict)
+OPERATOR_VERDICTS: tuple[OperatorVerdict, ...] = get_args(OperatorVerdict)
+
+ExpertDecision = Literal["anomalous", "normal"]
+"""The expert's decision: anomalous iff score >= tau."""
+
+EXPERT_DECISIONS: tuple[ExpertDecision, ...] = get_args(ExpertDecision)
 
 
 class InspectOptions(BaseModel):
@@ -61,7 +76,7 @@ class InspectionResult(BaseModel):
     score: float
     tau: float
     s_max: float
-    expert_decision: Literal["anomalous", "normal"]
+    expert_decision: ExpertDecision
     low_confidence: bool = Field(description="tau <= score <= s_max: the expert is unsure.")
     boxes: list[BoxRecord]
     inspected_region: tuple[int, int, int, int] = Field(description="(x0, y0, x1, y1) the backbone saw.")
@@ -71,12 +86,10 @@ class InspectionResult(BaseModel):
     caas_applied: bool = False
     caas_alpha: float | None = None
     mllm_letter: str | None = None
-    mllm_answer: Literal["yes", "no", "unknown"] | None = None
+    mllm_answer: Answer | None = None
     mllm_raw: str | None = None
     explanation: str | None = None
-    verdict: Literal["defect", "no_defect", "unknown"] = Field(
-        description="Final answer: the MLLM's when it ran, else the expert's decision."
-    )
+    verdict: Verdict = Field(description="Final answer: the MLLM's when it ran, else the expert's decision.")
     model_id: str | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
     images: InspectionImages | None = Field(None, exclude=True, repr=False)

@@ -18,18 +18,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from eagle.cli import LogLevel
 from expert.config import ExpertSettings
+from expert.drift import DriftSettings
 from mllm.config import PROMPT_SETTINGS, CAASSettings, MLLMSettings, PromptSetting, PromptSettings
 
 __all__ = [
     "PROMPT_SETTINGS",
     "AppSettings",
     "CAASSettings",
+    "DriftSettings",
     "ExpertSettings",
     "MLLMSettings",
     "PromptSetting",
@@ -102,7 +104,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default_factory=_default_data_dir, description="Banks, audit log and app state.")
     max_image_pixels: int = Field(64_000_000, ge=1, description="Larger images are refused (decompression-bomb guard).")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: LogLevel = "INFO"
     bank_versions_kept: int = Field(
         5, ge=1, description="Versions kept per bank (every build, teach or import writes one; the oldest are pruned)."
     )
@@ -111,17 +113,32 @@ class Settings(BaseSettings):
         ge=1,
         description="Banks kept loaded in memory at once (the least recently used is dropped; docs/edge.md: memory).",
     )
+    onnx_cache_dir: Path | None = Field(
+        None,
+        description="Where exported ONNX backbones are cached for every bank build (default <data_dir>/cache/onnx; "
+        "several data dirs may share one).",
+    )
     expert: ExpertSettings = Field(default_factory=ExpertSettings)
     mllm: MLLMSettings = Field(default_factory=MLLMSettings)
     caas: CAASSettings = Field(default_factory=CAASSettings)
     prompt: PromptSettings = Field(default_factory=PromptSettings)
     app: AppSettings = Field(default_factory=AppSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
+    health: DriftSettings = Field(
+        default_factory=DriftSettings, description="Line health: windows and limits of the drift check."
+    )
 
     @field_validator("data_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("onnx_cache_dir", mode="before")
+    @classmethod
+    def _cache_dir(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None  # unset or empty (``EAGLE_ONNX_CACHE_DIR=``): the default under the data dir
+        return Path(value).expanduser() if isinstance(value, str | Path) else value
 
     @property
     def banks_dir(self) -> Path:
@@ -129,9 +146,18 @@ class Settings(BaseSettings):
         return self.data_dir / "banks"
 
     @property
-    def onnx_cache_dir(self) -> Path:
-        """Exported ONNX backbones shared by every bank build (:mod:`expert.onnx_cache`; ``eagle warm-cache``)."""
-        return self.data_dir / "cache" / "onnx"
+    def onnx_cache_path(self) -> Path:
+        """The folder of exported ONNX backbones every bank build uses (:mod:`expert.onnx_cache`; ``eagle warm-cache``).
+
+        ``onnx_cache_dir`` when set (``EAGLE_ONNX_CACHE_DIR``), else ``<data_dir>/cache/onnx``.
+
+        Example:
+            >>> Settings(data_dir="/srv/eagle", onnx_cache_dir=None).onnx_cache_path.as_posix()
+            '/srv/eagle/cache/onnx'
+            >>> Settings(data_dir="/srv/eagle", onnx_cache_dir="/var/cache/eagle").onnx_cache_path.as_posix()
+            '/var/cache/eagle'
+        """
+        return self.onnx_cache_dir if self.onnx_cache_dir is not None else self.data_dir / "cache" / "onnx"
 
 
 class SettingsError(ValueError):

@@ -43,7 +43,8 @@ def upsample_patch_scores(patch_scores: np.ndarray, size: tuple[int, int]) -> np
     rows = np.clip(np.arange(size[0]) * grid.shape[0] / size[0], 0, grid.shape[0] - 1)
     cols = np.clip(np.arange(size[1]) * grid.shape[1] / size[1], 0, grid.shape[1] - 1)
     coords = np.meshgrid(rows, cols, indexing="ij")
-    return ndimage.map_coordinates(grid, coords, order=1, mode="nearest").astype(np.float32)
+    result: np.ndarray = ndimage.map_coordinates(grid, coords, order=1, mode="nearest").astype(np.float32)
+    return result
 
 
 def smooth(crop_map: np.ndarray, sigma: float) -> np.ndarray:
@@ -55,7 +56,8 @@ def smooth(crop_map: np.ndarray, sigma: float) -> np.ndarray:
         return crop_map.astype(np.float32, copy=True)
     # truncate = 4σ: scipy's default and the reference code's kernel radius int(4σ + 0.5)
     blurred = ndimage.gaussian_filter(crop_map.astype(np.float64), sigma=sigma, mode="reflect", truncate=4.0)
-    return blurred.astype(np.float32)
+    result: np.ndarray = blurred.astype(np.float32)
+    return result
 
 
 def crop_anomaly_map(patch_scores: np.ndarray, crop_size: tuple[int, int], *, sigma: float = 4.0) -> np.ndarray:

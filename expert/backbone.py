@@ -126,7 +126,13 @@ def folded_pooling(channels: tuple[int, int], embed_dim: int) -> list[tuple[torc
 
 
 class PatchEmbedder(torch.nn.Module):
-    """Image batch ``[B, 3, 224, 224]`` (ImageNet-normalised float32) → patch features ``[B, 784, 1024]``.
+    """Image batch ``[B, 3, 224, 224]`` (normalised float32) → patch features ``[B, 784, 1024]``.
+
+    The input is already normalised with the backbone's statistics (:func:`expert.preprocess.preprocess` with
+    :func:`expert.preprocess.expert_normalization`: the timm ``pretrained_cfg`` mean/std, ImageNet's for
+    WideResNet-50-2). Normalisation is not part of this module, so neither is it of the exported ONNX graph
+    (:func:`expert.embedder.export_onnx`): a graph depends on the backbone, its weights and the crop only, and
+    the bank records the statistics in ``meta.json`` (``preprocessing.mean`` / ``.std``).
 
     Attributes:
         backbone: a timm ``features_only`` module returning ``[layer2, layer3]`` maps.
@@ -134,13 +140,17 @@ class PatchEmbedder(torch.nn.Module):
         embed_dim: 1024.
     """
 
+    pool_kernel2: torch.Tensor
+    pool_kernel3: torch.Tensor
+
     def __init__(self, backbone: torch.nn.Module, *, input_size: int = 224, embed_dim: int = EMBED_DIM):
         super().__init__()
         self.backbone = backbone
         self.embed_dim = embed_dim
         reductions = _reductions(backbone)
         self.grid_size: tuple[int, int] = (input_size // reductions[0], input_size // reductions[0])
-        folded = folded_pooling(_channels(backbone), embed_dim) if _channels(backbone) else None
+        channels = _channels(backbone)
+        folded = folded_pooling(channels, embed_dim) if channels else None
         self._groups: tuple[int, int] | None = None
         if folded is not None:
             # Not persistent: derived from the layout, never part of the state dict (nor the weights checksum).

@@ -38,7 +38,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from expert import atomic
+from common import atomic
+from expert.config import WeightsSource
+from expert.coreset import StartMethod
+from expert.dbt import THRESHOLD_SETTINGS, DBTSearch, ThresholdMethod
+from expert.errors import ExpertError
+from expert.preprocess import Normalization, NormalizationError, expert_normalization
+from expert.search import Distance
 
 if TYPE_CHECKING:
     from expert.config import ExpertSettings
@@ -75,8 +81,10 @@ SCORE_TOLERANCE = 1e-4
 log = logging.getLogger(__name__)
 
 
-class BankError(ValueError):
+class BankError(ExpertError, ValueError):
     """A bank cannot be written or read, or does not fit the running settings (one-line message)."""
+
+    code = "bank_unusable"
 
 
 # ----------------------------------------------------------------------------------------------- meta
@@ -90,20 +98,30 @@ class BackboneMeta(_Meta):
     """The feature extractor a bank was built with."""
 
     id: str = Field(description="timm model name, e.g. wide_resnet50_2.tv_in1k")
-    weights: Literal["hub", "file", "random"]
+    weights: WeightsSource
     weights_source: str = Field(description="hub:<name>, file:<path> or random:seed=<n>")
     weights_checksum: str = Field(description="sha256:<hex> over the state dict")
     onnx_sha256: str | None = Field(None, description="sha256 of backbone.onnx; None: the bank has no ONNX file")
 
 
 class PreprocessingMeta(_Meta):
-    """How images were prepared for the backbone (resize shorter side, crop, ImageNet normalisation)."""
+    """How images were prepared for the backbone: resize shorter side, crop, and the normalisation used.
+
+    ``mean`` / ``std`` are the values the bank's features were computed with (the backbone's timm
+    ``pretrained_cfg``, or the ``normalize_mean`` / ``normalize_std`` settings). Every bank format has recorded
+    them; banks saved before they followed the backbone hold ImageNet's, which is what they were built with.
+    """
 
     resize: int
     crop: int
     center_crop: bool
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, float, float] = Field(description="RGB mean: input = (pixel / 255 - mean) / std")
+    std: tuple[float, float, float] = Field(description="RGB std of the input normalisation (all > 0)")
+
+    @property
+    def normalization(self) -> Normalization:
+        """The recorded statistics as a :class:`~expert.preprocess.Normalization` (for :func:`preprocess`)."""
+        return Normalization(mean=self.mean, std=self.std, source="the bank's meta.json")
 
 
 class DimsMeta(_Meta):
@@ -126,20 +144,20 @@ class CoresetMeta(_Meta):
     ratio: float
     projection_dim: int
     num_starts: int
-    start_method: Literal["center_farthest", "mean_farthest", "random"]
+    start_method: StartMethod
     seed: int
 
 
 class ThresholdMeta(_Meta):
     """The DBT threshold: method, its parameters, τ, s_max, fitted statistics and the DBT skip rule."""
 
-    method: Literal["k_sigma", "quantile", "mad", "evt"]
+    method: ThresholdMethod
     params: dict[str, float]
     tau: float
     s_max: float
     stats: dict[str, float] = Field(default_factory=dict)
     min_unsampled_patches: int = Field(ge=1)
-    search: Literal["leave_own_out", "whole_bank"] = Field(
+    search: DBTSearch = Field(
         "leave_own_out", description="DBT search bank (absent in older banks: they were all leave-own-out)"
     )
 
@@ -185,7 +203,7 @@ class BankMeta(_Meta):
     preprocessing: PreprocessingMeta
     dims: DimsMeta
     coreset: CoresetMeta
-    distance: Literal["sqeuclidean", "euclidean"]
+    distance: Distance
     threshold: ThresholdMeta
     counts: CountsMeta
     references: list[ReferenceMeta]
@@ -238,8 +256,7 @@ def make_meta(
     feature_dim: int,
     descriptor_dim: int,
     coreset_size: int,
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    normalization: Normalization | None = None,
 ) -> BankMeta:
     """Assemble a :class:`BankMeta` from the build's settings and results (one place for the mapping).
 
@@ -255,10 +272,11 @@ def make_meta(
         feature_dim: patch feature size (1024).
         descriptor_dim: global descriptor size.
         coreset_size: memory-bank rows.
-        mean: normalisation mean (ImageNet).
-        std: normalisation std (ImageNet).
+        normalization: the input statistics the features were computed with; None: those ``settings`` give
+            (:func:`expert.preprocess.expert_normalization`).
     """
     used = np.asarray(used_for_dbt, dtype=bool)
+    normalization = normalization or expert_normalization(settings)
     n = len(reference_names)
     if len(used) != n:
         raise BankError(f"used_for_dbt has {len(used)} entries for {n} reference images")
@@ -283,8 +301,8 @@ def make_meta(
             resize=settings.resize,
             crop=settings.crop,
             center_crop=settings.center_crop,
-            mean=tuple(float(v) for v in mean),
-            std=tuple(float(v) for v in std),
+            mean=normalization.mean,
+            std=normalization.std,
         ),
         dims=DimsMeta(grid_h=grid[0], grid_w=grid[1], feature_dim=feature_dim, descriptor_dim=descriptor_dim),
         coreset=CoresetMeta(
@@ -563,7 +581,7 @@ def compute_bank_id(tensors: dict[str, np.ndarray], meta: BankMeta) -> str:
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name])
         digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(memoryview(array).cast("B"))
+        digest.update(array.data.cast("B"))
     described = meta.model_dump(mode="json", exclude={"bank_id", "created_utc"})
     for (group, key), default in _LATER_FIELDS.items():
         holder = described.get(group, {}) if group else described
@@ -584,9 +602,9 @@ def load_bank(directory: str | Path, settings: ExpertSettings | None = None) -> 
     meta.json implies and are finite; the ONNX and reference checksums and the bank_id match the files;
     and what the bank means (:func:`check_meaning`: dims against the backbone and crop, τ and s_max against
     ``train_scores``, the ONNX graph's input and output shapes), since anyone can recompute a bank_id.
-    With ``settings``, the settings that change features or scores must equal the bank's (see
-    :func:`settings_mismatches`); differences in the threshold settings are not fatal (the bank's own τ is
-    used) and are reported in ``bank.notes`` and the log.
+    With ``settings``, the settings that change features or scores must equal the bank's, the input
+    normalisation included (see :func:`settings_mismatches`); differences in the threshold settings are not
+    fatal (the bank's own τ is used) and are reported in ``bank.notes`` and the log.
     """
     root = Path(directory).expanduser().absolute()
     if not root.is_dir():
@@ -602,7 +620,15 @@ def load_bank(directory: str | Path, settings: ExpertSettings | None = None) -> 
             "the bank was modified or corrupted after it was written; rebuild it"
         )
     check_meaning(root, meta, tensors)
-    bank = Bank(directory=root, meta=meta, **tensors)
+    bank = Bank(
+        memory_bank=tensors["memory_bank"],
+        train_scores=tensors["train_scores"],
+        coreset_image_ids=tensors["coreset_image_ids"],
+        global_descriptors=tensors["global_descriptors"],
+        meta=meta,
+        directory=root,
+        inspection_mask=tensors.get(MASK_TENSOR),
+    )
     if settings is not None:
         fatal = settings_mismatches(meta, settings)
         if fatal:
@@ -785,6 +811,7 @@ def check_meaning(root: Path, meta: BankMeta, tensors: dict[str, np.ndarray]) ->
 
     * ``dims`` against the backbone and crop: feature_dim and descriptor_dim = :data:`PATCH_FEATURE_DIM`,
       grid = crop // :data:`PATCH_STRIDE` (the ``layer2`` grid of the configured layers);
+    * ``preprocessing.std``: every channel > 0 (the input is divided by it);
     * ``counts``: the memory bank holds at most every embedded patch;
     * ``threshold``: s_max = max(train_scores), and τ recomputed from train_scores with the recorded method
       and parameters equals the recorded τ (within :data:`SCORE_TOLERANCE`);
@@ -794,6 +821,8 @@ def check_meaning(root: Path, meta: BankMeta, tensors: dict[str, np.ndarray]) ->
     """
     where = str(root / META_FILE)
     dims, crop = meta.dims, meta.preprocessing.crop
+    if not all(v > 0 for v in meta.preprocessing.std):
+        raise BankError(f"{where}: preprocessing.std {list(meta.preprocessing.std)} must be > 0 in every channel")
     if dims.feature_dim != PATCH_FEATURE_DIM:
         raise BankError(
             f"{where}: dims.feature_dim {dims.feature_dim} does not fit the backbone {meta.backbone.id!r} "
@@ -884,12 +913,12 @@ _FATAL_SETTINGS: dict[str, Any] = {
     "center_crop": lambda m: m.preprocessing.center_crop,
     "distance": lambda m: m.distance,
 }
-_THRESHOLD_SETTINGS = {"k_sigma": "kappa", "quantile": "quantile", "mad": "mad_k", "evt": "evt_quantile"}
 
 
 def settings_mismatches(meta: BankMeta, settings: ExpertSettings) -> list[str]:
-    """Settings that would make the bank's features or scores wrong: backbone, resize, crop, center_crop, distance.
+    """Settings that would make the bank's features or scores wrong.
 
+    backbone, resize, crop, center_crop, distance, and the input normalisation (:func:`normalization_mismatch`).
     Each entry reads ``"setting crop: bank 224, running 256 (EAGLE_EXPERT__CROP)"``. Coreset settings only
     matter while building and are not compared; the backbone's weights are checked by
     :func:`check_weights` where the torch backbone is rebuilt (the ONNX file carries its own).
@@ -899,7 +928,38 @@ def settings_mismatches(meta: BankMeta, settings: ExpertSettings) -> list[str]:
         bank_value, running = read(meta), getattr(settings, key)
         if bank_value != running:
             problems.append(f"setting {key}: bank {bank_value!r}, running {running!r} (EAGLE_EXPERT__{key.upper()})")
+    if meta.backbone.id == settings.backbone:  # another backbone is refused above; its statistics do not matter
+        normalization = normalization_mismatch(meta, settings)
+        if normalization is not None:
+            problems.append(normalization)
     return problems
+
+
+def _shown(values: Sequence[float]) -> str:
+    return "[" + ", ".join(repr(float(v)) for v in values) + "]"
+
+
+def normalization_mismatch(meta: BankMeta, settings: ExpertSettings) -> str | None:
+    """Why the bank's recorded normalisation differs from the running one, or ``None`` when they are equal.
+
+    The running values are :func:`expert.preprocess.expert_normalization`'s (the backbone's timm
+    ``pretrained_cfg``, or ``normalize_mean`` / ``normalize_std``); the bank's are ``preprocessing.mean`` /
+    ``.std``, the values its features were computed with. Features of differently normalised inputs do not
+    compare, so any difference is fatal; the message names both and the two ways out.
+    """
+    recorded = meta.preprocessing
+    try:
+        running = expert_normalization(settings)
+    except NormalizationError as err:
+        return f"setting normalisation: cannot tell the running backbone's input statistics ({err})"
+    if (running.mean, running.std) == (recorded.mean, recorded.std):
+        return None
+    return (
+        f"setting normalisation: bank mean {_shown(recorded.mean)} std {_shown(recorded.std)}, running mean "
+        f"{_shown(running.mean)} std {_shown(running.std)} (from {running.source}); rebuild the bank with the "
+        f"running settings, or set EAGLE_EXPERT__NORMALIZE_MEAN='{_shown(recorded.mean)}' and "
+        f"EAGLE_EXPERT__NORMALIZE_STD='{_shown(recorded.std)}' to score with the bank's values"
+    )
 
 
 def threshold_differences(meta: BankMeta, settings: ExpertSettings) -> list[str]:
@@ -917,7 +977,7 @@ def threshold_differences(meta: BankMeta, settings: ExpertSettings) -> list[str]
             f"using the bank's tau={meta.threshold.tau:.6g} (rebuild the bank to change it)"
         )
         return notes
-    key = _THRESHOLD_SETTINGS[method]
+    key = THRESHOLD_SETTINGS[method]
     bank_value, running = meta.threshold.params.get(key), float(getattr(settings, key))
     if bank_value != running:
         notes.append(

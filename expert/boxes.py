@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import get_args
 
 import cv2
 import numpy as np
 
 from expert.anomaly_map import render_map
+from expert.config import BoxMerge
 from expert.preprocess import Geometry
 
 BINARISE_FRACTION = 2.0 / 3.0
@@ -60,7 +62,7 @@ CLOSE_CENTRES = 0.5
 REFERENCE_MERGE_DISTANCE = 20.0
 """The reference's ``merge_distance``: boxes whose centres are closer than this many original pixels are merged."""
 
-MERGE_RULES = ("eagle", "reference")
+MERGE_RULES: tuple[BoxMerge, ...] = get_args(BoxMerge)
 """Box-merge rules: ours (repeated, size-relative closeness) or the reference code's (one pass, 20 px)."""
 
 RED = (255, 0, 0)
@@ -368,7 +370,8 @@ def draw_boxes(image: np.ndarray, boxes: list[Box]) -> np.ndarray:
         out[iy1:oy1, ox0:ox1] = RED
         out[iy0:iy1, ox0:ix0] = RED
         out[iy0:iy1, ix1:ox1] = RED
-    return out
+    framed: np.ndarray = out
+    return framed
 
 
 def heatmap_overlay(

@@ -1,12 +1,13 @@
 """Building a bank from normal reference images: on disk (:func:`build_bank`) or in memory (:func:`fit_bank`).
 
 Four stages (:data:`expert.progress.BUILD_STAGES`), reported through ``progress(stage, fraction)`` calls
-(:class:`expert.progress.ProgressCallback`; nothing is printed):
+(:class:`common.progress.ProgressCallback`; nothing is printed):
 
 1. ``embed``: the patch embedder's ONNX graph is taken from the export cache (:mod:`expert.onnx_cache`;
    exported once per backbone, weights, crop, opset and torch version), then every reference image is
-   preprocessed and embedded with that graph into one preallocated float32 [N, P, D] array (P = 784,
-   D = 1024 at 224);
+   preprocessed (normalised with the backbone's own statistics, :func:`expert.preprocess.expert_normalization`,
+   which ``meta.json`` records) and embedded with that graph into one preallocated float32 [N, P, D] array
+   (P = 784, D = 1024 at 224);
 2. ``coreset``: greedy k-center over all N·P patches (``coreset_ratio``); each kept patch keeps its image id;
 3. ``dbt``: training scores (``dbt_search``: leave-own-out by default) → τ and s_max (``threshold_method``),
    global descriptors; τ > s_max (an empty CAAS band) is recorded as a bank warning;
@@ -38,7 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from expert import atomic
+from common import atomic
+from common.progress import ProgressCallback, report
 from expert.backbone import PatchEmbedder, build_patch_embedder
 from expert.bank import Bank, MaskMeta, make_meta, save_bank
 from expert.config import ExpertSettings
@@ -56,16 +58,16 @@ from expert.dbt import (
 from expert.embedder import Embedder, OnnxEmbedder, TorchEmbedder, embed_images
 from expert.mask import MaskError, check_grid_mask
 from expert.onnx_cache import BackboneSource, ExportKey, OnnxCache
-from expert.progress import BUILD_STAGES, ProgressCallback, report
+from expert.preprocess import Normalization, expert_normalization
 from expert.retrieval import global_descriptors
 from expert.weights import WeightsInfo
 
 log = logging.getLogger(__name__)
 
 EXPORT_SCRATCH_PREFIX = ".eagle-export-"
-"""Scratch folder of a build, next to its output (:func:`expert.atomic.staging_dir`)."""
+"""Scratch folder of a build, next to its output (:func:`common.atomic.staging_dir`)."""
 
-__all__ = ["BUILD_STAGES", "ProgressCallback", "ReferenceCountError", "build_bank", "fit_bank"]
+__all__ = ["ReferenceCountError", "build_bank", "fit_bank"]
 
 
 class ReferenceCountError(DBTError):
@@ -94,7 +96,11 @@ def _check_inputs(images: Sequence[np.ndarray], names: Sequence[str], settings: 
 
 
 def _embed_stage(
-    embedder: Embedder, images: Sequence[np.ndarray], settings: ExpertSettings, progress: ProgressCallback | None
+    embedder: Embedder,
+    images: Sequence[np.ndarray],
+    settings: ExpertSettings,
+    progress: ProgressCallback | None,
+    normalization: Normalization,
 ) -> np.ndarray:
     features: np.ndarray | None = None  # [N, P, D], allocated once the first batch gives P and D
     report(progress, "embed", 0.0)
@@ -107,11 +113,14 @@ def _embed_stage(
             crop=settings.crop,
             center_crop=settings.center_crop,
             batch_size=settings.batch_size,
+            normalization=normalization,
         )
         if features is None:
             features = np.empty((len(images), *batch.shape[1:]), dtype=np.float32)
         features[start : start + len(chunk)] = batch
         report(progress, "embed", (start + len(chunk)) / len(images))
+    if features is None:  # pragma: no cover - _check_inputs refuses an empty reference set
+        raise ValueError("no reference images to embed")
     return features
 
 
@@ -179,6 +188,7 @@ def _assemble_bank(
     threshold: Threshold,
     warnings: list[str],
     name: str,
+    normalization: Normalization,
     mask: np.ndarray | None = None,
     mask_source: str = "",
 ) -> Bank:
@@ -203,6 +213,7 @@ def _assemble_bank(
         feature_dim=dim,
         descriptor_dim=descriptors.shape[1],
         coreset_size=len(selected),
+        normalization=normalization,
     )
     meta.warnings = list(warnings)
     if mask is not None:
@@ -279,6 +290,7 @@ def fit_bank(
         An unsaved :class:`~expert.bank.Bank` (``directory`` is None).
     """
     count_warning = _check_inputs(images, names, settings)
+    normalization = expert_normalization(settings)  # the backbone's statistics (or the settings'), recorded in meta
     warnings = [w for w in (count_warning, _duplicate_warning(images, names)) if w]
     for warning in warnings:
         log.warning("bank %s: %s", name, warning)
@@ -286,7 +298,7 @@ def fit_bank(
         if backbone is None:
             raise ValueError("fit_bank needs a backbone or an embedder")
         embedder = TorchEmbedder(_as_patch_embedder(backbone, settings.crop))
-    features = _embed_stage(embedder, images, settings, progress)
+    features = _embed_stage(embedder, images, settings, progress, normalization)
     grid = _patch_grid(backbone, settings.crop, features.shape[1])
     if mask is not None:
         try:
@@ -313,6 +325,7 @@ def fit_bank(
         threshold=threshold,
         warnings=warnings,
         name=name,
+        normalization=normalization,
         mask=mask,
         mask_source=mask_source,
     )
@@ -368,10 +381,13 @@ def build_bank(
             ``settings.recommended_references`` only logs a warning, also kept in the bank's meta).
         ValueError: images and names differ in length, repeated names, an image is not RGB uint8, or the mask is
             not the patch grid's shape or is empty.
+        NormalizationError: timm records no input statistics for the backbone and the settings give none
+            (a ``ValueError``; :func:`expert.preprocess.expert_normalization`).
         DBTError: no reference image is usable for the threshold (the message says why).
         BankError: the bank cannot be written.
     """
     _check_inputs(images, names, settings)  # bad input fails before any graph is loaded or exported
+    expert_normalization(settings)  # so does a backbone whose input statistics are unknown
     out_dir = Path(out_dir).expanduser()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Named after this host and process: a killed build's scratch is removed by the next build here.

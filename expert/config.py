@@ -17,21 +17,32 @@ Example:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["ExpertSettings"]
+from expert.coreset import StartMethod
+from expert.dbt import DBTSearch, ThresholdMethod
+from expert.search import Distance
+
+__all__ = ["BoxMerge", "ExpertSettings", "WeightsSource"]
+
+WeightsSource = Literal["hub", "file", "random"]
+"""Where backbone weights come from (also recorded in a bank's metadata)."""
+
+BoxMerge = Literal["eagle", "reference"]
+"""Box-merge rules (:data:`expert.boxes.MERGE_RULES`)."""
 
 
 class ExpertSettings(BaseModel):
-    """PatchCore expert, DBT and the visual prompt (DESIGN.md: Expert, DBT, Visual prompt)."""
+    """PatchCore expert: backbone, preprocessing, coreset, DBT threshold, anomaly map and the visual prompt's boxes."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     backbone: str = Field("wide_resnet50_2.tv_in1k", description="timm model name of the backbone.")
-    weights: Literal["hub", "file", "random"] = Field(
+    weights: WeightsSource = Field(
         "hub",
         description="Where backbone weights come from: the Hugging Face hub (cached; HF_HUB_OFFLINE honoured), "
         "a local file (`weights_path`), or random weights (tests and smoke runs only; recorded in the bank).",
@@ -41,20 +52,29 @@ class ExpertSettings(BaseModel):
     resize: int = Field(256, ge=32, description="Shorter side is resized to this before cropping.")
     crop: int = Field(224, ge=32, description="Center-crop size fed to the backbone (the network input size).")
     center_crop: bool = Field(True, description="False: resize the whole image to crop×crop (no border hidden).")
+    normalize_mean: tuple[float, float, float] | None = Field(
+        None,
+        description="RGB mean the network input is normalised with, (pixel/255 - mean)/std; None: the backbone's "
+        "timm pretrained_cfg value (ImageNet's for the default). Recorded in the bank; a bank built with other "
+        "values is refused.",
+    )
+    normalize_std: tuple[float, float, float] | None = Field(
+        None, description="RGB std (all > 0) of the input normalisation; None: the backbone's pretrained_cfg value."
+    )
     runtime: Literal["onnx", "torch"] = Field("onnx", description="Inference runtime for the feature extractor.")
     batch_size: int = Field(8, ge=1, description="Images per forward pass while building a bank.")
     coreset_ratio: float = Field(0.1, gt=0.0, le=1.0, description="Share of training patches kept in the bank.")
     coreset_projection_dim: int = Field(128, ge=1, description="Random projection size for coreset distances.")
     coreset_starts: int = Field(10, ge=1, description="Number of starting points for greedy k-center.")
-    coreset_start_method: Literal["center_farthest", "mean_farthest", "random"] = Field(
+    coreset_start_method: StartMethod = Field(
         "center_farthest",
         description="Greedy k-center starts: center_farthest (reference code: the patch nearest the mean plus the "
         "patches farthest from THAT patch), mean_farthest (farthest from the mean), random (PatchCore).",
     )
-    distance: Literal["sqeuclidean", "euclidean"] = Field(
+    distance: Distance = Field(
         "sqeuclidean", description="Patch score distance: squared L2 (reference code) or L2 (paper Eq. 3)."
     )
-    threshold_method: Literal["k_sigma", "quantile", "mad", "evt"] = Field("k_sigma")
+    threshold_method: ThresholdMethod = Field("k_sigma")
     kappa: float = Field(3.0, description="k_sigma: tau = mean + kappa * std (population std).")
     quantile: float = Field(0.99, gt=0.0, lt=1.0, description="quantile: tau = this quantile of training scores.")
     mad_k: float = Field(3.0, description="mad: tau = median + mad_k * MAD.")
@@ -62,7 +82,7 @@ class ExpertSettings(BaseModel):
     min_unsampled_patches: int = Field(
         32, ge=1, description="A training image with fewer unsampled patches is skipped by DBT (reference: 32)."
     )
-    dbt_search: Literal["leave_own_out", "whole_bank"] = Field(
+    dbt_search: DBTSearch = Field(
         "leave_own_out",
         description="DBT training scores: leave_own_out (reference code: an image's unsampled patches are searched "
         "in the coreset minus that image's own entries) or whole_bank (paper Algorithm 1: the whole memory bank).",
@@ -71,7 +91,7 @@ class ExpertSettings(BaseModel):
     recommended_references: int = Field(20, ge=1, description="Below this a bank is built with a warning.")
     gaussian_sigma: float = Field(4.0, ge=0.0, description="Gaussian smoothing of the anomaly map (pixels).")
     max_boxes: int = Field(3, ge=1)
-    box_merge: Literal["eagle", "reference"] = Field(
+    box_merge: BoxMerge = Field(
         "eagle",
         description="How defect boxes are merged: eagle (repeated; centres closer than half the smaller box's "
         "diagonal) or reference (the reference code's one pass: IoU > 0.3 or centres within 20 px).",
@@ -82,6 +102,20 @@ class ExpertSettings(BaseModel):
         description="Longest side of the reference copies a bank keeps (never upscaled). They are the MLLM's "
         "template images, so they must not be smaller than the query's pixel budget (EAGLE_MLLM__MAX_PIXELS).",
     )
+
+    @field_validator("normalize_mean", "normalize_std")
+    @classmethod
+    def _finite(cls, value: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if value is not None and not all(math.isfinite(v) for v in value):
+            raise ValueError(f"must be three finite numbers (R, G, B), got {list(value)}")
+        return value
+
+    @field_validator("normalize_std")
+    @classmethod
+    def _positive(cls, value: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if value is not None and not all(v > 0 for v in value):
+            raise ValueError(f"every std must be > 0, got {list(value)}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> ExpertSettings:

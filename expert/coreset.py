@@ -51,14 +51,15 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
-from expert.progress import ProgressCallback, report
+from common.progress import ProgressCallback, report
+from expert.errors import ExpertError
 
 StartMethod = Literal["center_farthest", "mean_farthest", "random"]
-START_METHODS: tuple[str, ...] = ("center_farthest", "mean_farthest", "random")
+START_METHODS: tuple[StartMethod, ...] = get_args(StartMethod)
 
 _ROW_BLOCK = 64  # every gemv runs over a multiple of this many rows (bitwise-stable dot products)
 _FIXED_BLOCK = 4096  # rows per block for the one-time projection and rotation
@@ -68,8 +69,10 @@ _DENSE_FRACTION = 0.12  # more candidates than this share of rows: a dense updat
 _ROUNDING_TOLERANCE = 1e-4  # relative slack on the lower-bound test (float32 rounding is far below it)
 
 
-class CoresetError(ValueError):
+class CoresetError(ExpertError, ValueError):
     """The features or coreset settings are unusable (the message says which and why)."""
+
+    code = "coreset_failed"
 
 
 def coreset_size(num_rows: int, ratio: float) -> int:
@@ -90,7 +93,8 @@ def random_projection(input_dim: int, output_dim: int, seed: int) -> np.ndarray:
     """Seeded Gaussian Johnson-Lindenstrauss matrix [input_dim, output_dim] float32, entries N(0, 1/output_dim)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
     matrix = rng.standard_normal((input_dim, output_dim), dtype=np.float64) / np.sqrt(output_dim)
-    return matrix.astype(np.float32)
+    result: np.ndarray = matrix.astype(np.float32)
+    return result
 
 
 def greedy_coreset(
@@ -202,7 +206,8 @@ class _ProjectedSpace:
 
     def row(self, index: int) -> np.ndarray:
         """The projected row ``y[index]`` (undoing the exact -2 scaling)."""
-        return self.neg2[index] * np.float32(-0.5)
+        result: np.ndarray = self.neg2[index] * np.float32(-0.5)
+        return result
 
 
 def _principal_axes(y: np.ndarray, mean: np.ndarray) -> np.ndarray:
@@ -344,8 +349,11 @@ def _candidates(
 
     Lower bound test, per row x: ||y_x[:h] - c[:h]||^2 - tol·(||y_x||^2 + ||c||^2) <= min_dist[x].
     """
+    head_neg2, head_sq, slack = space.head_neg2, space.head_sq, space.slack
+    if head_neg2 is None or head_sq is None or slack is None:
+        raise CoresetError("internal: candidate pruning asked for on a space built without it")
     head_c = c[:_HEAD_DIMS]
-    offset = np.float32(space.head_sq[index] - _ROUNDING_TOLERANCE * space.sq[index])
+    offset = np.float32(head_sq[index] - _ROUNDING_TOLERANCE * space.sq[index])
     padded = len(min_dist)
     limit = int(_DENSE_FRACTION * space.n)
     found: list[np.ndarray] = []
@@ -354,10 +362,10 @@ def _candidates(
     for s in range(0, padded, chunk):
         e = min(padded, s + chunk)
         bound = buf[: e - s]
-        np.matmul(space.head_neg2[s:e], head_c, out=bound)
-        bound += space.head_sq[s:e]
+        np.matmul(head_neg2[s:e], head_c, out=bound)
+        bound += head_sq[s:e]
         bound += offset
-        bound -= space.slack[s:e]
+        bound -= slack[s:e]
         hit = np.less_equal(bound, min_dist[s:e], out=mask[: e - s])
         rows = np.flatnonzero(hit)
         count += len(rows)

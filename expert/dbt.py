@@ -42,18 +42,23 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from scipy import optimize, stats
 
+from common.progress import ProgressCallback, report
 from expert.coreset import random_projection
-from expert.progress import ProgressCallback, report
+from expert.errors import ExpertError
 from expert.search import GPU_MAX_K, Distance, PatchIndex, check_distance, to_distance
 
-THRESHOLD_METHODS: dict[str, dict[str, float]] = {
+ThresholdMethod = Literal["k_sigma", "quantile", "mad", "evt"]
+"""The τ methods: the one definition of their names (settings, bank metadata and this module use it)."""
+THRESHOLD_METHOD_NAMES: tuple[ThresholdMethod, ...] = get_args(ThresholdMethod)
+
+THRESHOLD_METHODS: dict[ThresholdMethod, dict[str, float]] = {
     "k_sigma": {"kappa": 3.0},
     "quantile": {"quantile": 0.99},
     "mad": {"mad_k": 3.0},
@@ -61,11 +66,17 @@ THRESHOLD_METHODS: dict[str, dict[str, float]] = {
 }
 """Every τ method and its parameters with their defaults (names match ``ExpertSettings`` fields)."""
 
+THRESHOLD_SETTINGS: dict[ThresholdMethod, str] = {method: next(iter(p)) for method, p in THRESHOLD_METHODS.items()}
+"""Each τ method's one parameter, by its ``ExpertSettings`` field name (``k_sigma`` -> ``kappa``, ...)."""
+
+THRESHOLD_PARAMETERS: tuple[str, ...] = tuple(THRESHOLD_SETTINGS.values())
+"""Every τ parameter's ``ExpertSettings`` field name."""
+
 EVT_MIN_SCORES = 10
 """Fewest training scores the ``evt`` method fits a GEV to."""
 
 DBTSearch = Literal["leave_own_out", "whole_bank"]
-DBT_SEARCHES: tuple[str, ...] = ("leave_own_out", "whole_bank")
+DBT_SEARCHES: tuple[DBTSearch, ...] = get_args(DBTSearch)
 """Where DBT searches an image's unsampled patches: the coreset minus the image's own entries, or all of it."""
 
 DEFAULT_MIN_UNSAMPLED = 32
@@ -75,8 +86,10 @@ SKIP_TOO_FEW_UNSAMPLED = "too_few_unsampled"
 SKIP_NO_OTHER_CORESET = "no_other_coreset"
 
 
-class DBTError(ValueError):
+class DBTError(ExpertError, ValueError):
     """DBT cannot produce a threshold (no usable scores, bad method or parameters, failed fit)."""
+
+    code = "build_failed"
 
 
 @dataclass(frozen=True)
@@ -107,7 +120,7 @@ def check_search(search: str) -> DBTSearch:
     """Return ``search`` if it is one of :data:`DBT_SEARCHES`, else raise :class:`DBTError`."""
     if search not in DBT_SEARCHES:
         raise DBTError(f"unknown DBT search {search!r}; expected one of {', '.join(DBT_SEARCHES)}")
-    return search  # type: ignore[return-value]
+    return search
 
 
 def skip_reasons(
@@ -187,7 +200,7 @@ def training_scores(
     indices = np.flatnonzero(used)
     scores = []
     for done, i in enumerate(indices, start=1):
-        scores.append(scorer.image_score(i))
+        scores.append(scorer.image_score(int(i)))
         report(progress, "dbt", done / len(indices))
     return np.asarray(scores, dtype=np.float32), used
 
@@ -273,7 +286,8 @@ class _TrainingScorer:
             coarse[:, self.owner == i] = np.inf
         candidate = np.argmin(coarse, axis=1)
         diff = queries - self.bank[candidate]
-        return np.einsum("qd,qd->q", diff, diff)
+        result: np.ndarray = np.einsum("qd,qd->q", diff, diff)
+        return result
 
     def _exact(self, queries: np.ndarray, i: int, own: int) -> np.ndarray:
         """Squared nearest-neighbour distance of each query in the search bank (faiss; k = own + 1 leaving own out)."""
@@ -285,7 +299,8 @@ class _TrainingScorer:
             return reduced.search(queries)
         dist, ids = self.index.search_knn(queries, k)
         first_other = np.argmax(self.owner[ids] != i, axis=1)
-        return dist[np.arange(len(queries)), first_other]
+        result: np.ndarray = dist[np.arange(len(queries)), first_other]
+        return result
 
 
 def _check_scoring_inputs(
@@ -341,8 +356,7 @@ def check_reference_count(count: int, *, minimum: int, recommended: int) -> str 
 
 def threshold_params(method: str, settings: Any) -> dict[str, float]:
     """The parameters of ``method`` read from an ``ExpertSettings``-like object (fields kappa, quantile, ...)."""
-    _check_method(method)
-    return {name: float(getattr(settings, name)) for name in THRESHOLD_METHODS[method]}
+    return {name: float(getattr(settings, name)) for name in THRESHOLD_METHODS[_check_method(method)]}
 
 
 def compute_threshold(scores: Sequence[float] | np.ndarray, method: str, **params: float) -> Threshold:
@@ -357,11 +371,11 @@ def compute_threshold(scores: Sequence[float] | np.ndarray, method: str, **param
         DBTError: unknown method or parameter, bad parameter value, empty or non-finite scores, too few
             scores for ``evt``, or a failed fit.
     """
-    _check_method(method)
-    unknown = sorted(set(params) - set(THRESHOLD_METHODS[method]))
+    known = _check_method(method)
+    unknown = sorted(set(params) - set(THRESHOLD_METHODS[known]))
     if unknown:
         raise DBTError(f"unknown parameter(s) {unknown} for threshold method {method!r}")
-    values = {**THRESHOLD_METHODS[method], **{k: float(v) for k, v in params.items()}}
+    values = {**THRESHOLD_METHODS[known], **{k: float(v) for k, v in params.items()}}
     _check_params(method, values)
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 1:
@@ -372,11 +386,12 @@ def compute_threshold(scores: Sequence[float] | np.ndarray, method: str, **param
         raise DBTError("training scores contain NaN or infinite values")
     s_max = float(s.max())
     if len(s) == 1 or s.min() == s.max():
-        tau, fitted = float(s.mean()), {}
+        fitted: dict[str, Any] = {}
+        tau = float(s.mean())
         if len(s) == 1:
             tau = s_max
     else:
-        tau, fitted = _METHODS[method](s, values)
+        tau, fitted = _METHODS[known](s, values)
     if not np.isfinite(tau):
         raise DBTError(f"threshold method {method!r} produced a non-finite tau ({tau})")
     return Threshold(tau=float(tau), s_max=s_max, method=method, params=values, n_scores=len(s), stats=fitted)
@@ -411,9 +426,10 @@ def empty_band_warning(threshold: Threshold) -> str | None:
     return f"{head}; the {threshold.method} threshold lies above every DBT training score"
 
 
-def _check_method(method: str) -> None:
-    if method not in THRESHOLD_METHODS:
-        raise DBTError(f"unknown threshold method {method!r}; expected one of {', '.join(THRESHOLD_METHODS)}")
+def _check_method(method: str) -> ThresholdMethod:
+    if method not in THRESHOLD_METHOD_NAMES:
+        raise DBTError(f"unknown threshold method {method!r}; expected one of {', '.join(THRESHOLD_METHOD_NAMES)}")
+    return method
 
 
 def _check_params(method: str, values: dict[str, float]) -> None:
@@ -499,4 +515,9 @@ def fit_gev(samples: np.ndarray) -> dict[str, float]:
     return {"xi": float(-c), "loc": float(mean + std * loc), "scale": float(std * scale)}
 
 
-_METHODS = {"k_sigma": _k_sigma, "quantile": _quantile, "mad": _mad, "evt": _evt}
+_METHODS: dict[ThresholdMethod, Callable[[np.ndarray, dict[str, float]], tuple[float, dict[str, float]]]] = {
+    "k_sigma": _k_sigma,
+    "quantile": _quantile,
+    "mad": _mad,
+    "evt": _evt,
+}

@@ -23,8 +23,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from expert.preprocess import Geometry, preprocess
-from expert.progress import ProgressCallback, report
+from common.progress import ProgressCallback, report
+from expert.errors import ExpertError
+from expert.preprocess import Geometry, Normalization, preprocess
 
 ONNX_INPUT_NAME = "images"
 ONNX_OUTPUT_NAME = "patch_features"
@@ -38,8 +39,10 @@ keeps the largest run's activations. With the folded pooling (:func:`expert.back
 at 8, ~170 MB per image."""
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(ExpertError, RuntimeError):
     """The exported ONNX graph is not what was asked for (e.g. its batch dimension is not dynamic)."""
+
+    code = "onnx_export_failed"
 
 
 @runtime_checkable
@@ -68,7 +71,8 @@ class TorchEmbedder:
         """Embed ``batch`` (float32 ``[B, 3, H, W]``) → float32 ``[B, 784, 1024]``."""
         with torch.inference_mode():
             tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-            return self.module(tensor).float().cpu().numpy()
+            result: np.ndarray = self.module(tensor).float().cpu().numpy()
+            return result
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
@@ -122,8 +126,10 @@ class OnnxEmbedder:
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         chosen = list(providers or default_providers())
         # Full fp32 on CUDA (no TF32): the bank's thresholds were computed with exact fp32 features.
-        chosen = [("CUDAExecutionProvider", {"use_tf32": 0}) if p == "CUDAExecutionProvider" else p for p in chosen]
-        self.session = onnxruntime.InferenceSession(str(self.path), sess_options=options, providers=chosen)
+        chosen_with_options: list[str | tuple[str, dict[str, int]]] = [
+            ("CUDAExecutionProvider", {"use_tf32": 0}) if p == "CUDAExecutionProvider" else p for p in chosen
+        ]
+        self.session = onnxruntime.InferenceSession(str(self.path), sess_options=options, providers=chosen_with_options)
         self.providers: list[str] = self.session.get_providers()
         self._input = self.session.get_inputs()[0].name
         if max_batch is not None and max_batch < 1:
@@ -136,13 +142,15 @@ class OnnxEmbedder:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         step = self.max_batch or len(batch)
         if len(batch) <= step:
-            return self.session.run(None, {self._input: batch})[0]
+            result: np.ndarray = self.session.run(None, {self._input: batch})[0]
+            return result
         out: np.ndarray | None = None
         for start in range(0, len(batch), step):
             part = self.session.run(None, {self._input: batch[start : start + step]})[0]
             if out is None:
                 out = np.empty((len(batch), *part.shape[1:]), dtype=np.float32)
             out[start : start + len(part)] = part
+        assert out is not None  # the batch is longer than one step here
         return out
 
 
@@ -195,6 +203,8 @@ def export_onnx(module: torch.nn.Module, path: str | Path, *, input_size: int = 
             optimize=True,
             verbose=False,
         )
+    if program is None:
+        raise RuntimeError(f"torch.onnx.export returned no program for {type(module).__name__}")
     program.save(str(path), external_data=False)
     del program  # the exported program holds a second copy of the weights: free it before checking
     shape = onnx_input_shape(path)
@@ -215,6 +225,7 @@ def embed_images(
     center_crop: bool = True,
     batch_size: int = 8,
     progress: ProgressCallback | None = None,
+    normalization: Normalization | None = None,
 ) -> tuple[np.ndarray, list[Geometry]]:
     """Preprocess and embed images in batches.
 
@@ -226,6 +237,7 @@ def embed_images(
         center_crop: see :func:`expert.preprocess.preprocess`.
         batch_size: images per forward pass.
         progress: ``progress("embed", fraction)`` after each batch (nothing is printed).
+        normalization: the backbone's input statistics (see :func:`expert.preprocess.preprocess`).
 
     Returns:
         ``(features, geometries)``: float32 ``[N, P, D]`` (P = 784, D = 1024 at 224) and one
@@ -242,7 +254,10 @@ def embed_images(
     geometries: list[Geometry] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        prepared = [preprocess(image, resize=resize, crop=crop, center_crop=center_crop) for image in chunk]
+        prepared = [
+            preprocess(image, resize=resize, crop=crop, center_crop=center_crop, normalization=normalization)
+            for image in chunk
+        ]
         batch = np.stack([tensor for tensor, _ in prepared])
         features.append(np.asarray(embedder(batch), dtype=np.float32))
         geometries.extend(geometry for _, geometry in prepared)

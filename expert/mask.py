@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from expert.errors import ExpertError
 from expert.preprocess import compute_geometry
 
 MASK_RULE = "patch_centre"
@@ -60,8 +61,10 @@ INSIDE_RULE = "inspected where luminance >= 128 and, in a PNG with transparency,
 log = logging.getLogger(__name__)
 
 
-class MaskError(ValueError):
+class MaskError(ExpertError, ValueError):
     """An inspection mask cannot be read or is not valid (one-line message)."""
+
+    code = "invalid_mask"
 
 
 def read_mask_png(source: bytes | str | Path, *, name: str = "mask") -> np.ndarray:
@@ -309,7 +312,8 @@ def crop_mask(grid_mask: np.ndarray, crop_size: tuple[int, int]) -> np.ndarray:
     grid = np.asarray(grid_mask, dtype=bool)
     rows = np.clip(np.floor(np.arange(crop_size[0]) * grid.shape[0] / crop_size[0] + 0.5), 0, grid.shape[0] - 1)
     cols = np.clip(np.floor(np.arange(crop_size[1]) * grid.shape[1] / crop_size[1] + 0.5), 0, grid.shape[1] - 1)
-    return grid[rows.astype(int)[:, None], cols.astype(int)[None, :]]
+    result: np.ndarray = grid[rows.astype(int)[:, None], cols.astype(int)[None, :]]
+    return result
 
 
 def grid_mask_from_source(

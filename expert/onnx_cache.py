@@ -4,13 +4,13 @@ Exporting the patch embedder takes 10–20 s on 2 cores, yet the graph depends o
 :class:`ExportKey` holds: the backbone's name, its weights checksum, the crop (network input size), the
 ONNX opset, the torch and onnxscript versions (the exporter) and a fingerprint of the embedding code
 (``expert/backbone.py``, so a change to the computation can never be served a stale graph). One entry per
-key, in the directory the caller hands in (``eagle`` passes ``<data_dir>/cache/onnx``; the expert knows
-nothing of ``data_dir``)::
+key, in the directory the caller hands in (``eagle`` passes ``EAGLE_ONNX_CACHE_DIR``, default
+``<data_dir>/cache/onnx``; the expert knows nothing of ``data_dir``)::
 
     <directory>/<digest>.onnx     the graph (one self-contained file)
     <directory>/<digest>.json     sidecar: the full key, the graph's sha256 and size
 
-* Written atomically (:mod:`expert.atomic`: temp file → fsync → rename → fsync the directory), the graph
+* Written atomically (:mod:`common.atomic`: temp file → fsync → rename → fsync the directory), the graph
   first, then its sidecar; a per-key ``flock`` serialises writers (a second process waiting for the same
   key finds the first one's entry instead of exporting again), and readers never see a torn file.
 * Verified on use: the sidecar's key must equal the requested one and the graph's sha256 the sidecar's; a
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from expert import atomic
+from common import atomic
 from expert import backbone as _backbone_module
 from expert.backbone import PatchEmbedder, build_patch_embedder
 from expert.bank import file_sha256

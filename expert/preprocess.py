@@ -7,7 +7,9 @@ that window is NOT inspected; :meth:`Geometry.inspected_region` says which part 
 No-crop mode (``center_crop=False``): the whole image is resized to ``crop``×``crop`` (aspect not kept).
 
 Resizing uses PIL's bilinear filter (antialiased when shrinking), exactly as torchvision's transforms on
-PIL images in the reference code; then ImageNet mean/std normalisation.
+PIL images in the reference code; then per-channel normalisation ``(pixel / 255 - mean) / std`` with the
+statistics the backbone was trained with (:func:`expert_normalization`: the backbone's timm ``pretrained_cfg``,
+or the ``normalize_mean`` / ``normalize_std`` settings; ImageNet's for the default WideResNet-50-2).
 
 Pixel-centre convention: original pixel ``x`` has its centre at ``x + 0.5``; it maps to the resized
 continuous coordinate ``(x + 0.5) · resized_w / orig_w`` and to crop pixel coordinate
@@ -25,14 +27,134 @@ Example:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from expert.errors import ExpertError
+
+if TYPE_CHECKING:
+    from expert.config import ExpertSettings
+
+Triple = tuple[float, float, float]
+"""Three per-channel (R, G, B) values."""
+
+IMAGENET_MEAN_VALUES: Triple = (0.485, 0.456, 0.406)
+IMAGENET_STD_VALUES: Triple = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = np.array(IMAGENET_MEAN_VALUES, np.float32)
+IMAGENET_STD = np.array(IMAGENET_STD_VALUES, np.float32)
+"""ImageNet statistics (float32): :func:`preprocess`'s default and the default backbone's ``pretrained_cfg``."""
+
+
+class NormalizationError(ExpertError, ValueError):
+    """The backbone's input statistics cannot be determined (the message says which settings to give)."""
+
+    code = "invalid_settings"
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel RGB statistics of the network input: ``(pixel / 255 - mean) / std``.
+
+    Attributes:
+        mean: R, G, B means (of pixels scaled to [0, 1]).
+        std: R, G, B standard deviations (all > 0).
+        source: where the values came from, for messages (e.g. ``"pretrained_cfg of 'resnet18'"``).
+    """
+
+    mean: Triple
+    std: Triple
+    source: str = "given"
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, std)`` as float32 arrays of shape ``[3]``, the form :func:`preprocess` computes with."""
+        return np.array(self.mean, np.float32), np.array(self.std, np.float32)
+
+
+def as_triple(values: Sequence[float], what: str = "value") -> Triple:
+    """``values`` as three finite floats (R, G, B).
+
+    Raises:
+        ValueError: not exactly three finite numbers.
+
+    Example:
+        >>> as_triple([0.5, 0.5, 0.5])
+        (0.5, 0.5, 0.5)
+    """
+    found = tuple(float(v) for v in values)
+    if len(found) != 3 or not all(np.isfinite(found)):
+        raise ValueError(f"{what} must be three finite numbers (R, G, B), got {list(values)!r}")
+    return found[0], found[1], found[2]
+
+
+@functools.lru_cache(maxsize=32)
+def backbone_normalization(name: str) -> Normalization:
+    """The input statistics timm records for backbone ``name`` (its ``pretrained_cfg`` mean and std).
+
+    Read from timm's registry: nothing is downloaded and no model is created, so this works offline and with
+    random weights.
+
+    Raises:
+        NormalizationError: timm has no pretrained config (or no mean/std) for ``name``.
+
+    Example:
+        >>> backbone_normalization("wide_resnet50_2.tv_in1k").mean
+        (0.485, 0.456, 0.406)
+        >>> backbone_normalization("tf_mobilenetv3_small_minimal_100.in1k").std
+        (0.5, 0.5, 0.5)
+    """
+    import timm
+
+    try:
+        cfg = timm.get_pretrained_cfg(name)
+    except (RuntimeError, ValueError):
+        cfg = None
+    mean, std = getattr(cfg, "mean", None), getattr(cfg, "std", None)
+    if mean is None or std is None:
+        raise NormalizationError(
+            f"timm has no pretrained_cfg with mean/std for backbone {name!r}: set EAGLE_EXPERT__NORMALIZE_MEAN and "
+            "EAGLE_EXPERT__NORMALIZE_STD to the statistics its weights were trained with"
+        )
+    return Normalization(
+        mean=as_triple(mean, "pretrained_cfg mean"),
+        std=as_triple(std, "pretrained_cfg std"),
+        source=f"pretrained_cfg of {name!r}",
+    )
+
+
+def expert_normalization(settings: ExpertSettings) -> Normalization:
+    """The statistics the expert normalises with: ``normalize_mean`` / ``normalize_std`` when set, else the backbone's.
+
+    Each of the two settings overrides its half on its own; None takes the backbone's ``pretrained_cfg`` value
+    (:func:`backbone_normalization`).
+
+    Raises:
+        NormalizationError: a value is not set and timm has none for the backbone.
+
+    Example:
+        >>> from expert.config import ExpertSettings
+        >>> expert_normalization(ExpertSettings()).std
+        (0.229, 0.224, 0.225)
+        >>> expert_normalization(ExpertSettings(normalize_mean=(0.5, 0.5, 0.5))).mean
+        (0.5, 0.5, 0.5)
+    """
+    mean, std = settings.normalize_mean, settings.normalize_std
+    if mean is not None and std is not None:
+        return Normalization(mean=mean, std=std, source="EAGLE_EXPERT__NORMALIZE_MEAN / __NORMALIZE_STD")
+    base = backbone_normalization(settings.backbone)
+    if mean is None and std is None:
+        return base
+    overridden = "EAGLE_EXPERT__NORMALIZE_MEAN" if mean is not None else "EAGLE_EXPERT__NORMALIZE_STD"
+    return Normalization(
+        mean=base.mean if mean is None else mean,
+        std=base.std if std is None else std,
+        source=f"{base.source} with {overridden}",
+    )
 
 
 def _ceil_div(numerator: int, denominator: int) -> int:
@@ -139,7 +261,9 @@ class Geometry:
         return values, inspected
 
 
-def compute_geometry(height: int, width: int, *, resize: int = 256, crop: int = 224, center_crop: bool = True):
+def compute_geometry(
+    height: int, width: int, *, resize: int = 256, crop: int = 224, center_crop: bool = True
+) -> Geometry:
     """Compute the :class:`Geometry` of an ``height × width`` image without touching pixels.
 
     Example:
@@ -161,7 +285,12 @@ def compute_geometry(height: int, width: int, *, resize: int = 256, crop: int = 
 
 
 def preprocess(
-    image: np.ndarray, *, resize: int = 256, crop: int = 224, center_crop: bool = True
+    image: np.ndarray,
+    *,
+    resize: int = 256,
+    crop: int = 224,
+    center_crop: bool = True,
+    normalization: Normalization | None = None,
 ) -> tuple[np.ndarray, Geometry]:
     """Turn an RGB uint8 image into the network input.
 
@@ -170,9 +299,10 @@ def preprocess(
         resize: shorter side after resizing (center-crop mode).
         crop: network input size.
         center_crop: False: resize the whole image to ``crop × crop`` instead.
+        normalization: the backbone's input statistics (:func:`expert_normalization`); None: ImageNet's.
 
     Returns:
-        ``(tensor, geometry)``: float32 ``3 × crop × crop`` ImageNet-normalised array and its :class:`Geometry`.
+        ``(tensor, geometry)``: float32 ``3 × crop × crop`` normalised array and its :class:`Geometry`.
 
     Raises:
         ValueError: if ``image`` is not ``H × W × 3`` uint8.
@@ -180,11 +310,12 @@ def preprocess(
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an H×W×3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
     geometry = compute_geometry(image.shape[0], image.shape[1], resize=resize, crop=crop, center_crop=center_crop)
-    resized = Image.fromarray(image).resize((geometry.resized_w, geometry.resized_h), Image.BILINEAR)
+    resized = Image.fromarray(image).resize((geometry.resized_w, geometry.resized_h), Image.Resampling.BILINEAR)
     array = np.asarray(resized)
     window = array[
         geometry.crop_top : geometry.crop_top + geometry.crop_h,
         geometry.crop_left : geometry.crop_left + geometry.crop_w,
     ]
-    normalised = (window.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalization is None else normalization.arrays()
+    normalised = (window.astype(np.float32) / 255.0 - mean) / std
     return np.ascontiguousarray(normalised.transpose(2, 0, 1), dtype=np.float32), geometry

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from expert.errors import ExpertError
+
 _EPS = 1e-12
 
 
-class RetrievalError(ValueError):
+class RetrievalError(ExpertError, ValueError):
     """Descriptors or patch features have the wrong shape, or the bank is empty."""
+
+    code = "retrieval_failed"
 
 
 def global_descriptors(patch_features: np.ndarray) -> np.ndarray:
@@ -41,7 +45,8 @@ def global_descriptors(patch_features: np.ndarray) -> np.ndarray:
         raise RetrievalError(f"patch features must be [N, P, D] or [P, D], got shape {np.shape(patch_features)}")
     pooled = feats.mean(axis=1, dtype=np.float64)
     norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-    return (pooled / np.maximum(norms, _EPS)).astype(np.float32)
+    result: np.ndarray = (pooled / np.maximum(norms, _EPS)).astype(np.float32)
+    return result
 
 
 def similarities(query_desc: np.ndarray, bank_desc: np.ndarray) -> np.ndarray:

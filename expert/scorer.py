@@ -27,7 +27,7 @@ from expert.boxes import Box, find_boxes_in_original
 from expert.config import ExpertSettings
 from expert.embedder import Embedder, OnnxEmbedder, TorchEmbedder
 from expert.mask import crop_mask
-from expert.preprocess import Geometry, compute_geometry, preprocess
+from expert.preprocess import Geometry, Normalization, compute_geometry, preprocess
 from expert.retrieval import global_descriptors, most_similar
 from expert.search import PatchIndex
 from expert.weights import load_backbone
@@ -132,6 +132,7 @@ class ExpertScorer:
         embedder: the feature extractor (:class:`~expert.embedder.OnnxEmbedder` or
             :class:`~expert.embedder.TorchEmbedder`) the bank was built with.
         settings: the running expert settings (preprocessing must match the bank; σ and max_boxes are read here).
+            Images are resized, cropped and normalised as the bank records (``meta.preprocessing``).
 
     Example:
         >>> scorer = load_expert("banks/widget", ExpertSettings())      # doctest: +SKIP
@@ -147,9 +148,13 @@ class ExpertScorer:
         self.grid = (bank.meta.dims.grid_h, bank.meta.dims.grid_w)
         self.mask = bank.mask  # bool grid, or None: every patch counts
         preprocessing = bank.meta.preprocessing
-        self._preprocess = dict(
-            resize=preprocessing.resize, crop=preprocessing.crop, center_crop=preprocessing.center_crop
+        self._resize, self._crop, self._center_crop = (
+            preprocessing.resize,
+            preprocessing.crop,
+            preprocessing.center_crop,
         )
+        # The statistics the bank's features were computed with (load_bank refused running settings that differ).
+        self.normalization: Normalization = preprocessing.normalization
 
     @property
     def tau(self) -> float:
@@ -171,23 +176,35 @@ class ExpertScorer:
 
     def patch_features(self, image: np.ndarray) -> tuple[np.ndarray, Geometry]:
         """Preprocess and embed one image: ``([P, D] float32, geometry)``."""
-        tensor, geometry = preprocess(image, **self._preprocess)
+        tensor, geometry = self._preprocess(image)
         return self.embedder(tensor[None])[0], geometry
+
+    def _preprocess(self, image: np.ndarray) -> tuple[np.ndarray, Geometry]:
+        """:func:`~expert.preprocess.preprocess` with the bank's resize, crop and normalisation."""
+        return preprocess(
+            image,
+            resize=self._resize,
+            crop=self._crop,
+            center_crop=self._center_crop,
+            normalization=self.normalization,
+        )
 
     def _prepare(self, image: np.ndarray, original_size: tuple[int, int] | None) -> tuple[np.ndarray, Geometry]:
         """Network input and the ORIGINAL image's geometry, from the original or from a reduced copy of it."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an H×W×3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
         if original_size is None or tuple(original_size) == (image.shape[1], image.shape[0]):
-            return preprocess(image, **self._preprocess)
+            return self._preprocess(image)
         width, height = (int(v) for v in original_size)
-        geometry = compute_geometry(height, width, **self._preprocess)
+        geometry = compute_geometry(height, width, resize=self._resize, crop=self._crop, center_crop=self._center_crop)
         # Resize the reduced copy straight to the size the original would have been resized to: the crop window
         # and every mapping back are then exactly the original's; only the pixel values come from the copy.
         from PIL import Image
 
-        resized = np.asarray(Image.fromarray(image).resize((geometry.resized_w, geometry.resized_h), Image.BILINEAR))
-        tensor, inner = preprocess(resized, **self._preprocess)
+        resized = np.asarray(
+            Image.fromarray(image).resize((geometry.resized_w, geometry.resized_h), Image.Resampling.BILINEAR)
+        )
+        tensor, inner = self._preprocess(resized)
         if (inner.crop_top, inner.crop_left, inner.crop_h, inner.crop_w) != (
             geometry.crop_top,
             geometry.crop_left,

@@ -17,18 +17,22 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import faiss
 import numpy as np
 
+from expert.errors import ExpertError
+
 Distance = Literal["sqeuclidean", "euclidean"]
-DISTANCES: tuple[str, ...] = ("sqeuclidean", "euclidean")
+DISTANCES: tuple[Distance, ...] = get_args(Distance)
 GPU_MAX_K = 2048  # faiss GPU k-selection limit
 
 
-class SearchError(ValueError):
+class SearchError(ExpertError, ValueError):
     """The memory bank or the queries are unusable (wrong shape, dimension, dtype or non-finite values)."""
+
+    code = "search_failed"
 
 
 def faiss_gpu_available() -> bool:
@@ -40,13 +44,14 @@ def check_distance(distance: str) -> Distance:
     """Return ``distance`` if it is a supported name, else raise :class:`SearchError`."""
     if distance not in DISTANCES:
         raise SearchError(f"unknown distance {distance!r}; expected one of {', '.join(DISTANCES)}")
-    return distance  # type: ignore[return-value]
+    return distance
 
 
 def to_distance(squared: np.ndarray, distance: Distance) -> np.ndarray:
     """Convert faiss's squared L2 values to ``distance`` (float32, negatives from rounding clamped to 0)."""
     values = np.maximum(np.asarray(squared, dtype=np.float32), np.float32(0.0))
-    return np.sqrt(values) if distance == "euclidean" else values
+    result: np.ndarray = np.sqrt(values) if distance == "euclidean" else values
+    return result
 
 
 def _as_matrix(array: np.ndarray, what: str, dim: int | None = None) -> np.ndarray:
@@ -76,7 +81,7 @@ class PatchIndex:
         self.distance: Distance = check_distance(distance)
         bank = _as_matrix(memory_bank, "memory bank")
         self.size, self.dim = bank.shape
-        index = faiss.IndexFlatL2(self.dim)
+        index: Any = faiss.IndexFlatL2(self.dim)  # a CPU index, or its GPU copy below
         index.add(bank)
         self._gpu_resources = None
         want_gpu = faiss_gpu_available() if use_gpu is None else use_gpu

@@ -24,10 +24,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from expert.config import ExpertSettings
+from expert.errors import ExpertError
 
 FEATURE_INDICES: tuple[int, int] = (2, 3)
 """timm ``features_only`` indices of ResNet ``layer2`` (stride 8) and ``layer3`` (stride 16)."""
@@ -39,8 +41,10 @@ _HOW_TO_FIX = (
 )
 
 
-class BackboneWeightsError(RuntimeError):
+class BackboneWeightsError(ExpertError, RuntimeError):
     """The backbone's weights cannot be loaded; the one-line message says how to provide them."""
+
+    code = "backbone_unavailable"
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ def state_dict_checksum(module: torch.nn.Module) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _create(name: str, *, pretrained: bool, **kwargs) -> torch.nn.Module:
+def _create(name: str, *, pretrained: bool, **kwargs: Any) -> torch.nn.Module:
     import timm
 
     return timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=FEATURE_INDICES, **kwargs)
@@ -167,7 +171,8 @@ def load_backbone(settings: ExpertSettings) -> tuple[torch.nn.Module, WeightsInf
     if expert.weights == "hub":
         module, source = _load_hub(name), f"hub:{name}"
     elif expert.weights == "file":
-        path = Path(expert.weights_path).expanduser().resolve()  # validated non-None by ExpertSettings
+        assert expert.weights_path is not None  # validated by ExpertSettings: weights=file needs a path
+        path = Path(expert.weights_path).expanduser().resolve()
         module, source = _load_file(name, path), f"file:{path}"
     elif expert.weights == "random":
         module, source = _load_random(name, expert.seed), f"random:seed={expert.seed}"

@@ -1,1 +1,4 @@
-"""Multimodal LLM layer: model presets and loading, EAGLE prompts, answer parsing, CAAS, attention read-out."""
+"""Multimodal LLM layer: model presets and loading, EAGLE prompts, answer parsing, CAAS, attention read-out.
+
+Layers, data flow and where each rule lives: docs/architecture.md.
+"""

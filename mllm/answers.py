@@ -43,10 +43,13 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from mllm.config import Answer
+
 __all__ = [
     "LETTER_TO_ANSWER",
     "YES_NO_OPTIONS",
     "Answer",
+    "AnswerSource",
     "ParsedAnswer",
     "parse_answer",
     "parse_answer_keyword",
@@ -54,7 +57,8 @@ __all__ = [
     "parse_with",
 ]
 
-Answer = Literal["yes", "no", "unknown"]
+AnswerSource = Literal["letter", "keyword", "closest", "none"]
+"""Which rule read an answer: its option letter, a keyword, the closest option text, or none (unparseable)."""
 LETTER_TO_ANSWER: dict[str, Answer] = {"A": "yes", "B": "no"}
 YES_NO_OPTIONS: dict[str, str] = {"A": "Yes", "B": "No"}
 """The yes/no question's options as the reference's ``parse_conversation`` holds them (letter → text)."""
@@ -72,7 +76,7 @@ class ParsedAnswer:
 
     letter: str | None
     answer: Answer
-    source: Literal["letter", "keyword", "closest", "none"]
+    source: AnswerSource
 
 
 _QUESTION_ECHO = re.compile(r"is there any defect in the object\??", re.IGNORECASE)

@@ -21,11 +21,14 @@ Example:
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any, TypeAlias, cast
 
 import torch
 from torch import nn
+
+from mllm.errors import MLLMError
 
 __all__ = ["EAGLE_ATTENTION", "AttentionEdit", "AttentionEditError", "edited_attention", "language_config_key"]
 
@@ -33,8 +36,10 @@ EAGLE_ATTENTION = "eagle_sdpa"
 """Name under which the editable SDPA attention function is registered with transformers."""
 
 
-class AttentionEditError(RuntimeError):
+class AttentionEditError(MLLMError, RuntimeError):
     """An attention edit cannot be installed on this model (unsupported layout or conflicting state)."""
+
+    code = "attention_edit_failed"
 
 
 class AttentionEdit:
@@ -61,6 +66,9 @@ class AttentionEdit:
         """Look at the attention inputs (``bias`` is the sum of all edits' biases for this call)."""
 
 
+DecoderLayers: TypeAlias = "Sequence[nn.Module] | nn.ModuleList"
+"""A language model's decoder layers: its ``nn.ModuleList``, or any sequence of the layer modules."""
+
 _EDITS: dict[int, list[AttentionEdit]] = {}
 _SWITCHED: dict[int, tuple[int, str | None, str]] = {}  # id(model) -> (depth, sub-config key, previous impl)
 _LOCK = threading.RLock()
@@ -72,7 +80,7 @@ def _eagle_attention_forward(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -120,19 +128,21 @@ def language_config_key(model: nn.Module, attention_module: nn.Module) -> str | 
         return None
     for key in getattr(top, "sub_configs", {}):
         if getattr(top, key, None) is config:
-            return key
+            return str(key)
     raise AttentionEditError(
         f"the config of {type(attention_module).__name__} is not a sub-config of {type(model).__name__}"
     )
 
 
 def _current_implementation(model: nn.Module, key: str | None) -> str:
-    config = model.config if key is None else getattr(model.config, key)
-    return config._attn_implementation
+    top: Any = cast(Any, model).config  # a transformers model: nn.Module's attribute typing does not know it
+    config = top if key is None else getattr(top, key)
+    implementation: str = config._attn_implementation
+    return implementation
 
 
 def _set_implementation(model: nn.Module, key: str | None, implementation: str) -> None:
-    model.set_attn_implementation(implementation if key is None else {key: implementation})
+    cast(Any, model).set_attn_implementation(implementation if key is None else {key: implementation})
     if _current_implementation(model, key) != implementation:
         raise AttentionEditError(
             f"{type(model).__name__} refused attention implementation {implementation!r} "

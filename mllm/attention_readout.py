@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -34,8 +34,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mllm.attention_edits import AttentionEdit, edited_attention
+from mllm.attention_edits import AttentionEdit, DecoderLayers, edited_attention
 from mllm.caas import image_token_runs
+from mllm.errors import MLLMError
 
 __all__ = [
     "AttentionReadoutError",
@@ -53,8 +54,10 @@ __all__ = [
 Box = tuple[int, int, int, int]
 
 
-class AttentionReadoutError(ValueError):
+class AttentionReadoutError(MLLMError, ValueError):
     """The attention read-out cannot be computed for these inputs (bad layer, image index, grid or mask)."""
+
+    code = "attention_readout_failed"
 
 
 class _LastRowAttention(AttentionEdit):
@@ -111,7 +114,7 @@ class AnswerAttentionRecorder:
         self.weights.clear()
 
 
-def _checked_layers(decoder_layers: Sequence[nn.Module], layers: Sequence[int]) -> list[int]:
+def _checked_layers(decoder_layers: DecoderLayers, layers: Sequence[int]) -> list[int]:
     chosen = sorted(set(layers))
     if not chosen:
         raise AttentionReadoutError("choose at least one decoder layer to read attention from")
@@ -123,7 +126,7 @@ def _checked_layers(decoder_layers: Sequence[nn.Module], layers: Sequence[int]) 
 
 @contextmanager
 def record_answer_attention(
-    model: nn.Module, decoder_layers: Sequence[nn.Module], layers: Sequence[int]
+    model: nn.Module, decoder_layers: DecoderLayers, layers: Sequence[int]
 ) -> Iterator[AnswerAttentionRecorder]:
     """Record the answering position's attention in ``layers`` during the ``with`` block (removed afterwards).
 
@@ -132,14 +135,16 @@ def record_answer_attention(
     """
     chosen = _checked_layers(decoder_layers, layers)
     recorder = AnswerAttentionRecorder(chosen)
-    edits = {decoder_layers[layer].self_attn: _LastRowAttention(recorder, layer) for layer in chosen}
+    edits: dict[nn.Module, AttentionEdit] = {
+        cast(nn.Module, decoder_layers[layer].self_attn): _LastRowAttention(recorder, layer) for layer in chosen
+    }
     with edited_attention(model, edits):
         yield recorder
 
 
 def answer_attention(
     model: nn.Module,
-    decoder_layers: Sequence[nn.Module],
+    decoder_layers: DecoderLayers,
     inputs: Mapping[str, Any],
     layers: Sequence[int],
 ) -> dict[int, torch.Tensor]:
@@ -191,7 +196,7 @@ def image_token_grid(
 
 def image_attention_maps(
     model: nn.Module,
-    decoder_layers: Sequence[nn.Module],
+    decoder_layers: DecoderLayers,
     inputs: Mapping[str, Any],
     image_token_id: int,
     *,
@@ -311,7 +316,8 @@ def attention_overlay(
     out = rgb.astype(np.float32) * 0.5  # outside the view box: dimmed (not seen by the model)
     inside = rgb[top:bottom, left:right].astype(np.float32)
     out[top:bottom, left:right] = (1.0 - opacity) * inside + opacity * colour
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    blended: np.ndarray = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    return blended
 
 
 def defect_token_mask(

@@ -41,16 +41,23 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 from torch import nn
 
-from mllm.attention_edits import AttentionEdit, AttentionEditError, edited_attention, language_config_key
+from mllm.attention_edits import (
+    AttentionEdit,
+    AttentionEditError,
+    DecoderLayers,
+    edited_attention,
+    language_config_key,
+)
 from mllm.config import CAASMode, CAASPolicy, CAASTokens
+from mllm.errors import MLLMError
 
 if TYPE_CHECKING:
     from mllm.config import CAASSettings
@@ -74,12 +81,16 @@ __all__ = [
 ]
 
 
-class CAASError(ValueError):
+class CAASError(MLLMError, ValueError):
     """CAAS cannot be configured or installed as asked (bad setting, layer range, mask or model layout)."""
+
+    code = "caas_invalid"
 
 
 class CAASLayoutError(CAASError):
     """The model's attention modules are not laid out as any of :data:`ATTENTION_LAYOUTS`: CAAS would be wrong."""
+
+    code = "caas_unsupported_layout"
 
 
 @dataclass(frozen=True)
@@ -281,7 +292,8 @@ def _positions(mask: torch.Tensor, start: int, length: int) -> torch.Tensor:
     return window
 
 
-def _cache_of(kwargs: dict) -> object | None:
+def _cache_of(kwargs: dict[str, Any]) -> Any:
+    """The KV cache among a forward call's keyword arguments (its name varies by model), or ``None``."""
     for name in ("cache", "past_key_values", "past_key_value"):
         if kwargs.get(name) is not None:
             return kwargs[name]
@@ -304,13 +316,17 @@ class _ProjectionScaler:
         self.offset: int | None = None
         self.chunk: tuple[int, int] | None = None
 
-    def before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def before_attention(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         cache = _cache_of(kwargs)
         self.offset = int(cache.get_seq_length(self.layer_index)) if cache is not None else 0
         hidden = args[0] if args else kwargs.get("hidden_states")
-        self.chunk = tuple(hidden.shape[:2]) if isinstance(hidden, torch.Tensor) and hidden.ndim >= 2 else None
+        self.chunk = (
+            (int(hidden.shape[0]), int(hidden.shape[1]))
+            if isinstance(hidden, torch.Tensor) and hidden.ndim >= 2
+            else None
+        )
 
-    def after_projection(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def after_projection(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         if self.offset is None:
             raise CAASError("a CAAS projection hook ran outside its attention module's forward")
         offset, self.offset = self.offset, None
@@ -384,7 +400,7 @@ def attention_layout(attention: nn.Module) -> AttentionLayout:
     )
 
 
-def check_caas_support(model: nn.Module, decoder_layers: Sequence[nn.Module], config: CAASConfig) -> None:
+def check_caas_support(model: nn.Module, decoder_layers: DecoderLayers, config: CAASConfig) -> None:
     """Check, without running the model, that :func:`apply_caas` with ``config`` is exact on ``model``.
 
     Called when a model is loaded with CAAS enabled (``mllm.loading.load_mllm``), so an unsupported backbone fails
@@ -409,7 +425,7 @@ def check_caas_support(model: nn.Module, decoder_layers: Sequence[nn.Module], co
             ) from None
 
 
-def _check_range(decoder_layers: Sequence[nn.Module], config: CAASConfig) -> None:
+def _check_range(decoder_layers: DecoderLayers, config: CAASConfig) -> None:
     if config.layer_end >= len(decoder_layers):
         raise CAASError(
             f"CAAS layers {config.layer_start}..{config.layer_end} exceed the model's {len(decoder_layers)} decoder "
@@ -427,7 +443,7 @@ def _check_mask(visual_mask: torch.Tensor) -> None:
 @contextmanager
 def apply_caas(
     model: nn.Module,
-    decoder_layers: Sequence[nn.Module],
+    decoder_layers: DecoderLayers,
     config: CAASConfig,
     visual_mask: torch.Tensor,
 ) -> Iterator[None]:
@@ -477,7 +493,7 @@ def apply_caas(
 def apply_caas_if(
     active: bool,
     model: nn.Module,
-    decoder_layers: Sequence[nn.Module],
+    decoder_layers: DecoderLayers,
     config: CAASConfig,
     visual_mask: Callable[[], torch.Tensor] | torch.Tensor,
 ) -> AbstractContextManager[None]:

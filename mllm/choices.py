@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from mllm.answers import parse_answer
+from mllm.answers import Answer, parse_answer
 
 __all__ = ["QUESTION_LIST_PREFIX", "MultipleChoice", "ParsedChoice", "option_answer", "parse_choice"]
 
@@ -101,7 +101,7 @@ def _normal(text: str) -> str:
     return re.sub(r"[\s.!。]+$", "", " ".join(text.split())).lower()
 
 
-def option_answer(choice: MultipleChoice, letter: str | None) -> Literal["yes", "no", "unknown"]:
+def option_answer(choice: MultipleChoice, letter: str | None) -> Answer:
     """``yes`` / ``no`` when option ``letter``'s TEXT is "Yes" / "No" (period or not), else ``unknown``.
 
     The detection verdict of an MMAD item comes from the chosen option's text, never from its letter's position.

@@ -4,7 +4,8 @@ The application composes them into its settings root (``EAGLE_MLLM__*``, ``EAGLE
 ``EAGLE_PROMPT__*``); this package reads no environment and imports nothing from the layers above.
 
 :data:`PromptSetting` is the one vocabulary of prompt settings (paper Table 3): which hints the
-MLLM gets. Every other module imports it from here.
+MLLM gets. Every other module imports it from here, as it does this package's other vocabularies (answer parsers,
+CAAS policies, modes and tokens, the model's answers, quantizations).
 
 Example:
     >>> from mllm.config import CAASSettings, PromptSettings, PROMPT_SETTINGS
@@ -24,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "ANSWER_PARSERS",
+    "ANSWERS",
     "PROMPT_SETTINGS",
+    "Answer",
     "AnswerParser",
     "CAASMode",
     "CAASPolicy",
@@ -35,6 +38,8 @@ __all__ = [
     "MLLMSettings",
     "PromptSetting",
     "PromptSettings",
+    "Quantization",
+    "QuantizationSetting",
 ]
 
 PromptSetting = Literal["baseline", "visual", "visual_all", "textual", "full"]
@@ -67,6 +72,18 @@ CAASMode = Literal["logit", "weight", "weight_raw"]
 CAASTokens = Literal["all", "query"]
 """Which visual tokens CAAS scales: every image's, or the query image's only."""
 
+Answer = Literal["yes", "no", "unknown"]
+"""The model's answer to "is there any defect?" (``unknown``: the reply could not be read). Defined here, with the
+other vocabularies, so that the inspection record can name it without importing the parsers (:mod:`mllm.answers`)."""
+
+ANSWERS: tuple[Answer, ...] = get_args(Answer)
+
+Quantization = Literal["4bit", "8bit", "bf16", "fp32"]
+"""How the model's weights are loaded (:func:`mllm.loading.resolve_quantization` resolves ``auto``)."""
+
+QuantizationSetting = Literal["auto", Quantization]
+"""The ``quantization`` setting: a :data:`Quantization`, or ``auto`` (4-bit on CUDA, fp32 on a CPU-only host)."""
+
 
 class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -78,7 +95,7 @@ class MLLMSettings(_Group):
     enabled: bool = Field(True, description="False: expert-only mode, the MLLM stack is never imported.")
     preset: str = Field("qwen2.5-vl-7b", description="Model preset name (see `mllm.presets`).")
     model_id: str | None = Field(None, description="Hub id or local directory; overrides the preset's hub id.")
-    quantization: Literal["auto", "4bit", "8bit", "bf16", "fp32"] = Field(
+    quantization: QuantizationSetting = Field(
         "auto", description="auto: 4-bit NF4 on CUDA, fp32 on a CPU-only host (with a warning)."
     )
     attn_implementation: str = Field("sdpa")

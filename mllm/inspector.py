@@ -21,16 +21,17 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from mllm.answers import ParsedAnswer, parse_answer_reference, parse_with
+from mllm.answers import Answer, AnswerSource, ParsedAnswer, parse_answer_reference, parse_with
 from mllm.choices import MultipleChoice, option_answer, parse_choice
 from mllm.config import PromptSettings
+from mllm.errors import MLLMError
 from mllm.prompts import (
     Setting,
     build_explanation_messages,
@@ -51,8 +52,10 @@ __all__ = ["MLLMAnswer", "MLLMInspector", "MLLMInferenceError"]
 _STREAM_TIMEOUT_S = 600.0
 
 
-class MLLMInferenceError(RuntimeError):
+class MLLMInferenceError(MLLMError, RuntimeError):
     """Generation failed (e.g. out of memory); one-line message."""
+
+    code = "mllm_inference_failed"
 
 
 @dataclass
@@ -74,7 +77,7 @@ class MLLMAnswer:
     """
 
     letter: str | None
-    answer: Literal["yes", "no", "unknown"]
+    answer: Answer
     raw_text: str
     caas_applied: bool
     n_input_tokens: int
@@ -103,7 +106,7 @@ def _parse_reply(raw: str, question: MultipleChoice | None, parser: str) -> Pars
 def _parse_choice_answer(raw: str, question: MultipleChoice) -> ParsedAnswer:
     """The reply to a data set's own question: its option letter, and yes/no from that option's text."""
     choice = parse_choice(raw, question)
-    source = "letter" if choice.source == "letter" else ("keyword" if choice.letter else "none")
+    source: AnswerSource = "letter" if choice.source == "letter" else ("keyword" if choice.letter else "none")
     return ParsedAnswer(choice.letter, option_answer(question, choice.letter), source)
 
 
@@ -116,7 +119,8 @@ class _Cancelled(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         self.tokens += 1
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        stop = torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return cast(torch.BoolTensor, stop)  # transformers' annotation; the tensor is a bool tensor
 
 
 def _ms(start: float) -> float:

@@ -28,12 +28,14 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import torch
 
+from common.progress import ProgressCallback
 from mllm.caas import CAASConfig, CAASError, CAASLayoutError, check_caas_support
-from mllm.config import CAASSettings, MLLMSettings
+from mllm.config import CAASSettings, MLLMSettings, Quantization
+from mllm.errors import MLLMError
 from mllm.presets import (
     ModelPreset,
     PresetError,
@@ -62,23 +64,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Quantization = Literal["4bit", "8bit", "bf16", "fp32"]
 
-
-class ProgressCallback(Protocol):
-    """``progress(stage, fraction)``: the project's one progress protocol (stage first, fraction in [0, 1]).
-
-    Structurally identical to :class:`expert.progress.ProgressCallback`, which ``mllm`` may not import (the
-    packages stay independent): a callback written for either is accepted by both. Here ``stage`` is a
-    human-readable step (e.g. ``"Loading processor of <model>"``).
-    """
-
-    def __call__(self, stage: str, fraction: float, /) -> None:
-        """Report that ``fraction`` of the loading is done, now at ``stage``."""
-
-
-class MLLMLoadError(RuntimeError):
+class MLLMLoadError(MLLMError, RuntimeError):
     """The model could not be loaded; the message is one line that says what to do."""
+
+    code = "mllm_unavailable"
 
 
 class CAASUnsupportedError(MLLMLoadError, CAASLayoutError):
@@ -265,7 +255,8 @@ def load_mllm(
 
     Args:
         settings: The ``mllm`` settings group.
-        progress: Optional ``progress(stage, fraction)`` callback (:class:`ProgressCallback`); front ends render it.
+        progress: Optional ``progress(stage, fraction)`` callback (:class:`common.progress.ProgressCallback`);
+            front ends render it.
         caas: The ``caas`` settings group. Unless its policy is ``off``, the model's decoder layers in the CAAS
             range must have an attention layout CAAS supports (:func:`mllm.caas.check_caas_support`), checked here
             so an unsupported backbone fails at load time instead of running without CAAS. ``None``: no check.
@@ -521,7 +512,7 @@ def load_mllm_from_config(
 
     model_id = f"config:{getattr(config, 'name_or_path', '') or config.model_type}"
     try:  # the class AutoModelForImageTextToText picks; its from_pretrained takes a config and no checkpoint name
-        model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+        model_class: Any = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]  # a lazy mapping: typed loosely
     except KeyError:
         raise MLLMLoadError(f"{model_id} ({type(config).__name__}) is not an image-text-to-text model") from None
     _report(progress, f"Making random weights for {model_id}", 0.05)

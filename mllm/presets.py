@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
+
+from mllm.errors import MLLMError
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -48,8 +50,10 @@ _INTERNVL_TILE = 448  # InternVL3 tiles are 448×448 px, 256 visual tokens each.
 _LLAVA_NEXT_BASE = 336
 
 
-class PresetError(ValueError):
+class PresetError(MLLMError, ValueError):
     """Unknown preset name, or a preset that needs an opt-in the settings do not give."""
+
+    code = "invalid_preset"
 
 
 @dataclass(frozen=True)
@@ -305,7 +309,7 @@ def apply_pixel_budget(preset: ModelPreset, model: torch.nn.Module, processor: A
         if pinpoints:
             kept = [p for p in pinpoints if p[0] * p[1] <= budget] or [min(pinpoints, key=lambda p: p[0] * p[1])]
             image_processor.image_grid_pinpoints = kept
-            model.config.image_grid_pinpoints = kept
+            cast(Any, model).config.image_grid_pinpoints = kept  # a transformers model (not a plain nn.Module)
 
 
 def estimate_weight_memory_gib(preset: ModelPreset, quantization: str) -> float:

@@ -67,6 +67,7 @@ from PIL import Image
 
 from mllm.choices import MultipleChoice
 from mllm.config import PROMPT_SETTINGS, PromptSetting
+from mllm.errors import MLLMError
 
 if TYPE_CHECKING:
     from transformers import BatchFeature
@@ -188,8 +189,10 @@ _EXPLAIN_UNKNOWN = (
 )
 
 
-class PromptError(ValueError):
+class PromptError(MLLMError, ValueError):
     """The prompt cannot be built from the given inputs (one-line message)."""
+
+    code = "invalid_prompt"
 
 
 @dataclass
@@ -339,7 +342,8 @@ def render_text(processor: Any, messages: list[dict[str, Any]]) -> str:
 
     Images are numbered ("Picture 1: ") where the template supports it, as the reference renders them.
     """
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, add_vision_id=True)
+    text: str = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, add_vision_id=True)
+    return text
 
 
 def _count_images(messages: list[dict[str, Any]]) -> int:
@@ -366,7 +370,7 @@ def render_inputs(loaded: LoadedMLLM, messages: list[dict[str, Any]], images: li
     if expected != len(images):
         raise PromptError(f"the messages hold {expected} image placeholder(s) but {len(images)} image(s) were given")
     text = render_text(loaded.processor, messages)
-    batch = loaded.processor(text=[text], images=list(images) or None, return_tensors="pt")
+    batch: BatchFeature = loaded.processor(text=[text], images=list(images) or None, return_tensors="pt")
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             value = value.to(loaded.device)

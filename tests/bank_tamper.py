@@ -18,7 +18,7 @@ def overwrite(path: Path, data: bytes) -> None:
     """Replace one bank file's bytes without touching its other names.
 
     ``backbone.onnx`` and the reference PNGs are hard links shared with the ONNX cache and other bank versions
-    (:func:`expert.atomic.link_or_copy`); writing into one in place would damage all of them, so the name is
+    (:func:`common.atomic.link_or_copy`); writing into one in place would damage all of them, so the name is
     unlinked first and a new file written in its place.
     """
     path.unlink()

@@ -17,6 +17,21 @@ def _limit_threads():
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_onnx_cache(tmp_path_factory):
+    """One ONNX graph cache for the whole run (``EAGLE_ONNX_CACHE_DIR``), whatever data dir a test builds banks in.
+
+    Without it every bank built under a fresh data dir exports the ~100 MB graph again (10-20 s on 2 cores). The
+    variable is in ``os.environ``, so :class:`~eagle.settings.Settings` built in a test and ``eagle`` subprocesses
+    that inherit the environment see it. Entries are keyed by everything the graph depends on and written
+    atomically under a per-key lock (:mod:`expert.onnx_cache`), so different configurations never collide. Tests
+    of the cache itself use folders of their own.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EAGLE_ONNX_CACHE_DIR", str(tmp_path_factory.mktemp("onnx-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """Root of a synthetic MVTec-AD folder (category ``widget``); see :func:`synthetic.make_mvtec_like`."""

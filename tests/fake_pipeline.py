@@ -36,29 +36,43 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from eagle import atomic
-from eagle.bank_versions import BankVersion, BankVersionNotFoundError
+from common import atomic
+from common.progress import ProgressCallback
+from eagle.audit import AuditLog
+from eagle.bank_records import BankSummary, BankVersion
+from eagle.bank_versions import BankVersionNotFoundError
 from eagle.banks import BankNotFoundError, validate_bank_name
 from eagle.errors import EagleError
 from eagle.images import DecodedImage, ImageError, decode_image, load_image
 from eagle.images import image_sha256 as sha256_of_image
+from eagle.line_health import LineHealth, line_health
 from eagle.pipeline import BUILD_STAGES, MLLMUnavailableError, ReferenceImagesError, TaughtImage, TeachResult
 from eagle.records import BoxRecord, InspectionImages, InspectionResult, InspectOptions
 from expert.bank import BankError
-from expert.progress import ProgressCallback
+from expert.drift import DriftSettings
 from mllm.choices import MultipleChoice, option_answer
 
 SEEDED_TAU, SEEDED_S_MAX = 0.5, 0.7
 """τ and s_max of a seeded bank (one made without references): its score is the mean intensity / 255."""
 
 
-@dataclass(frozen=True)
-class FakeSummary:
-    """The :class:`eagle.banks.BankSummary` fields the front ends and the bank cache read."""
-
-    name: str
-    bank_id: str
-    n_references: int
+def _summary(name: str, meta: dict) -> BankSummary:
+    """The fake bank's :class:`eagle.bank_records.BankSummary`: name, id, references, τ and s_max (the rest fixed)."""
+    return BankSummary(
+        name=name,
+        bank_id=meta["bank_id"],
+        created="",
+        n_references=meta["n_references"],
+        n_patches=0,
+        coreset_size=0,
+        coreset_ratio=0.0,
+        threshold_method="fake",
+        tau=meta["tau"],
+        s_max=meta["s_max"],
+        backbone="fake",
+        weights_source="random",
+        distance="sqeuclidean",
+    )
 
 
 def _bank_id(name: str) -> str:
@@ -78,10 +92,10 @@ class FakeBankStore:
     def exists(self, name: str) -> bool:
         return (self.path(name) / "meta.json").is_file()
 
-    def save(self, name: str, meta: dict) -> FakeSummary:
+    def save(self, name: str, meta: dict) -> BankSummary:
         self.path(name).mkdir(parents=True, exist_ok=True)
         atomic.write_text(self.path(name) / "meta.json", json.dumps(meta))  # readers never see half a bank
-        return FakeSummary(name, meta["bank_id"], meta["n_references"])
+        return _summary(name, meta)
 
     def load(self, name: str) -> dict:
         if not self.exists(name):
@@ -91,14 +105,14 @@ class FakeBankStore:
         except (OSError, json.JSONDecodeError) as err:
             raise BankError(f"bank {name} unreadable: {err}") from None
 
-    def list(self) -> list[FakeSummary]:
+    def list(self) -> list[BankSummary]:
         summaries = []
         for folder in sorted(self.root.iterdir()) if self.root.is_dir() else []:
             try:
                 meta = self.load(folder.name)
             except (BankError, BankNotFoundError):
                 continue
-            summaries.append(FakeSummary(folder.name, meta["bank_id"], meta["n_references"]))
+            summaries.append(_summary(folder.name, meta))
         return summaries
 
     def delete(self, name: str) -> None:
@@ -106,18 +120,22 @@ class FakeBankStore:
             raise BankNotFoundError(f"no bank named {name!r}")
         shutil.rmtree(self.path(name))
 
+    def loaded(self) -> list[str]:
+        """The fake keeps nothing in memory: every saved bank counts as loaded."""
+        return [summary.name for summary in self.list()]
+
     def unusable(self) -> dict[str, str]:
         return {}
 
     def reference_name(self, name: str, index: int) -> str:
         return self.load(name)["names"][index]
 
-    def rollback(self, name: str, version: int) -> FakeSummary:
+    def rollback(self, name: str, version: int) -> BankSummary:
         """Only the current version is kept by the fake: rolling back to it changes nothing, any other is unknown."""
         meta = self.load(name)
         if version != meta.get("version", 0):
             raise BankVersionNotFoundError(f"bank {name!r} has no kept version {version}")
-        return FakeSummary(name, meta["bank_id"], meta["n_references"])
+        return _summary(name, meta)
 
     def history(self, name: str) -> list[BankVersion]:
         """Only the current version is kept by the fake."""
@@ -232,6 +250,7 @@ class FakePipeline:
         self.questions: list[tuple[str | None, str | None, MultipleChoice | None]] = []  # (image, setting, q)
         self.templates: list[tuple[str | None, str | None, tuple[int, ...] | None]] = []  # (image, name, shape)
         self.builds: list[str] = []  # names of the banks built
+        self.health_settings = DriftSettings()  # the line-health limits (the real pipeline's settings.health)
         for name in banks:
             meta = {"mean": 0.0, "tau": SEEDED_TAU, "s_max": SEEDED_S_MAX, "n_references": 3, "names": [], "version": 1}
             self._banks.save(name, {"bank_id": _bank_id(name), **meta})
@@ -254,7 +273,7 @@ class FakePipeline:
         names: Sequence[str] | None = None,
         progress: ProgressCallback | None = None,
         mask: Path | None = None,
-    ) -> FakeSummary:
+    ) -> BankSummary:
         validate_bank_name(name)
         if mask is not None:
             self.check_mask(Path(mask).read_bytes() if Path(mask).suffix == ".png" else Path(mask).read_text())
@@ -306,7 +325,11 @@ class FakePipeline:
             score_before, score_after = _score(image, before), _score(image, after)
             taught.append(
                 TaughtImage(
-                    image_name, score_before, score_after, score_before < before["tau"], score_after < after["tau"]
+                    name=image_name,
+                    score_before=score_before,
+                    score_after=score_after,
+                    passed_before=score_before < before["tau"],
+                    passes_now=score_after < after["tau"],
                 )
             )
         return TeachResult(
@@ -344,6 +367,12 @@ class FakePipeline:
 
     def ready(self) -> dict[str, bool]:
         return {"banks": bool(self.banks.list()), "mllm": self.mllm_loaded() or not self.mllm_enabled}
+
+    def line_health(self, name: str, audit: AuditLog) -> LineHealth:
+        """The real drift check over the fake bank's training scores (each reference's grey-level score)."""
+        meta = self._banks.load(name)
+        train = [abs(g - meta["mean"]) / 255.0 for g in meta.get("greys", [])]
+        return line_health(name, meta["bank_id"], train, meta["tau"], audit, self.health_settings)
 
     # ------------------------------------------------------------------ inspection: decode → run_expert → finish
     def decode(self, image: np.ndarray | bytes | Path | DecodedImage, *, image_name: str | None = None) -> DecodedImage:

@@ -121,10 +121,10 @@ REAL_EXPERT = {
 
 
 def real_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    """Environment for an ``eagle`` subprocess using the same settings as :func:`real_settings`."""
+    """Environment for an ``eagle`` subprocess using the same settings as :func:`real_settings` (and ONNX cache)."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EAGLE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EAGLE_") or k == "EAGLE_ONNX_CACHE_DIR"}
     env.update({f"EAGLE_EXPERT__{k.upper()}": str(v) for k, v in REAL_EXPERT.items()})
     env.update({"EAGLE_DATA_DIR": str(data_dir), "EAGLE_MLLM__ENABLED": "false", "OMP_NUM_THREADS": "1"})
     env.update(extra)

@@ -1,4 +1,4 @@
-"""expert.atomic: the one atomic-write helper (temp file, fsync, rename, fsync the directory)."""
+"""common.atomic: the one atomic-write helper (temp file, fsync, rename, fsync the directory)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from expert import atomic
+from common import atomic
 
 
 def test_write_replaces_the_whole_file_and_leaves_no_temp_file(tmp_path):

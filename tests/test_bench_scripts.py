@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
-PROJECT_PACKAGES = ("eagle", "expert", "mllm", "app", "deploy")
+PROJECT_PACKAGES = ("eagle", "expert", "mllm", "app", "deploy", "common")
 SCRIPTS = sorted(BENCH.glob("*.py"))
 
 

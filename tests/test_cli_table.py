@@ -74,7 +74,7 @@ def test_a_module_missing_a_table_row_is_refused(monkeypatch):
 
 
 def test_command_lookup():
-    assert cli_table.command("audit").module == "deploy.cli"
+    assert cli_table.command("audit").module == "eagle.cli_audit"
     with pytest.raises(KeyError):
         cli_table.command("nope")
 

@@ -16,9 +16,7 @@ import pytest
 from PIL import Image
 
 from eagle.banks import BankStore
-from eagle.cli import EXIT_DISK_FULL
-from eagle.cli_bank import as_command_error
-from eagle.errors import DiskFullError, describe, is_disk_full
+from eagle.errors import EXIT_DISK_FULL, DiskFullError, as_eagle_error, describe, is_disk_full
 from eagle.settings import ExpertSettings
 from expert.bank import BankError
 
@@ -44,8 +42,8 @@ def test_wrapped_and_sqlite_full_disk_are_recognised():
 
 
 def test_cli_exit_code_for_a_full_disk():
-    assert as_command_error(DiskFullError("the disk is full")).exit_code == EXIT_DISK_FULL == 3
-    assert as_command_error(BankError("bad bank")).exit_code == 2
+    assert as_eagle_error(DiskFullError("the disk is full")).exit_code == EXIT_DISK_FULL == 3
+    assert as_eagle_error(BankError("bad bank")).exit_code == 2
 
 
 def test_full_disk_during_a_version_write_leaves_nothing(tmp_path):
@@ -274,6 +272,28 @@ def _fill(directory: Path) -> Path:
     return filler
 
 
+def _onnx_cache_inside(data: Path, shared: Path) -> Path:
+    """``<data>/cache/onnx`` holding the bank's graph as ``shared`` files it: a hard link, no second ~95 MB copy.
+
+    The data folder then holds everything (the default cache folder), so that a bank version written there links
+    the cached graph instead of copying it in from the run's shared cache on another filesystem.
+    """
+    import json
+    import os
+
+    from expert.bank import file_sha256
+
+    graph = (data / "banks" / "widget" / "backbone.onnx").resolve()
+    sha = file_sha256(graph)
+    sidecar = next(p for p in shared.glob("*.json") if json.loads(p.read_text())["sha256"] == sha)
+    local = data / "cache" / "onnx"
+    local.mkdir(parents=True, exist_ok=True)
+    if not (local / sidecar.name).exists():  # already copied in when the shared cache is the data dir's own
+        os.link(graph, local / f"{sidecar.stem}.onnx")
+        shutil.copyfile(sidecar, local / sidecar.name)
+    return local
+
+
 def test_service_on_a_really_full_tmpfs(tmp_path):
     """The data folder on a 128 MB tmpfs filled to the last byte: teach 507, inspect answers and its row waits."""
     from deploy.api import create_app
@@ -293,6 +313,7 @@ def test_service_on_a_really_full_tmpfs(tmp_path):
         subprocess.run(["cp", "-a", str(built.data_dir), str(data)], check=True)  # ~96 MB: the ONNX graph
         shutil.rmtree(data / "jobs", ignore_errors=True)
         settings = real_settings(data)
+        settings.onnx_cache_dir = _onnx_cache_inside(data, real_settings(built.data_dir).onnx_cache_path)
         audit = AuditLog(data / "audit-full.sqlite3")
         pipeline = Pipeline(settings)
         server = LiveServer(create_app(pipeline, settings, audit=audit)).start()

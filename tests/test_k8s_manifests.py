@@ -354,6 +354,81 @@ def test_service_monitor_scrapes_the_service_with_the_token(rendered) -> None:
     assert endpoint["authorization"]["credentials"] == {"name": secret["secretName"], "key": secret["items"][0]["key"]}
 
 
+#: A strict subset of prometheus-operator's PrometheusRule CRD (monitoring.coreos.com/v1): the fields used here.
+PROMETHEUS_RULE = _strict(
+    {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": _META,
+        "spec": _strict(
+            {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": _strict(
+                        {
+                            "name": _STR,
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": _strict(
+                                    {
+                                        "alert": _STR,
+                                        "expr": _STR,
+                                        "for": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h|d))+$"},
+                                        "labels": {"type": "object", "additionalProperties": _STR},
+                                        "annotations": {"type": "object", "additionalProperties": _STR},
+                                    },
+                                    ("alert", "expr"),
+                                ),
+                            },
+                        },
+                        ("name", "rules"),
+                    ),
+                }
+            },
+            ("groups",),
+        ),
+    },
+    ("apiVersion", "kind", "metadata", "spec"),
+)
+
+
+def test_line_health_alerts_use_series_the_service_exports(rendered) -> None:
+    from deploy.metrics import ServiceMetrics
+    from eagle.line_health import LineHealth
+
+    rule = rendered["monitoring"][("PrometheusRule", "eagle-line-health")]
+    jsonschema.validate(rule, PROMETHEUS_RULE)
+    monitor = rendered["monitoring"][("ServiceMonitor", "eagle-edge")]
+    assert rule["metadata"]["namespace"] == monitor["metadata"]["namespace"]
+    assert rule["metadata"]["labels"]["release"] == monitor["metadata"]["labels"]["release"]
+    health = LineHealth.model_validate(
+        {
+            **dict.fromkeys(LineHealth.model_fields),
+            "bank": "b",
+            "bank_id": "0" * 16,
+            "state": "drifting",
+            "level": 2,
+            "reason": "r",
+            "n_references": 30,
+            "n_recent": 200,
+            "tau": 1.0,
+            "median_shift": 2.5,
+            "train_scores": [],
+            "recent": [],
+        }
+    )
+    exported = ServiceMetrics(line_health=lambda: [health]).render()
+    assert 'eagle_line_health_state{bank="b"} 2.0' in exported
+    for group in rule["spec"]["groups"]:
+        for alert in group["rules"]:
+            series = re.match(r"^([a-z_]+)\b", alert["expr"]).group(1)
+            assert f"# TYPE {series} gauge" in exported, alert["alert"]
+    states = {alert["alert"]: int(alert["expr"].rsplit("==", 1)[1]) for alert in rule["spec"]["groups"][0]["rules"]}
+    assert states == {"EagleLineDrifting": 2, "EagleLineWatch": 1, "EagleBankTooFewReferences": -2}
+
+
 def test_ray_cluster_shares_one_volume_and_has_gpu_workers(rendered) -> None:
     cluster = rendered["ray"][("RayCluster", "eagle-eval")]
     pvc = rendered["ray"][("PersistentVolumeClaim", "eagle-eval-shared")]

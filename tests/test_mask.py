@@ -1,4 +1,4 @@
-"""Inspection masks (issue 14 §2): patches outside never count for the score, the boxes or DBT's τ; format 2.
+"""Inspection masks: patches outside never count for the score, the boxes or DBT's τ; bank format 2.
 
 A cheap deterministic embedder (8×8 mean colour per patch, projected to 1024 values) stands in for the backbone, so
 every bank here is built in well under a second and its τ can be recomputed by brute force in numpy.

@@ -147,10 +147,12 @@ def test_pipeline_warm_up_then_builds_never_export(tmp_path, monkeypatch, counte
         return random_backbone_loaded
 
     monkeypatch.setattr(expert.weights, "load_backbone", load_backbone)
+    monkeypatch.delenv("EAGLE_ONNX_CACHE_DIR", raising=False)  # a cache of its own: the default, under the data dir
     settings = Settings(data_dir=tmp_path, mllm={"enabled": False}, expert=SETTINGS.model_dump())
     pipeline = Pipeline(settings)
     cached = pipeline.warm_onnx_cache()  # what the app's start-up thread and `eagle warm-cache` do
-    assert cached.parent == settings.onnx_cache_dir and len(counted_exports) == 1 and len(loads) == 1
+    assert cached.parent == settings.onnx_cache_path == tmp_path / "cache" / "onnx"
+    assert len(counted_exports) == 1 and len(loads) == 1
     images, names = _references()
     pipeline.build_bank(images, "a", names=names)
     assert len(counted_exports) == 1 and len(loads) == 1  # neither exported nor loaded the weights again
@@ -158,6 +160,24 @@ def test_pipeline_warm_up_then_builds_never_export(tmp_path, monkeypatch, counte
     assert len(counted_exports) == 1 and len(loads) == 2  # the weights' checksum is needed once per process
     banks = settings.banks_dir
     assert file_sha256(banks / "a" / "backbone.onnx") == file_sha256(banks / "b" / "backbone.onnx")
+
+
+def test_data_dirs_share_the_configured_cache_folder(tmp_path, monkeypatch, counted_exports, random_backbone_loaded):
+    """``EAGLE_ONNX_CACHE_DIR``: pipelines on different data dirs export once into that folder, none under them."""
+    import expert.weights
+    from eagle.pipeline import Pipeline
+    from eagle.settings import Settings
+
+    monkeypatch.setattr(expert.weights, "load_backbone", lambda settings: random_backbone_loaded)
+    monkeypatch.setenv("EAGLE_ONNX_CACHE_DIR", str(tmp_path / "shared"))
+    paths = []
+    for name in ("one", "two"):
+        settings = Settings(data_dir=tmp_path / name, mllm={"enabled": False}, expert=SETTINGS.model_dump())
+        assert settings.onnx_cache_path == tmp_path / "shared"
+        paths.append(Pipeline(settings).warm_onnx_cache())
+    assert len(counted_exports) == 1 and paths[0] == paths[1] and paths[0].parent == tmp_path / "shared"
+    assert OnnxCache(tmp_path / "shared").entries() == [paths[0]]
+    assert not (tmp_path / "one" / "cache").exists() and not (tmp_path / "two" / "cache").exists()
 
 
 # ----------------------------------------------------------------------------------------------- keys
@@ -283,7 +303,7 @@ def test_a_dead_writers_temp_file_is_cleaned_up(tmp_path):
 def test_an_unwritable_cache_falls_back_to_an_uncached_export(tmp_path, monkeypatch, caplog):
     import errno
 
-    from expert import atomic
+    from common import atomic
 
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")

@@ -103,7 +103,7 @@ def test_the_version_is_one_string():
     assert len(re.findall(r"__version__\s*=", init)) == 1
     written = [
         path.relative_to(ROOT)
-        for package in ("app", "deploy", "eagle", "expert", "mllm")
+        for package in ("app", "deploy", "eagle", "expert", "mllm", "common")
         for path in (ROOT / package).rglob("*.py")
         if path.name != "__init__.py" or path.parent.name != "eagle"
         if re.search(r"""(__version__|version)\s*=\s*["']\d+\.\d+""", path.read_text(encoding="utf-8"))
@@ -117,7 +117,7 @@ def test_every_data_file_the_packages_read_is_package_data():
     declared = PYPROJECT["tool"]["setuptools"].get("package-data", {})
     suffixes = (".json", ".yaml", ".yml", ".txt", ".css", ".js", ".html")
     missing, found = [], 0
-    for package in ("app", "deploy", "eagle", "expert", "mllm"):
+    for package in ("app", "deploy", "eagle", "expert", "mllm", "common"):
         for path in (ROOT / package).rglob("*"):
             if not path.is_file() or path.suffix not in suffixes or "__pycache__" in path.parts or "k8s" in path.parts:
                 continue

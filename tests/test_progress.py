@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 import eagle.pipeline
+from common.progress import report
 from eagle.cli import main
 from eagle.pipeline import BUILD_STAGES, Pipeline
 from eagle.progress_bars import StageBar, fan_out
 from expert.progress import BUILD_STAGES as EXPERT_BUILD_STAGES
-from expert.progress import report
 from tests.fake_pipeline import FakePipeline
 from tests.fixtures_pipeline import pipeline_settings
 from tests.synthetic import make_mvtec_like

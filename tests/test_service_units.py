@@ -17,10 +17,7 @@ from pydantic import SecretStr
 from deploy.archive import scan_archive
 from deploy.auth import BearerAuth, InsecureBindError, check_bind, is_loopback
 from deploy.errors import (
-    ArchiveTooLarge,
     ImageTooLarge,
-    InvalidArchive,
-    InvalidBankName,
     QueueFull,
     ShuttingDown,
 )
@@ -29,7 +26,7 @@ from deploy.metrics import Registry, ServiceMetrics
 from deploy.worker import InferenceWorker
 from eagle.archives import ArchiveError, ArchiveLimits, ArchiveTooLargeError
 from eagle.audit import AuditFilter, AuditLog, parse_time, write_csv
-from eagle.banks import validate_bank_name
+from eagle.banks import BankNameError, validate_bank_name
 from eagle.errors import as_eagle_error
 from eagle.records import InspectionResult
 from tests.service_helpers import parse_metrics, png_bytes, zip_bytes
@@ -87,7 +84,7 @@ def test_pixel_limit_reads_the_header_only():
 )
 def test_bad_bank_names(name):
     """The service checks names with eagle.banks' one rule (fullmatch: no trailing newline; no '..')."""
-    with pytest.raises(InvalidBankName):
+    with pytest.raises(BankNameError):
         validate_bank_name(name)
 
 
@@ -105,7 +102,7 @@ def _zip_path(tmp_path, files, **kw):
 
 @pytest.mark.parametrize("bad", ["../x.png", "a/../../x.png", "/etc/x.png", "C:/x.png", "a\\..\\x.png"])
 def test_archive_path_traversal_is_refused(tmp_path, bad):
-    with pytest.raises(InvalidArchive, match="unsafe entry name"):
+    with pytest.raises(ArchiveError, match="unsafe entry name"):
         scan_archive(_zip_path(tmp_path, {"ok.png": b"1", bad: b"2"}), ArchiveLimits())
 
 
@@ -117,18 +114,18 @@ def test_archive_symlink_is_refused(tmp_path):
         archive.writestr(info, "/etc/passwd")
     path = tmp_path / "l.zip"
     path.write_bytes(buffer.getvalue())
-    with pytest.raises(InvalidArchive, match="symbolic link"):
+    with pytest.raises(ArchiveError, match="symbolic link"):
         scan_archive(path, ArchiveLimits())
 
 
 def test_archive_bomb_and_count_limits(tmp_path):
-    with pytest.raises(ArchiveTooLarge, match="zip-bomb"):
+    with pytest.raises(ArchiveTooLargeError, match="zip-bomb"):
         scan_archive(_zip_path(tmp_path, {"z.png": b"\0" * (4 * 1024 * 1024)}), ArchiveLimits())
-    with pytest.raises(ArchiveTooLarge, match="entries"):
+    with pytest.raises(ArchiveTooLargeError, match="entries"):
         scan_archive(_zip_path(tmp_path, {f"{i}.png": b"x" for i in range(6)}), ArchiveLimits(max_entries=5))
-    with pytest.raises(ArchiveTooLarge, match="expands to 12 bytes in 2 entries .*; the limit is 10 bytes"):
+    with pytest.raises(ArchiveTooLargeError, match="expands to 12 bytes in 2 entries .*; the limit is 10 bytes"):
         scan_archive(_zip_path(tmp_path, {"a.png": b"123456", "b.png": b"123456"}), ArchiveLimits(max_total_bytes=10))
-    with pytest.raises(InvalidArchive, match="not a readable zip"):
+    with pytest.raises(ArchiveError, match="not a readable zip"):
         (tmp_path / "t.zip").write_bytes(b"PK\x03\x04 broken")
         scan_archive(tmp_path / "t.zip", ArchiveLimits())
 
@@ -144,19 +141,19 @@ def test_archive_lists_images_only_sorted(tmp_path):
     }
     entries = scan_archive(_zip_path(tmp_path, files), ArchiveLimits())
     assert [e.filename for e in entries] == ["a.jpg", "z/b.PNG"]
-    with pytest.raises(InvalidArchive, match="no images"):
+    with pytest.raises(ArchiveError, match="no images"):
         scan_archive(_zip_path(tmp_path, {"doc.txt": b"5"}), ArchiveLimits())
 
 
 def test_archive_errors_map_to_service_errors(tmp_path):
     # the entry limit is eagle.archives' rule; the adapter only turns it into a 413
-    with pytest.raises(ArchiveTooLarge, match="'b.png' unpacks to 6 bytes; the limit is 5") as err:
+    with pytest.raises(ArchiveTooLargeError, match="'b.png' unpacks to 6 bytes; the limit is 5") as err:
         scan_archive(_zip_path(tmp_path, {"a.png": b"1", "b.png": b"123456"}), ArchiveLimits(max_entry_bytes=5))
-    assert (err.value.status, err.value.code) == (413, "archive_too_large")
+    assert (err.value.http_status, err.value.code) == (413, "archive_too_large")
     # the same mapping serves a job whose extraction fails
     too_large, invalid = as_eagle_error(ArchiveTooLargeError("x")), as_eagle_error(ArchiveError("x"))
-    assert (too_large.status, too_large.code) == (413, "archive_too_large")
-    assert (invalid.status, invalid.code) == (422, "invalid_archive")
+    assert (too_large.http_status, too_large.code) == (413, "archive_too_large")
+    assert (invalid.http_status, invalid.code) == (422, "invalid_archive")
 
 
 # -- metrics -----------------------------------------------------------------------------------------------------------
@@ -364,12 +361,12 @@ def test_parse_time_forms():
 def _run_cli(argv, settings):
     from eagle.cli import build_parser
 
-    args = build_parser(["deploy.cli"]).parser.parse_args(argv)
+    args = build_parser(["eagle.cli_audit"]).parser.parse_args(argv)
     return args.func(args, settings)
 
 
 def test_eagle_audit_filters_and_exports_csv(tmp_path, capsys):
-    from eagle.cli import CommandError
+    from eagle.errors import CommandError
     from eagle.settings import Settings
 
     settings = Settings(data_dir=tmp_path)

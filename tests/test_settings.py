@@ -27,6 +27,21 @@ def test_nested_environment_variables(monkeypatch, tmp_path):
     assert s.banks_dir == tmp_path / "banks"
 
 
+def test_onnx_cache_folder_defaults_under_the_data_dir_and_can_be_moved(monkeypatch, tmp_path):
+    monkeypatch.setenv("EAGLE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("EAGLE_ONNX_CACHE_DIR", raising=False)
+    s = load_settings()
+    assert s.onnx_cache_dir is None and s.onnx_cache_path == tmp_path / "data" / "cache" / "onnx"
+    monkeypatch.setenv("EAGLE_ONNX_CACHE_DIR", "")  # empty: unset
+    assert load_settings().onnx_cache_path == tmp_path / "data" / "cache" / "onnx"
+    monkeypatch.setenv("EAGLE_ONNX_CACHE_DIR", str(tmp_path / "shared"))
+    s = load_settings()
+    assert s.onnx_cache_dir == s.onnx_cache_path == tmp_path / "shared" and s.banks_dir == tmp_path / "data" / "banks"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("EAGLE_ONNX_CACHE_DIR", "~/onnx")
+    assert load_settings().onnx_cache_path == tmp_path / "home" / "onnx"
+
+
 def test_dotenv_file_is_read(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     Path(".env").write_text("EAGLE_MLLM__ENABLED=false\nEAGLE_EXPERT__KAPPA=2.5\n")

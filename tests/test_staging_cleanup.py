@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from common import atomic
 from eagle import bank_versions
 from eagle.banks import IMPORT_STAGING_PREFIX, BankStore
 from eagle.settings import ExpertSettings
-from expert import atomic
 
 
 def _fake_bank(directory: Path) -> None:
@@ -49,7 +49,7 @@ def test_killed_writer_leaves_nothing_after_restart(tmp_path):
         from pathlib import Path
         from eagle.banks import BankStore
         from eagle.settings import ExpertSettings
-        from expert import atomic
+        from common import atomic
 
         store = BankStore(Path({str(root)!r}), ExpertSettings())
         atomic.staging_dir(store.root, ".import-")  # an import's staging, as import_zip makes it

@@ -13,7 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from eagle.cli import CommandError
+from eagle.errors import CommandError
 from eagle.evaluation.aggregate import DATASET_TITLES, ReportError, build_report
 from eagle.evaluation.metrics import PAPER_UNPARSED_RULE, UNPARSED_RULES
 from eagle.evaluation.profile import DEFAULT_PROFILE, PROFILES, resolve_profile

@@ -45,9 +45,9 @@ import numpy as np
 from scipy import ndimage
 from sklearn import metrics as skm
 
-VERDICTS = ("defect", "no_defect", "unknown")
-UNPARSED_RULES = ("drop", "wrong")
-"""How ``unknown`` answers enter the metrics: ``drop`` (the paper's reference summary) or ``wrong`` (ours)."""
+from eagle.evaluation.mmad_table import UNPARSED_RULES
+from eagle.records import VERDICTS
+
 PAPER_UNPARSED_RULE = "drop"
 AUPRO_FPR_LIMIT = 0.3
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 __all__ = [
     "DETECTION_TYPE",
@@ -74,7 +74,9 @@ NORMAL_FLAG = "good"
 """An image is normal for the detection column when its path contains this (MMAD's ``normal_flag``)."""
 VALID_LETTERS = frozenset("ABCDE")
 """The letters MMAD's summary accepts; any other correct or parsed letter is removed (``drop``)."""
-RULES = ("drop", "wrong")
+UnparsedRule = Literal["drop", "wrong"]
+UNPARSED_RULES: tuple[UnparsedRule, ...] = get_args(UnparsedRule)
+"""How ``unknown`` answers enter the metrics: ``drop`` (the paper's reference summary) or ``wrong`` (ours)."""
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,8 @@ def mmad_accuracy_table(answers: Iterable[MmadAnswer], *, unparsed: str = "drop"
     Raises:
         ValueError: an unknown rule.
     """
-    if unparsed not in RULES:
-        raise ValueError(f"unparsed must be one of {RULES}, got {unparsed!r}")
+    if unparsed not in UNPARSED_RULES:
+        raise ValueError(f"unparsed must be one of {UNPARSED_RULES}, got {unparsed!r}")
     counts: dict[str, dict[str, dict[str, int]]] = {}
     detection: dict[str, dict[str, int]] = {}
     dropped: dict[str, int] = {}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common import atomic
 from eagle.evaluation.aggregate import DATASET_TITLES, EXPERT_ROW, confusion_counts, load_run
 from eagle.evaluation.records import ExpertRecord, RecordSet
-from expert import atomic
 
 
 def _safe(name: str) -> str:

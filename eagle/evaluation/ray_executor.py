@@ -38,13 +38,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from common import atomic
 from eagle.evaluation.bankcache import BankCache, cache_key
 from eagle.evaluation.readers import EvalDataset, EvalSample
 from eagle.evaluation.records import ExpertRecord, RecordSet, RecordWriter
 from eagle.evaluation.runner import EvalConfig, EvalConfigError, EvalRunner, bank_root
 from eagle.progress_bars import count_bar
 from eagle.settings import Settings
-from expert import atomic
 
 log = logging.getLogger(__name__)
 

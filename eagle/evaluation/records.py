@@ -35,7 +35,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from expert import atomic
+from common import atomic
+from eagle.records import Verdict
 
 RECORDS_FILE = "records.jsonl"
 
@@ -77,7 +78,7 @@ class AnswerRecord(_Record):
     kind: Literal["answer"] = "answer"
     setting: str = Field(description="Evaluation setting name, e.g. full+caas.")
     label: int = Field(ge=0, le=1)
-    verdict: Literal["defect", "no_defect", "unknown"]
+    verdict: Verdict
     mllm_answer: str | None = None
     mllm_letter: str | None = None
     mllm_raw: str | None = None
@@ -246,5 +247,5 @@ class RecordSet:
 
 
 def dump_json(path: Path, data: dict) -> None:
-    """Write JSON atomically and durably (:func:`expert.atomic.write_text`), so readers never see half a file."""
+    """Write JSON atomically and durably (:func:`common.atomic.write_text`), so readers never see half a file."""
     atomic.write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -21,9 +21,9 @@ import csv
 import io
 from pathlib import Path
 
+from common import atomic
 from eagle.evaluation.aggregate import DATASET_TITLES, EXPERT_ROW
 from eagle.evaluation.metrics import PAPER_UNPARSED_RULE, UNPARSED_RULES
-from expert import atomic
 
 #: Published numbers (%, Qwen2.5-VL-7B), paper Tables 1, 3 and 4, as printed.
 PAPER_TABLE1 = {

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common import atomic
 from eagle.evaluation.plots import write_plots
 from eagle.evaluation.records import dump_json
 from eagle.evaluation.render import csv_rows, render_markdown, write_csv
-from expert import atomic
 
 
 def write_report(report: dict, out: Path, *, plots: bool = True) -> list[Path]:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from common import atomic
 from eagle.evaluation.aggregate import build_report
 from eagle.evaluation.bankcache import BankCache, bank_settings
 from eagle.evaluation.metrics import PAPER_UNPARSED_RULE, UNPARSED_RULES
@@ -52,7 +53,6 @@ from eagle.evaluation.shards import Shard, stable_hash
 from eagle.progress_bars import count_bar
 from eagle.records import InspectOptions
 from eagle.settings import Settings
-from expert import atomic
 from mllm.choices import MultipleChoice
 from mllm.config import PROMPT_SETTINGS
 
@@ -268,7 +268,7 @@ def pixel_pair(amap: np.ndarray, mask: np.ndarray, size: int | None) -> tuple[np
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Write plain numeric arrays atomically (:mod:`expert.atomic`); read back with ``allow_pickle=False``."""
+    """Write plain numeric arrays atomically (:mod:`common.atomic`); read back with ``allow_pickle=False``."""
     with atomic.atomic_path(path) as tmp, tmp.open("wb") as handle:
         np.savez(handle, **arrays)  # uncompressed: float maps barely compress and zlib costs ~40 ms per image
 

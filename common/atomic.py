@@ -10,9 +10,8 @@ A reader sees the old file or the whole new one, never a part, and a finished wr
 A failed write removes its temporary file and leaves the destination untouched. Temporary files are named
 ``.<name>.<random>.tmp`` next to the destination (hidden; a directory listing of ``*.json`` never sees one).
 
-Why here: ``expert/`` is the lowest package of the project, so ``expert/`` itself and ``eagle/`` import this
-module; the front ends (``deploy/``, ``app/``) reach it through :mod:`eagle.atomic`, which re-exports it (the
-import contracts let front ends import ``eagle`` only).
+Why here: ``common/`` is the bottom layer of the import contracts (it imports nothing else of the project), so
+every package that writes files (``expert/``, ``eagle/``, ``deploy/``) imports this one module directly.
 
 Example:
     >>> import tempfile
