@@ -134,7 +134,7 @@ def child_load(copies: int, max_loaded: int | None, *, trim: bool, rounds: int) 
     import expert.scorer  # noqa: F401
     from eagle.pipeline import Pipeline
     from eagle.settings import Settings
-    from expert.bank import ONNX_FILE
+    from expert.bank_schema import ONNX_FILE
 
     names = _bank_names(copies)
     settings = Settings(max_loaded_banks=max_loaded or len(names))

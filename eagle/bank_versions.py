@@ -44,7 +44,8 @@ from pathlib import Path
 from common import atomic
 from eagle.bank_records import BankVersion
 from eagle.errors import EagleError
-from expert.bank import META_FILE, BankError, read_meta
+from expert.bank import read_meta
+from expert.bank_schema import META_FILE, BankError
 
 __all__ = [
     "VERSIONS_DIR",

@@ -44,7 +44,8 @@ from eagle.bank_records import BankSummary, BankVersion
 from eagle.bank_versions import BankVersionNotFoundError
 from eagle.errors import EagleError, is_disk_full
 from eagle.settings import ExpertSettings
-from expert.bank import META_FILE, ONNX_FILE, TENSORS_FILE, BankError, is_bank_file, read_meta
+from expert.bank import is_bank_file, read_meta
+from expert.bank_schema import META_FILE, ONNX_FILE, TENSORS_FILE, BankError
 
 if TYPE_CHECKING:
     from expert.scorer import ExpertScorer

@@ -13,7 +13,7 @@ Example:
     >>> err = ImageError("a.png: not an image")
     >>> (err.code, err.http_status, err.exit_code, str(err))
     ('invalid_image', 422, 2, 'a.png: not an image')
-    >>> from expert.bank import BankError
+    >>> from expert.bank_schema import BankError
     >>> mapped = as_eagle_error(BankError("bank.safetensors is damaged"))
     >>> (type(mapped).__name__, mapped.code, mapped.http_status)
     ('EagleError', 'bank_unusable', 409)
@@ -149,7 +149,7 @@ class ErrorInfo(NamedTuple):
 
 
 LIBRARY_HTTP_STATUS: dict[str, int] = {
-    "bank_unusable": 409,  # expert.bank.BankError
+    "bank_unusable": 409,  # expert.bank_schema.BankError
     "build_failed": 422,  # expert.dbt.DBTError (and ReferenceCountError, one of them)
     "backbone_unavailable": 503,  # expert.weights.BackboneWeightsError
     "invalid_settings": 422,  # expert.preprocess.NormalizationError: a backbone without statistics, no override

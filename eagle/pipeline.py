@@ -37,7 +37,7 @@ from expert.progress import BUILD_STAGES as EXPERT_BUILD_STAGES
 if TYPE_CHECKING:  # the MLLM stack is imported only when it is used
     from eagle.audit import AuditLog
     from eagle.line_health import LineHealth
-    from expert.bank import BankMeta
+    from expert.bank_schema import BankMeta
     from expert.config import ExpertSettings
     from expert.scorer import ExpertResult, ExpertScorer
     from mllm.choices import MultipleChoice
@@ -465,7 +465,7 @@ class Pipeline:
         """The bank's grid mask and its description from any mask source :meth:`build_bank` accepts."""
         if mask is None:
             return None, ""
-        from expert.bank import expected_grid
+        from expert.bank_checks import expected_grid
         from expert.mask import MaskError, grid_mask_from_source
 
         expert = self.settings.expert

@@ -42,7 +42,8 @@ import torch
 from common import atomic
 from common.progress import ProgressCallback, report
 from expert.backbone import PatchEmbedder, build_patch_embedder
-from expert.bank import Bank, MaskMeta, make_meta, save_bank
+from expert.bank import save_bank
+from expert.bank_schema import Bank, MaskMeta, make_meta
 from expert.config import ExpertSettings
 from expert.coreset import greedy_coreset
 from expert.dbt import (
@@ -280,14 +281,14 @@ def fit_bank(
     :func:`build_bank` is this plus the ONNX export and the atomic save; use this one to inspect or test
     a bank's contents cheaply (``save_bank(bank, dir, reference_images=images)`` saves it without ONNX).
 
-    Args and raises: as :func:`build_bank` (without ``out_dir``; no :class:`~expert.bank.BankError`), plus
+    Args and raises: as :func:`build_bank` (without ``out_dir``; no :class:`~expert.bank_schema.BankError`), plus
     ``embedder``: what computes the reference features (default: the torch module built on ``backbone``;
     :func:`build_bank` passes the exported ONNX backbone, the same one that will score queries).
     ``backbone`` may be None when ``embedder`` is given (the patch grid then follows the features).
     ``mask`` / ``mask_source``: as :func:`build_bank`.
 
     Returns:
-        An unsaved :class:`~expert.bank.Bank` (``directory`` is None).
+        An unsaved :class:`~expert.bank_schema.Bank` (``directory`` is None).
     """
     count_warning = _check_inputs(images, names, settings)
     normalization = expert_normalization(settings)  # the backbone's statistics (or the settings'), recorded in meta
@@ -374,7 +375,7 @@ def build_bank(
         mask_source: where the mask came from (recorded in meta.json ``mask.source``).
 
     Returns:
-        The saved :class:`~expert.bank.Bank` (``bank.directory`` set).
+        The saved :class:`~expert.bank_schema.Bank` (``bank.directory`` set).
 
     Raises:
         ReferenceCountError: fewer than ``settings.min_references`` images (fewer than

@@ -5,7 +5,7 @@ The expert knows nothing of HTTP or exit codes: the composition root (:func:`eag
 (``ValueError``, ``RuntimeError``), so callers that catch those still do.
 
 Example:
-    >>> from expert.bank import BankError
+    >>> from expert.bank_schema import BankError
     >>> err = BankError("bank.safetensors is damaged")
     >>> isinstance(err, ExpertError), isinstance(err, ValueError), err.code
     (True, True, 'bank_unusable')

@@ -22,7 +22,9 @@ import numpy as np
 
 from expert.anomaly_map import crop_anomaly_map, render_map
 from expert.backbone import build_patch_embedder
-from expert.bank import Bank, BankError, check_weights, load_bank
+from expert.bank import load_bank
+from expert.bank_checks import check_weights
+from expert.bank_schema import Bank, BankError
 from expert.boxes import Box, find_boxes_in_original
 from expert.config import ExpertSettings
 from expert.embedder import Embedder, OnnxEmbedder, TorchEmbedder
@@ -128,7 +130,7 @@ class ExpertScorer:
     """Score query images against a loaded bank.
 
     Args:
-        bank: the loaded :class:`~expert.bank.Bank`.
+        bank: the loaded :class:`~expert.bank_schema.Bank`.
         embedder: the feature extractor (:class:`~expert.embedder.OnnxEmbedder` or
             :class:`~expert.embedder.TorchEmbedder`) the bank was built with.
         settings: the running expert settings (preprocessing must match the bank; σ and max_boxes are read here).

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from expert.bank import META_FILE, ONNX_FILE, TENSORS_FILE, BankMeta, compute_bank_id, file_sha256
+from expert.bank import file_sha256
+from expert.bank_schema import META_FILE, ONNX_FILE, TENSORS_FILE, BankMeta, compute_bank_id
 
 
 def overwrite(path: Path, data: bytes) -> None:

@@ -48,7 +48,7 @@ from eagle.images import image_sha256 as sha256_of_image
 from eagle.line_health import LineHealth, line_health
 from eagle.pipeline import BUILD_STAGES, MLLMUnavailableError, ReferenceImagesError, TaughtImage, TeachResult
 from eagle.records import BoxRecord, InspectionImages, InspectionResult, InspectOptions
-from expert.bank import BankError
+from expert.bank_schema import BankError
 from expert.drift import DriftSettings
 from mllm.choices import MultipleChoice, option_answer
 

@@ -13,16 +13,9 @@ from safetensors.numpy import load_file, save_file
 
 import expert.bank as bank_module
 from eagle.settings import ExpertSettings
-from expert.bank import (
-    BANK_FORMAT_VERSION,
-    Bank,
-    BankError,
-    BankMeta,
-    check_weights,
-    load_bank,
-    make_meta,
-    save_bank,
-)
+from expert.bank import load_bank, save_bank
+from expert.bank_checks import check_weights
+from expert.bank_schema import BANK_FORMAT_VERSION, Bank, BankError, BankMeta, make_meta
 from expert.dbt import compute_threshold
 from tests.bank_tamper import overwrite
 

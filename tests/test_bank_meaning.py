@@ -11,7 +11,9 @@ import onnx
 import pytest
 
 import expert.backbone
-from expert.bank import PATCH_FEATURE_DIM, PATCH_STRIDE, BankError, expected_grid, is_bank_file, load_bank
+from expert.bank import is_bank_file, load_bank
+from expert.bank_checks import expected_grid
+from expert.bank_schema import PATCH_FEATURE_DIM, PATCH_STRIDE, BankError
 from tests.bank_tamper import fake_onnx, shrink_features, tamper
 from tests.test_bank import onnx_file, saved  # noqa: F401 - fixtures
 

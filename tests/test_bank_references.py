@@ -13,14 +13,8 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from eagle.settings import ExpertSettings
-from expert.bank import (
-    DEFAULT_REFERENCE_MAX_SIDE,
-    LEGACY_REFERENCE_MAX_SIDE,
-    compute_bank_id,
-    load_bank,
-    read_meta,
-    save_bank,
-)
+from expert.bank import load_bank, read_meta, save_bank
+from expert.bank_schema import DEFAULT_REFERENCE_MAX_SIDE, LEGACY_REFERENCE_MAX_SIDE, compute_bank_id
 from tests.test_bank import _bank, write_fake_onnx
 
 # (height, width): a VisA-like large image, an MVTec-like one exactly at the limit, a small one

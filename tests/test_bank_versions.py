@@ -17,7 +17,8 @@ from eagle.bank_versions import VERSIONS_DIR
 from eagle.banks import BankError, BankStore, BankVersionNotFoundError
 from eagle.pipeline import Pipeline
 from eagle.settings import Settings
-from expert.bank import META_FILE, read_meta
+from expert.bank import read_meta
+from expert.bank_schema import META_FILE
 from tests.service_helpers import REAL_EXPERT
 from tests.synthetic import train_and_good_images
 

@@ -22,7 +22,8 @@ from eagle.banks import BankStore
 from eagle.cli_expert import _bank_summary, _print_summary
 from eagle.images import list_images, load_image
 from eagle.settings import ExpertSettings
-from expert.bank import BankError, load_bank, save_bank
+from expert.bank import load_bank, save_bank
+from expert.bank_schema import BankError
 from expert.build import fit_bank
 from expert.dbt import training_scores
 from tests.test_bank import _bank, _images, write_fake_onnx

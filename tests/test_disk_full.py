@@ -18,7 +18,7 @@ from PIL import Image
 from eagle.banks import BankStore
 from eagle.errors import EXIT_DISK_FULL, DiskFullError, as_eagle_error, describe, is_disk_full
 from eagle.settings import ExpertSettings
-from expert.bank import BankError
+from expert.bank_schema import BankError
 
 
 @pytest.mark.parametrize("number", [errno.ENOSPC, errno.EDQUOT])

@@ -16,7 +16,8 @@ from sklearn.metrics import roc_auc_score
 
 from eagle.images import list_images, load_image
 from eagle.settings import ExpertSettings
-from expert.bank import BankError, load_bank, save_bank
+from expert.bank import load_bank, save_bank
+from expert.bank_schema import BankError
 from expert.build import ReferenceCountError, build_bank, fit_bank
 from expert.progress import BUILD_STAGES
 from expert.scorer import SCORE_STAGES, ExpertScorer, load_expert

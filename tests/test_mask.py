@@ -17,7 +17,8 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from eagle.settings import ExpertSettings
-from expert.bank import MASK_TENSOR, BankError, BankMeta, compute_bank_id, load_bank, save_bank
+from expert.bank import load_bank, save_bank
+from expert.bank_schema import MASK_TENSOR, BankError, BankMeta, compute_bank_id
 from expert.build import fit_bank
 from expert.dbt import compute_threshold
 from expert.mask import (

@@ -16,7 +16,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from expert.backbone import build_patch_embedder
-from expert.bank import BankError, load_bank, save_bank
+from expert.bank import load_bank, save_bank
+from expert.bank_schema import BankError
 from expert.build import fit_bank
 from expert.config import ExpertSettings
 from expert.embedder import TorchEmbedder, embed_images

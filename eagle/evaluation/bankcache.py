@@ -51,7 +51,7 @@ def bank_settings(expert: ExpertSettings) -> dict[str, Any]:
         stat = path.stat() if path.exists() else None
         data["weights_file"] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns} if stat else None
     try:  # the bank format is part of what a bank is
-        from expert.bank import BANK_FORMAT_VERSION
+        from expert.bank_schema import BANK_FORMAT_VERSION
 
         data["bank_format_version"] = BANK_FORMAT_VERSION
     except ImportError:  # pragma: no cover - the expert package is always installed with eagle
