@@ -25,9 +25,11 @@ writer closed it and it has not changed since; a file a writer still holds waits
 ``truncated_retry_s`` after its last change). Without events for a file (it was there before the watcher started,
 the file system sends none, or ``events=False``) it is taken when its size, modification time, inode and link
 count were identical in ``stable_polls`` consecutive scans (``poll_s`` apart); a zero-byte file must stay so ten
-times longer. Either way, an image whose end is missing (PNG without ``IEND``, JPEG without its end marker, BMP or
-WebP shorter than declared: :func:`eagle.images.looks_complete`) is left in place until ``truncated_retry_s``
-passed since its last change, and one the decoder finds cut short (TIFF...) is put back for the same time; only
+times longer. A file that changed while events run but whose event has not arrived yet waits ``EVENT_GRACE_S``
+for it first (the observer thread can lag a scan on a loaded machine). Either way, an image whose end is missing
+(PNG without ``IEND``, JPEG without its end marker, BMP or WebP shorter than declared:
+:func:`eagle.images.looks_complete`) is left in place until ``truncated_retry_s`` passed since its last change, and
+one the decoder finds cut short (TIFF...) is put back for the same time; only
 then is it failed. Writers that can should still use the lock-free convention: write ``name.png.part`` (or
 ``.name.png``) and rename it to ``name.png`` when complete — a rename is atomic, so the image appears whole.
 
@@ -80,6 +82,9 @@ logger = logging.getLogger(__name__)
 
 PROCESSING, DONE, FAILED = "processing", "done", "failed"
 LOCK_NAME = ".eagle-watch.lock"
+EVENT_GRACE_S = 2.0
+"""How long a file changed while events run, with no event seen for it yet, waits for its create/close event
+before polling decides (the observer thread may lag the scan on a loaded machine)."""
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart", ".swp")
 _CLAIMED = re.compile(r"^(?P<run>[0-9a-f]{32})__(?P<name>.+)$")
 _OWN = frozenset({PROCESSING, DONE, FAILED, LOCK_NAME})
@@ -178,6 +183,7 @@ class FolderWatcher:
         self._lock_file: Any = None
         self._wake = threading.Event()
         self._tracker = WriteTracker(self.in_dir, self._wake)
+        self._events_since = float("inf")  # when the tracker started (files changed after it expect an event)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def open(self) -> None:
@@ -218,6 +224,7 @@ class FolderWatcher:
         lock.write(str(os.getpid()))
         lock.flush()
         self._lock_file = lock
+        self._events_since = time.time()
         if self.events and not self._tracker.start():
             logger.info("watching %s by polling every %s s", self.in_dir, self.poll_s)
 
@@ -382,6 +389,8 @@ class FolderWatcher:
             complete = True  # its writer closed it and it has not changed since
         elif state == "writing":  # a writer holds it: wait for its close, or for the retry time to pass
             complete = stable and age >= self.truncated_retry_s
+        elif self._tracker.active and st.st_mtime >= self._events_since and age < EVENT_GRACE_S:
+            complete = False  # changed while events run but none seen yet: its create event may still be on the way
         else:
             complete = stable  # no event seen (there before the watcher, or no events on this file system)
         if not complete or age >= self.truncated_retry_s or st.st_nlink > 1:
