@@ -142,8 +142,19 @@ def check_meaning(root: Path, meta: BankMeta, tensors: dict[str, np.ndarray]) ->
             f"({meta.counts.references} x {meta.mask.patches}): the memory bank holds only patches inside the mask"
         )
     _check_threshold(where, meta.threshold, tensors["train_scores"])
+    if meta.backbone.precision != "fp32" and meta.backbone.onnx_sha256 is None:
+        raise BankError(
+            f"{where}: backbone.precision {meta.backbone.precision!r} but the bank has no backbone.onnx (its "
+            "features came from the quantised graph, which only the bank carries)"
+        )
     if meta.backbone.onnx_sha256 is not None:
-        _check_onnx(root / ONNX_FILE, crop=crop, patches=grid[0] * grid[1], dim=dims.feature_dim)
+        _check_onnx(
+            root / ONNX_FILE,
+            crop=crop,
+            patches=grid[0] * grid[1],
+            dim=dims.feature_dim,
+            precision=meta.backbone.precision,
+        )
 
 
 def _check_threshold(where: str, threshold: ThresholdMeta, train_scores: np.ndarray) -> None:
@@ -166,7 +177,11 @@ def _check_threshold(where: str, threshold: ThresholdMeta, train_scores: np.ndar
         )
 
 
-def _check_onnx(path: Path, *, crop: int, patches: int, dim: int) -> None:
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "QLinearMatMul"})
+"""Operators whose presence marks a quantised (int8) graph."""
+
+
+def _check_onnx(path: Path, *, crop: int, patches: int, dim: int, precision: str = "fp32") -> None:
     import onnx
 
     try:
@@ -182,6 +197,10 @@ def _check_onnx(path: Path, *, crop: int, patches: int, dim: int) -> None:
         raise BankError(f"{path}: expected one graph input and an output, found {len(inputs)} and {len(graph.output)}")
     _check_onnx_value(path, "input", inputs[0], [None, 3, crop, crop])
     _check_onnx_value(path, "output", graph.output[0], [None, patches, dim])
+    quantized = any(node.op_type in QUANTIZED_OPS for node in graph.node)
+    if quantized != (precision == "int8"):
+        found = "a quantised (int8)" if quantized else "an fp32"
+        raise BankError(f"{path}: {found} graph, but meta.json backbone.precision says {precision!r}")
 
 
 def _check_onnx_value(path: Path, kind: str, value: Any, expected: list[int | None]) -> None:
@@ -216,7 +235,8 @@ _FATAL_SETTINGS: dict[str, Any] = {
 def settings_mismatches(meta: BankMeta, settings: ExpertSettings) -> list[str]:
     """Settings that would make the bank's features or scores wrong.
 
-    backbone, resize, crop, center_crop, distance, and the input normalisation (:func:`normalization_mismatch`).
+    backbone, resize, crop, center_crop, distance, the feature extractor's precision (:func:`precision_mismatch`)
+    and the input normalisation (:func:`normalization_mismatch`).
     Each entry reads ``"setting crop: bank 224, running 256 (EAGLE_EXPERT__CROP)"``. Coreset settings only
     matter while building and are not compared; the backbone's weights are checked by
     :func:`check_weights` where the torch backbone is rebuilt (the ONNX file carries its own).
@@ -226,11 +246,27 @@ def settings_mismatches(meta: BankMeta, settings: ExpertSettings) -> list[str]:
         bank_value, running = read(meta), getattr(settings, key)
         if bank_value != running:
             problems.append(f"setting {key}: bank {bank_value!r}, running {running!r} (EAGLE_EXPERT__{key.upper()})")
+    if meta.backbone.precision != settings.precision:
+        problems.append(precision_mismatch(meta.backbone.precision, settings.precision))
     if meta.backbone.id == settings.backbone:  # another backbone is refused above; its statistics do not matter
         normalization = normalization_mismatch(meta, settings)
         if normalization is not None:
             problems.append(normalization)
     return problems
+
+
+def precision_mismatch(bank: str, running: str) -> str:
+    """The message for a bank built with one precision and inspected with another.
+
+    Example:
+        >>> precision_mismatch("int8", "fp32")[:60]
+        "setting precision: bank 'int8', running 'fp32' (EAGLE_EXPERT"
+    """
+    return (
+        f"setting precision: bank {bank!r}, running {running!r} (EAGLE_EXPERT__PRECISION); the bank's memory bank "
+        f"and threshold were computed with its {bank} feature extractor and do not compare with {running} "
+        f"features: set EAGLE_EXPERT__PRECISION={bank} to inspect with this bank, or rebuild it with {running}"
+    )
 
 
 def _shown(values: Sequence[float]) -> str:

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from expert.config import WeightsSource
+from expert.config import Precision, WeightsSource
 from expert.coreset import StartMethod
 from expert.dbt import DBTSearch, ThresholdMethod
 from expert.errors import ExpertError
@@ -80,6 +80,18 @@ class _Meta(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class QuantizationMeta(_Meta):
+    """How an int8 bank's graph was quantised (:mod:`expert.quantize`)."""
+
+    tool: str = Field(description="the quantiser and its version, e.g. 'onnxruntime.quantization 1.31.1'")
+    format: str = Field(description="qdq or qoperator")
+    activations: str = Field(description="activation type, e.g. uint8 (per tensor)")
+    weights: str = Field(description="weight type, e.g. int8 per channel")
+    method: str = Field(description="calibration method, e.g. minmax")
+    calibration_images: int = Field(ge=1, description="reference images the activation ranges were calibrated on")
+    calibration_sha256: str = Field(description="sha256 over the calibration tensors (part of the graph's cache key)")
+
+
 class BackboneMeta(_Meta):
     """The feature extractor a bank was built with."""
 
@@ -88,6 +100,12 @@ class BackboneMeta(_Meta):
     weights_source: str = Field(description="hub:<name>, file:<path> or random:seed=<n>")
     weights_checksum: str = Field(description="sha256:<hex> over the state dict")
     onnx_sha256: str | None = Field(None, description="sha256 of backbone.onnx; None: the bank has no ONNX file")
+    precision: Precision = Field(
+        "fp32",
+        description="precision of backbone.onnx: fp32, or int8 (statically quantised on the bank's own references; "
+        "the bank's features, τ and s_max come from that graph). Absent in older banks: they are all fp32",
+    )
+    quantization: QuantizationMeta | None = Field(None, description="how the int8 graph was made (null for fp32)")
 
 
 class PreprocessingMeta(_Meta):
@@ -282,6 +300,7 @@ def make_meta(
             weights=settings.weights,
             weights_source=weights_info.source,
             weights_checksum=weights_info.checksum,
+            precision=settings.precision,
         ),
         preprocessing=PreprocessingMeta(
             resize=settings.resize,
@@ -410,6 +429,8 @@ _LATER_FIELDS: dict[tuple[str, str], Any] = {
     ("threshold", "search"): "leave_own_out",
     ("", "reference_max_side"): None,
     ("", "mask"): None,
+    ("backbone", "precision"): "fp32",
+    ("backbone", "quantization"): None,
 }
 """(meta group, field) added to format 1 after banks were saved without it, with its default ("": top level)."""
 

@@ -43,7 +43,7 @@ from common import atomic
 from common.progress import ProgressCallback, report
 from expert.backbone import PatchEmbedder, build_patch_embedder
 from expert.bank import save_bank
-from expert.bank_schema import Bank, MaskMeta, make_meta
+from expert.bank_schema import Bank, MaskMeta, QuantizationMeta, make_meta
 from expert.config import ExpertSettings
 from expert.coreset import greedy_coreset
 from expert.dbt import (
@@ -56,7 +56,7 @@ from expert.dbt import (
     threshold_params,
     training_scores,
 )
-from expert.embedder import Embedder, OnnxEmbedder, TorchEmbedder, embed_images
+from expert.embedder import Embedder, OnnxEmbedder, TorchEmbedder, embed_images, providers_for
 from expert.mask import MaskError, check_grid_mask
 from expert.onnx_cache import BackboneSource, ExportKey, OnnxCache
 from expert.preprocess import Normalization, expert_normalization
@@ -263,6 +263,26 @@ def _threshold_warnings(scores: np.ndarray, used: np.ndarray, threshold: Thresho
     return warnings
 
 
+def _int8_graph(
+    cache: OnnxCache,
+    key: ExportKey,
+    fp32_graph: Path,
+    images: Sequence[np.ndarray],
+    settings: ExpertSettings,
+    scratch: str | Path,
+) -> tuple[Path, QuantizationMeta]:
+    from expert.quantize import calibration_tensors, int8_graph
+
+    calibration = calibration_tensors(
+        images,
+        resize=settings.resize,
+        crop=settings.crop,
+        center_crop=settings.center_crop,
+        normalization=expert_normalization(settings),
+    )
+    return int8_graph(cache, key, fp32_graph, calibration, fallback_dir=scratch)
+
+
 def fit_bank(
     images: Sequence[np.ndarray],
     names: Sequence[str],
@@ -399,6 +419,9 @@ def build_bank(
         cache = onnx_cache if isinstance(onnx_cache, OnnxCache) else OnnxCache(onnx_cache or Path(scratch) / "onnx")
         key = ExportKey.create(settings.backbone, weights_info.checksum, crop=settings.crop)
         onnx_file = cache.get(key, backbone, fallback_dir=scratch)
+        quantization = None
+        if settings.precision == "int8":  # the bank's own references calibrate the int8 graph (expert.quantize)
+            onnx_file, quantization = _int8_graph(cache, key, onnx_file, images, settings, scratch)
         bank = fit_bank(
             images,
             names,
@@ -407,10 +430,11 @@ def build_bank(
             weights_info=weights_info,
             name=name,
             progress=progress,
-            embedder=OnnxEmbedder(onnx_file),
+            embedder=OnnxEmbedder(onnx_file, providers_for(settings.precision)),
             mask=mask,
             mask_source=mask_source,
         )
+        bank.meta.backbone.quantization = quantization
         report(progress, "save", 0.0)
         save_bank(
             bank,

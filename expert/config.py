@@ -27,10 +27,13 @@ from expert.coreset import StartMethod
 from expert.dbt import DBTSearch, ThresholdMethod
 from expert.search import Distance
 
-__all__ = ["BoxMerge", "ExpertSettings", "WeightsSource"]
+__all__ = ["BoxMerge", "ExpertSettings", "Precision", "WeightsSource"]
 
 WeightsSource = Literal["hub", "file", "random"]
 """Where backbone weights come from (also recorded in a bank's metadata)."""
+
+Precision = Literal["fp32", "int8"]
+"""Numeric precision of the patch embedder's ONNX graph (also recorded in a bank's metadata)."""
 
 BoxMerge = Literal["eagle", "reference"]
 """Box-merge rules (:data:`expert.boxes.MERGE_RULES`)."""
@@ -62,6 +65,12 @@ class ExpertSettings(BaseModel):
         None, description="RGB std (all > 0) of the input normalisation; None: the backbone's pretrained_cfg value."
     )
     runtime: Literal["onnx", "torch"] = Field("onnx", description="Inference runtime for the feature extractor.")
+    precision: Precision = Field(
+        "fp32",
+        description="Precision of the bank's ONNX feature extractor: fp32 (exact), or int8 (statically quantised, "
+        "calibrated on the bank's own reference images; ~2-3x faster embedding on CPUs with VNNI). Recorded in the "
+        "bank: a bank is only inspected with the precision it was built with. int8 needs runtime='onnx'.",
+    )
     batch_size: int = Field(8, ge=1, description="Images per forward pass while building a bank.")
     coreset_ratio: float = Field(0.1, gt=0.0, le=1.0, description="Share of training patches kept in the bank.")
     coreset_projection_dim: int = Field(128, ge=1, description="Random projection size for coreset distances.")
@@ -121,6 +130,11 @@ class ExpertSettings(BaseModel):
     def _check(self) -> ExpertSettings:
         if self.crop > self.resize and self.center_crop:
             raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
+        if self.precision == "int8" and self.runtime == "torch":
+            raise ValueError(
+                "precision 'int8' runs the bank's quantised ONNX graph, which the torch runtime cannot: set "
+                "EAGLE_EXPERT__RUNTIME=onnx, or EAGLE_EXPERT__PRECISION=fp32 to run in torch"
+            )
         if self.weights == "file" and self.weights_path is None:
             raise ValueError("weights='file' needs weights_path (EAGLE_EXPERT__WEIGHTS_PATH)")
         return self

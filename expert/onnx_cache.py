@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from functools import cache
 from importlib import metadata
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
@@ -56,6 +57,19 @@ CACHE_FORMAT = 1
 """Version of the sidecar format; part of every key's digest."""
 
 _CHUNK = 1 << 20
+
+
+class CacheKey(Protocol):
+    """What an entry is keyed by: a JSON-ready description (stored in the sidecar) and its digest (the file name)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Everything the graph depends on, JSON-ready."""
+        ...
+
+    def digest(self) -> str:
+        """A short hex digest of :meth:`as_dict` (the entry's file name)."""
+        ...
+
 
 BackboneSource = torch.nn.Module | Callable[[], torch.nn.Module]
 """A loaded backbone (or :class:`~expert.backbone.PatchEmbedder`), or a zero-argument loader called only when
@@ -159,11 +173,11 @@ class OnnxCache:
     def __repr__(self) -> str:
         return f"OnnxCache({str(self.directory)!r})"
 
-    def path(self, key: ExportKey) -> Path:
+    def path(self, key: CacheKey) -> Path:
         """Where ``key``'s graph lives (it may not exist yet)."""
         return self.directory / f"{key.digest()}.onnx"
 
-    def sidecar(self, key: ExportKey) -> Path:
+    def sidecar(self, key: CacheKey) -> Path:
         """Where ``key``'s sidecar JSON lives."""
         return self.directory / f"{key.digest()}.json"
 
@@ -173,7 +187,7 @@ class OnnxCache:
         return export_onnx(module, path, input_size=key.crop, opset=key.opset)
 
     # ------------------------------------------------------------------ reading
-    def lookup(self, key: ExportKey) -> Path | None:
+    def lookup(self, key: CacheKey) -> Path | None:
         """The verified graph for ``key``, or None (missing; a corrupted entry is removed with a warning).
 
         Verification: the sidecar parses, names exactly ``key``, and the graph's size and sha256 equal the
@@ -187,7 +201,7 @@ class OnnxCache:
         except OSError:  # lock file cannot be created (read-only directory): verify without the lock
             return self._verified(key)
 
-    def _verified(self, key: ExportKey) -> Path | None:
+    def _verified(self, key: CacheKey) -> Path | None:
         path, sidecar = self.path(key), self.sidecar(key)
         if not path.is_file():
             return None
@@ -213,7 +227,7 @@ class OnnxCache:
         return None
 
     # ------------------------------------------------------------------ writing
-    def _lock(self, key: ExportKey) -> contextlib.AbstractContextManager[None]:
+    def _lock(self, key: CacheKey) -> contextlib.AbstractContextManager[None]:
         return atomic.file_lock(self.directory / f".{key.digest()}.lock")
 
     def get(self, key: ExportKey, backbone: BackboneSource, *, fallback_dir: str | Path | None = None) -> Path:
@@ -262,17 +276,64 @@ class OnnxCache:
 
     def _store(self, key: ExportKey, module: torch.nn.Module) -> Path:
         """Export ``module`` into the cache under ``key`` (the caller holds the key's lock)."""
+        return self._store_with(key, lambda tmp: self._export(module, tmp, key), what="exported")
+
+    def _store_with(self, key: CacheKey, write: Callable[[Path], object], *, what: str) -> Path:
+        """Write ``key``'s graph with ``write(tmp_path)``, then its sidecar (the caller holds the key's lock)."""
         path, digest = self.path(key), key.digest()
         for stale in self.directory.glob(f".{digest}.onnx.*.tmp"):  # left by a writer that died under the lock
             with contextlib.suppress(OSError):
                 stale.unlink()
-        with atomic.atomic_path(path) as tmp:  # .<digest>.onnx.<random>.tmp until the export is complete
-            self._export(module, tmp, key)
+        with atomic.atomic_path(path) as tmp:  # .<digest>.onnx.<random>.tmp until the graph is complete
+            write(tmp)
             sha, size = file_sha256(tmp), tmp.stat().st_size
         sidecar = {"key": key.as_dict(), "sha256": sha, "size": size}
         atomic.write_text(self.sidecar(key), json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
-        log.info("ONNX graph exported and cached: %s (%.0f MB)", path, size / 2**20)
+        log.info("ONNX graph %s and cached: %s (%.0f MB)", what, path, size / 2**20)
         return path
+
+    def get_derived(
+        self,
+        key: CacheKey,
+        make: Callable[[Path], object],
+        *,
+        what: str = "derived",
+        fallback_dir: str | Path | None = None,
+    ) -> Path:
+        """Return a verified graph for ``key`` made by ``make(path)`` (e.g. a quantised copy of a cached graph).
+
+        The same verification, locking and read-only fallback as :meth:`get`; ``key`` is any :class:`CacheKey`
+        (e.g. :class:`expert.quantize.QuantKey`, which names the graph it was made from) and must hold everything
+        the graph depends on.
+
+        Args:
+            key: what the graph must be.
+            make: writes the graph to the path it is given (called only on a miss).
+            what: how the log describes the new entry ("quantised").
+            fallback_dir: as :meth:`get`.
+        """
+        try:
+            with self._lock(key):
+                found = self._verified(key)
+                if found is not None:
+                    log.debug("ONNX cache hit: %s", found)
+                    return found
+                return self._store_with(key, make, what=what)
+        except OSError as err:
+            if not self._unwritable(err):
+                raise
+            target = Path(fallback_dir) if fallback_dir is not None else Path(tempfile.mkdtemp(prefix="eagle-onnx-"))
+            log.warning(
+                "ONNX cache directory %s is not writable (%s): writing the %s graph into %s without caching",
+                self.directory,
+                err.strerror or type(err).__name__,
+                what,
+                target,
+            )
+            target.mkdir(parents=True, exist_ok=True)
+            graph = target / f"{key.digest()}.onnx"
+            make(graph)
+            return graph
 
     # ------------------------------------------------------------------ housekeeping
     def entries(self) -> list[Path]:
@@ -280,13 +341,26 @@ class OnnxCache:
         return sorted(self.directory.glob("*.onnx")) if self.directory.is_dir() else []
 
     def prune(self, keep: ExportKey) -> list[Path]:
-        """Remove every entry except ``keep``'s (e.g. graphs of an older torch); returns the removed graphs."""
+        """Remove every entry except ``keep``'s (e.g. graphs of an older torch); returns the removed graphs.
+
+        Graphs derived from ``keep``'s (their sidecar key's ``base`` is ``keep``: the int8 graphs of
+        :mod:`expert.quantize`) are kept too.
+        """
         removed = []
         for graph in self.entries():
-            if graph.stem == keep.digest():
+            if graph.stem == keep.digest() or self._derived_from(graph, keep):
                 continue
             for stale in (graph, graph.with_suffix(".json"), self.directory / f".{graph.stem}.lock"):
                 with contextlib.suppress(OSError):
                     stale.unlink()
             removed.append(graph)
         return removed
+
+    @staticmethod
+    def _derived_from(graph: Path, base: ExportKey) -> bool:
+        try:
+            info = json.loads(graph.with_suffix(".json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        key = info.get("key") if isinstance(info, dict) else None
+        return isinstance(key, dict) and key.get("base") == base.as_dict()

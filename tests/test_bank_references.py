@@ -65,6 +65,8 @@ def _id_as_before(tensors: dict[str, np.ndarray], meta) -> str:
         digest.update(memoryview(array).cast("B"))
     described = meta.model_dump(mode="json", exclude={"bank_id", "created_utc", "reference_max_side", "mask"})
     described["threshold"].pop("search", None)
+    for later in ("precision", "quantization"):  # backbone fields added later still
+        described["backbone"].pop(later, None)
     digest.update(json.dumps(described, sort_keys=True, separators=(",", ":")).encode())
     return digest.hexdigest()[:16]
 
@@ -74,6 +76,8 @@ def _make_legacy(bank_dir: Path) -> None:
     raw = json.loads((bank_dir / "meta.json").read_text())
     del raw["reference_max_side"]
     del raw["mask"]  # format 1: no inspection mask either
+    for later in ("precision", "quantization"):  # nor the backbone's precision
+        del raw["backbone"][later]
     raw["format_version"] = 1
     (bank_dir / "meta.json").write_text(json.dumps(raw))
     raw["bank_id"] = _id_as_before(load_file(str(bank_dir / "bank.safetensors")), read_meta(bank_dir))
