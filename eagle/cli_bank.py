@@ -18,6 +18,7 @@ Examples:
     $ eagle bank history widget --json
     $ eagle bank rollback widget 3
     $ eagle bank health widget --json
+    $ eagle bank refresh widget --count 10
 """
 
 from __future__ import annotations
@@ -233,8 +234,9 @@ def _add_add(bank_subparsers: argparse._SubParsersAction) -> None:
 
 def run_add(args: argparse.Namespace, settings: Settings) -> int:
     """``eagle bank add NAME IMAGE...``."""
+    from eagle.bank_service import BUILD_STAGES
     from eagle.images import list_images
-    from eagle.pipeline import BUILD_STAGES, Pipeline
+    from eagle.pipeline import Pipeline
     from eagle.progress_bars import StageBar
 
     paths: list[Path] = []
@@ -340,6 +342,84 @@ def run_health(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# -- refresh -----------------------------------------------------------------------------------------------------
+def _add_refresh(bank_subparsers: argparse._SubParsersAction) -> None:
+    parser = bank_subparsers.add_parser(
+        "refresh",
+        help="Grow a bank from confirmed good parts: propose recent kept inspections, teach them on approval.",
+        description="Propose the most recent inspections of the bank's current version that the expert passed with "
+        "margin (score <= EAGLE_KEEP_IMAGES__REFRESH_MARGIN x tau) or an operator confirmed good, whose image is "
+        "kept (EAGLE_KEEP_IMAGES__ENABLED=true), then teach them as a new version after confirmation. "
+        "Undo: `eagle bank rollback`.",
+    )
+    _add_name(parser)
+    parser.add_argument("--count", type=int, default=None, metavar="N", help="Most images proposed.")
+    parser.add_argument("--yes", action="store_true", help="Teach the proposal without asking.")
+    parser.add_argument(
+        "--auto",
+        action="store_true",
+        help="Unattended (cron): teach without asking, allowed only with EAGLE_KEEP_IMAGES__AUTO_REFRESH=true.",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="Only show the proposal.")
+    parser.add_argument("--json", action="store_true", help="Print the proposal (and the teach result) as JSON.")
+    parser.add_argument("--no-progress", action="store_true", help="No progress bar on stderr.")
+    parser.set_defaults(func=run_refresh)
+
+
+def run_refresh(args: argparse.Namespace, settings: Settings) -> int:
+    """``eagle bank refresh NAME``."""
+    from eagle.audit import AuditLog, default_audit_path
+    from eagle.bank_refresh import apply, describe_proposal, propose_for
+    from eagle.bank_service import BUILD_STAGES
+    from eagle.kept_images import KeptImages
+    from eagle.pipeline import Pipeline
+    from eagle.progress_bars import StageBar
+
+    if args.count is not None and not 1 <= args.count <= 64:
+        raise CommandError("--count must be between 1 and 64")
+    if args.auto and not settings.keep_images.auto_refresh:
+        raise CommandError("--auto needs EAGLE_KEEP_IMAGES__AUTO_REFRESH=true (otherwise approve with --yes)")
+    pipeline = Pipeline(settings)
+    kept = KeptImages.of(settings)
+    with AuditLog(default_audit_path(settings)) as audit:
+        proposal = propose_for(pipeline, settings, args.name, audit, kept, count=args.count)
+    if not args.json:
+        print(describe_proposal(proposal))
+    if not proposal.candidates or args.dry_run:
+        if args.json:
+            print(json.dumps({"proposal": proposal.model_dump(), "taught": None}))
+        return 0
+    if not (args.yes or args.auto):
+        if not sys.stdin.isatty():
+            raise CommandError("not a terminal: approve with --yes (or show only with --dry-run)")
+        answer = input(f"Teach these {len(proposal.candidates)} image(s) to {args.name!r} as a new version? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("eagle bank refresh: nothing taught", file=sys.stderr)
+            return 1
+    bar = StageBar(BUILD_STAGES, desc=f"bank {args.name}", enabled=not args.no_progress)
+    with bar:
+        result = apply(
+            pipeline,
+            args.name,
+            proposal.candidates,
+            kept,
+            data_dir=settings.data_dir,
+            approved_by="auto" if args.auto else "cli",
+            progress=bar,
+        )
+    if args.json:
+        print(json.dumps({"proposal": proposal.model_dump(), "taught": result.to_dict()}))
+    else:
+        print(result.describe())
+        print(
+            f"bank {args.name!r} is at version {result.version} (undo: eagle bank rollback {args.name} "
+            f"{result.version_before})"
+            if result.version_before
+            else f"bank {args.name!r} is at version {result.version}"
+        )
+    return 0
+
+
 BANK_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_list,
     _add_show,
@@ -350,5 +430,6 @@ BANK_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_history,
     _add_rollback,
     _add_health,
+    _add_refresh,
 ]
 """The ``eagle bank`` subcommands in help order: each adds its parser and sets its handler."""

@@ -117,9 +117,10 @@ def run_build_bank(args: argparse.Namespace, settings: Settings) -> int:
     ``--skip-unreadable`` and ``--out`` are the pipeline's ``skip_unreadable`` and ``out_dir``; every unreadable
     file is one line on stderr, and without ``--skip-unreadable`` nothing is built (exit 1).
     """
+    from eagle.bank_service import BUILD_STAGES, ReferenceImagesError
     from eagle.banks import validate_bank_name
     from eagle.images import list_images
-    from eagle.pipeline import BUILD_STAGES, Pipeline, ReferenceImagesError
+    from eagle.pipeline import Pipeline
     from eagle.progress_bars import StageBar, fan_out
     from expert.bank import read_meta
 

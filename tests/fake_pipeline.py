@@ -39,14 +39,15 @@ from PIL import Image
 from common import atomic
 from common.progress import ProgressCallback
 from eagle.audit import AuditLog
-from eagle.bank_records import BankSummary, BankVersion
+from eagle.bank_records import BankSummary, BankVersion, TaughtImage, TeachResult
+from eagle.bank_service import BUILD_STAGES, ReferenceImagesError
 from eagle.bank_versions import BankVersionNotFoundError
 from eagle.banks import BankNotFoundError, validate_bank_name
 from eagle.errors import EagleError
 from eagle.images import DecodedImage, ImageError, decode_image, load_image
 from eagle.images import image_sha256 as sha256_of_image
 from eagle.line_health import LineHealth, line_health
-from eagle.pipeline import BUILD_STAGES, MLLMUnavailableError, ReferenceImagesError, TaughtImage, TeachResult
+from eagle.models import MLLMUnavailableError
 from eagle.records import BoxRecord, InspectionImages, InspectionResult, InspectOptions
 from expert.bank_schema import BankError
 from expert.drift import DriftSettings

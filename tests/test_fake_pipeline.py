@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from eagle.banks import BankNotFoundError, BankStore
 from eagle.images import image_sha256
-from eagle.pipeline import BankCatalog, InspectionPipeline, MLLMUnavailableError, Pipeline
+from eagle.models import MLLMUnavailableError
+from eagle.pipeline import BankCatalog, InspectionPipeline, Pipeline
 from eagle.records import InspectOptions
 from eagle.settings import Settings
 from tests.fake_pipeline import FakeBankStore, FakePipeline
@@ -158,3 +160,111 @@ def test_teaching_the_fake_makes_a_new_version_and_lets_the_image_pass(tmp_path)
     with pytest.raises(Exception, match="mask") as err:
         fake.check_mask(b"not an image")
     assert getattr(err.value, "code", None) == "invalid_mask"
+
+
+class _TinyScorer:
+    """A bank's expert for the real pipeline: the score is the mean intensity / 255, τ = 0.5, s_max = 0.7."""
+
+    bank = SimpleNamespace(meta=SimpleNamespace(bank_id="tiny-bank"))
+
+    def score(self, image: np.ndarray, *, original_size: tuple[int, int] | None = None):
+        from expert.boxes import Box
+        from expert.preprocess import Geometry
+        from expert.scorer import ExpertResult
+
+        height, width = image.shape[:2]
+        orig_w, orig_h = original_size or (width, height)
+        score = float(image.mean() / 255)
+        boxes = [Box(0, 0, max(1, orig_w // 2), max(1, orig_h // 2), score)] if score >= 0.5 else []
+        return ExpertResult(
+            score=score,
+            tau=0.5,
+            s_max=0.7,
+            anomalous=score >= 0.5,
+            low_confidence=0.5 <= score <= 0.7,
+            patch_scores=np.full((2, 2), score, np.float32),
+            crop_map=np.full((8, 8), score, np.float32),
+            boxes=boxes,
+            template_index=0,
+            template_name="ref0.png",
+            geometry=Geometry(orig_h, orig_w, 8, 8, 0, 0, 8, 8),
+            timings_ms={"embed": 1.0},
+        )
+
+    def reference_name(self, index: int) -> str:
+        return f"ref{index}.png"
+
+
+class _TinyBanks:
+    """The store calls an inspection makes (the scorer, and the template it retrieved), and an empty listing."""
+
+    def list(self) -> list:
+        return []
+
+    def load(self, name: str) -> _TinyScorer:
+        if name != "tiny":
+            raise BankNotFoundError(f"no bank named {name!r}")
+        return _TinyScorer()
+
+    def template_image(self, name: str, index: int, *, scorer=None) -> np.ndarray:
+        return np.full((8, 8, 3), 128, np.uint8)
+
+
+class _TinyMLLM:
+    """Answers what the expert said (yes when the boxed view is sent), CAAS on when the pipeline's gate says so."""
+
+    loaded = SimpleNamespace(model_id="tiny-mllm", quantization="none")
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, bool, bool]] = []  # (setting, boxed sent, CAAS config given)
+
+    def ask(self, *, query, template, boxed, expert_anomalous, setting, caas=None, question=None):
+        from mllm.inspector import MLLMAnswer
+
+        self.asked.append((setting, boxed is not None, caas is not None))
+        answer = "yes" if expert_anomalous else "no"
+        return MLLMAnswer(answer[0].upper(), answer, answer, caas is not None, 10, 1, {"generate": 3.0})
+
+
+def test_the_real_pipeline_inspects_with_an_injected_scorer_and_mllm(tmp_path):
+    """The parts are constructor arguments: a front-end test runs the REAL inspection with tiny stand-ins."""
+    model = _TinyMLLM()
+    loads: list[object] = []
+    settings = Settings(data_dir=tmp_path, mllm={"enabled": True}, caas={"policy": "auto"})
+    pipeline = Pipeline(settings, banks=_TinyBanks(), mllm_loader=lambda progress: loads.append(progress) or model)
+    assert pipeline.mllm_status() == "MLLM not loaded yet (loads on the first inspection)"
+
+    bright = np.full((30, 40, 3), 153, np.uint8)  # score 0.6: anomalous and unsure (τ ≤ 0.6 ≤ s_max)
+    result = pipeline.inspect(bright, "tiny", InspectOptions(prompt_setting="full"), image_name="b.png")
+    assert (result.mode, result.verdict, result.mllm_answer, result.model_id) == (
+        "expert+mllm",
+        "defect",
+        "yes",
+        "tiny-mllm",
+    )
+    assert result.score == pytest.approx(0.6) and result.caas_applied and result.bank_id == "tiny-bank"
+    assert result.image_size == (40, 30) and result.template == "ref0.png" and len(result.boxes) == 1
+    assert result.images.boxed is not None and result.images.heatmap_overlay.shape == (30, 40, 3)
+    assert {"decode", "embed", "render", "mllm_generate", "total"} <= set(result.timings_ms)
+
+    dark = np.full((30, 40, 3), 25, np.uint8)
+    normal = pipeline.inspect(dark, "tiny", InspectOptions(prompt_setting="full", use_mllm=True))
+    assert (normal.verdict, normal.caas_applied, normal.images.boxed) == ("no_defect", False, None)
+    assert model.asked == [("full", True, True), ("full", False, False)] and len(loads) == 1
+    assert pipeline.mllm_status() == "MLLM loaded: tiny-mllm (none)"
+    assert pipeline.ready() == {"banks": False, "mllm": True}
+    expert_only = pipeline.inspect(bright, "tiny", InspectOptions(use_mllm=False))
+    assert (expert_only.mode, expert_only.verdict) == ("expert-only", "defect") and len(model.asked) == 2
+    with pytest.raises(BankNotFoundError):
+        pipeline.inspect(bright, "other")
+
+
+def test_a_failing_injected_loader_is_the_one_mllm_unavailable_error(tmp_path):
+    def fail(progress):
+        raise MLLMUnavailableError("no weights here")
+
+    pipeline = Pipeline(Settings(data_dir=tmp_path, mllm={"enabled": True}), banks=_TinyBanks(), mllm_loader=fail)
+    with pytest.raises(MLLMUnavailableError, match="could not be loaded: no weights here; inspect with the expert"):
+        pipeline.inspect(np.zeros((8, 8, 3), np.uint8), "tiny")
+    assert pipeline.mllm_status().startswith("MLLM unavailable (no weights here)")
+    assert pipeline.ready()["mllm"] is False

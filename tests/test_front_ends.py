@@ -26,7 +26,8 @@ from eagle import cli
 from eagle.audit import AuditLog
 from eagle.errors import one_line
 from eagle.images import image_sha256, load_image
-from eagle.pipeline import InspectionPipeline, MLLMUnavailableError, Pipeline
+from eagle.models import MLLMUnavailableError
+from eagle.pipeline import InspectionPipeline, Pipeline
 from eagle.records import InspectOptions
 from tests.fake_pipeline import FakePipeline
 from tests.fixtures_pipeline import BANK, pipeline_settings, split_test_images

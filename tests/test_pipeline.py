@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from eagle.bank_service import ReferenceImagesError
 from eagle.images import ImageError, load_image
-from eagle.pipeline import MLLMUnavailableError, Pipeline, ReferenceImagesError
+from eagle.models import MLLMUnavailableError
+from eagle.pipeline import Pipeline
 from eagle.records import InspectOptions
 from eagle.settings import Settings
 from tests.fixtures_pipeline import pipeline_settings, split_test_images
@@ -245,11 +247,11 @@ def test_a_missing_model_is_reported_with_a_clear_message(built, tmp_path):
 def test_query_views_keep_the_presets_pixel_budget(tmp_path):
     """A large query is decoded reduced, but never below what the MLLM preset's budget needs (512·28·28 px)."""
     qwen = Pipeline(Settings(data_dir=tmp_path, mllm={"enabled": True, "preset": "qwen2.5-vl-7b"}))
-    assert qwen._view_limits()["min_pixels"] == 512 * 28 * 28
+    assert qwen.inspector.view_limits()["min_pixels"] == 512 * 28 * 28
     pinned = Pipeline(Settings(data_dir=tmp_path, mllm={"enabled": True, "max_pixels": 256 * 28 * 28}))
-    assert pinned._view_limits()["min_pixels"] == 256 * 28 * 28
+    assert pinned.inspector.view_limits()["min_pixels"] == 256 * 28 * 28
     expert_only = Pipeline(Settings(data_dir=tmp_path, mllm={"enabled": False}))
-    assert expert_only._view_limits()["min_pixels"] == 0
+    assert expert_only.inspector.view_limits()["min_pixels"] == 0
 
 
 def test_one_request_uses_one_bank_version_even_if_a_new_one_lands_meanwhile(built, synthetic_root, monkeypatch):

@@ -12,8 +12,9 @@ import pytest
 
 import eagle.pipeline
 from common.progress import report
+from eagle.bank_service import BUILD_STAGES
 from eagle.cli import main
-from eagle.pipeline import BUILD_STAGES, Pipeline
+from eagle.pipeline import Pipeline
 from eagle.progress_bars import StageBar, fan_out
 from expert.progress import BUILD_STAGES as EXPERT_BUILD_STAGES
 from tests.fake_pipeline import FakePipeline

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from eagle.bank_service import BUILD_STAGES
 from eagle.evaluation.records import dump_json
-from eagle.pipeline import BUILD_STAGES
 from eagle.progress_bars import StageBar
 from eagle.settings import ExpertSettings
 

@@ -256,7 +256,9 @@ def run_eval(args: argparse.Namespace, settings: Settings) -> int:
     if args.no_mllm:
         settings.mllm.enabled = False
     settings = config.profile.apply(settings)
-    from eagle.pipeline import MLLMUnavailableError, Pipeline, ReferenceImagesError
+    from eagle.bank_service import ReferenceImagesError
+    from eagle.models import MLLMUnavailableError
+    from eagle.pipeline import Pipeline
 
     try:
         if executor == "ray":
