@@ -31,6 +31,7 @@ from eagle.annotate import annotated_image
 from eagle.archives import ArchiveLimits
 from eagle.audit import STATS_COLUMNS, AuditFilter, AuditLog, default_audit_path, parse_time, write_stats_csv
 from eagle.errors import describe
+from eagle.kept_images import keep_inspected_image
 from eagle.line_health import DriftState, LineHealth
 from eagle.pipeline import Pipeline
 from eagle.records import OPERATOR_VERDICTS, InspectionResult, InspectOptions, OperatorVerdict, Verdict
@@ -492,6 +493,7 @@ def inspect(
     image = pipeline.decode(path, image_name=path.name)  # the FILE: image_sha256 is its bytes' hash, as in the API
     result = pipeline.inspect(image, bank, options, image_name=path.name)
     _audit_inspection(pipeline, result, run_id, (time.perf_counter() - start) * 1000.0)
+    keep_inspected_image(pipeline.settings, result.image_sha256, path)
     outputs = _render(result, pipeline, run_id)
     yield outputs
     if explain and result.mode == "expert+mllm":

@@ -15,7 +15,7 @@ import functools
 
 import gradio as gr
 
-from app import explain, handlers
+from app import explain, handlers, health_refresh
 from app.capabilities import AppGates, app_gates, details_markdown, markdown_text, status_markdown
 from eagle.audit import PERIODS
 from eagle.doctor import Report, run_checks
@@ -141,7 +141,7 @@ def _banks_tab(pipeline: Pipeline, selector: gr.Dropdown) -> gr.Dataframe:
     return table
 
 
-def _inspect_tab(pipeline: Pipeline, bank: gr.Dropdown, gates: AppGates) -> None:
+def _inspect_tab(pipeline: Pipeline, bank: gr.Dropdown, gates: AppGates) -> gr.Image:
     status = gr.Markdown(handlers.mllm_status_markdown(pipeline), elem_id="mllm-status")
     mllm_ok = gates.mllm_reason is None
     shown = not gates.expert_only  # expert-only: the MLLM's options and outputs are hidden, with the reason
@@ -237,6 +237,7 @@ def _inspect_tab(pipeline: Pipeline, bank: gr.Dropdown, gates: AppGates) -> None
         [*outputs, run_id, feedback_status],
         api_name="inspect",
     ).then(lambda: handlers.mllm_status_markdown(pipeline), None, status)
+    return image
 
 
 def _feedback_row(pipeline: Pipeline, run_id: gr.State) -> gr.Markdown:
@@ -300,7 +301,7 @@ DRIFT_EXPLAINED = (
 )
 
 
-def _health_tab(pipeline: Pipeline, health_tab: gr.Tab) -> gr.Dropdown:
+def _health_tab(pipeline: Pipeline, health_tab: gr.Tab, inspected: gr.Image) -> gr.Dropdown:
     """One bank's drift check (:func:`handlers.line_health`): run on Refresh, a bank choice and opening the tab."""
     gr.Markdown(
         "Are this line's recent scores of good parts still like the bank's own? The last inspections of the bank's "
@@ -327,6 +328,8 @@ def _health_tab(pipeline: Pipeline, health_tab: gr.Tab) -> gr.Dropdown:
             gr.update(value=timeline_fig, visible=timeline_fig is not None),
         )
 
+    _refresh_rows(pipeline, bank, inspected)
+
     outputs = [state, histogram, timeline]
     refresh.click(show, bank, outputs)
     bank.input(show, bank, outputs)
@@ -334,6 +337,26 @@ def _health_tab(pipeline: Pipeline, health_tab: gr.Tab) -> gr.Dropdown:
         show, bank, outputs
     )
     return bank
+
+
+def _refresh_rows(pipeline: Pipeline, bank: gr.Dropdown, inspected: gr.Image) -> None:
+    """Grow the bank: propose kept inspections of good parts, teach them on approval (:mod:`app.health_refresh`)."""
+    gr.Markdown(
+        "**Grow the bank** from confirmed good parts: the latest kept inspections of this version that the expert "
+        "passed with margin or an operator confirmed good. Same proposal as `eagle bank refresh`.",
+        elem_id="refresh-explained",
+    )
+    with gr.Row():
+        propose = gr.Button("Propose refresh", elem_id="refresh-propose")
+        approve = gr.Button("Approve and teach", elem_id="refresh-approve", variant="primary")
+        teach_shown = gr.Button("Teach the inspected image", elem_id="refresh-teach-shown")
+    status = gr.Markdown(elem_id="refresh-status")
+    gallery = gr.Gallery(label="Candidates", elem_id="refresh-gallery", columns=6, height="auto")
+    table = gr.Dataframe(headers=health_refresh.REFRESH_COLUMNS, elem_id="refresh-table", interactive=False)
+    proposal = gr.State(None)
+    propose.click(functools.partial(health_refresh.propose_refresh, pipeline), bank, [status, gallery, table, proposal])
+    approve.click(functools.partial(health_refresh.approve_refresh, pipeline), [bank, proposal], status)
+    teach_shown.click(functools.partial(health_refresh.teach_shown_image, pipeline), [inspected, bank], status)
 
 
 GRADIO_CACHE_CLEANUP = (3600, 86400)  # (how often, how old) in seconds: gr.Blocks(delete_cache=...)
@@ -366,7 +389,7 @@ def build_ui(pipeline: Pipeline, report: Report | None = None) -> gr.Blocks:
         banks_bank = gr.Dropdown(names, value=None, label="Selected bank", render=False)
         with gr.Tab("Inspect", id="inspect"):
             inspect_bank.render()
-            _inspect_tab(pipeline, inspect_bank, gates)
+            inspected = _inspect_tab(pipeline, inspect_bank, gates)
         with gr.Tab("References", id="references"):
             _references_tab(pipeline, [inspect_bank, banks_bank], gates)
         with gr.Tab("Banks", id="banks") as banks_tab:
@@ -375,7 +398,7 @@ def build_ui(pipeline: Pipeline, report: Report | None = None) -> gr.Blocks:
         with gr.Tab("Line statistics", id="stats") as stats_tab:
             stats_bank = _stats_tab(pipeline)
         with gr.Tab("Line health", id="health") as health_tab:
-            _health_tab(pipeline, health_tab)
+            _health_tab(pipeline, health_tab, inspected)
         # Banks change outside this page (the API, the CLI, another browser): every list of them is read again
         # when a page loads and when its tab opens, so nobody has to restart the app to see a new bank.
         demo.load(

@@ -19,7 +19,9 @@ is set):
 =================================  ==================================================================
 
 Every ``POST /v1/inspect`` that passed the token check leaves exactly one audit row: ``ok`` with the record, or
-``error`` with the error code and message (never the image bytes; its sha256 when it was read).
+``error`` with the error code and message (never the image bytes; its sha256 when it was read). With
+``EAGLE_KEEP_IMAGES__ENABLED=true`` a successfully inspected image is also kept under ``<data_dir>/kept-images``
+(:mod:`eagle.kept_images`), which ``GET``/``POST /v1/banks/{name}/refresh`` propose and teach from.
 
 Example:
     >>> from eagle.settings import Settings
@@ -43,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, File, Form, Request, Security, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, Query, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
@@ -83,10 +85,12 @@ from eagle.annotate import annotated_png_base64
 from eagle.archives import ArchiveLimits
 from eagle.audit import AuditLog, FeedbackKind, default_audit_path
 from eagle.bank_records import BankSummary, BankVersion, TeachResult
+from eagle.bank_refresh import RefreshCandidate, RefreshProposal
 from eagle.banks import BANK_NAME_MAX_LENGTH, BankNotFoundError, validate_bank_name
 from eagle.doctor import ReportCache, Status
 from eagle.errors import EagleError, as_eagle_error, is_disk_full, one_line
 from eagle.images import ImageError, image_sha256
+from eagle.kept_images import keep_inspected_image
 from eagle.line_health import LineHealth
 from eagle.pipeline import InspectionPipeline
 from eagle.records import CAASPolicy, InspectionResult, InspectOptions, OperatorVerdict, PromptSetting
@@ -171,6 +175,24 @@ class RolledBack(BaseModel):
     bank: BankSummary = Field(description="The bank as it now is.")
 
 
+class RefreshRequest(BaseModel):
+    """``POST /v1/banks/{name}/refresh``: the proposed images to teach (GET /v1/banks/{name}/refresh lists them)."""
+
+    image_sha256: list[Annotated[str, Field(pattern="^[0-9a-f]{64}$")]] = Field(
+        min_length=1,
+        max_length=64,
+        description="The sha256s (64 lower-case hex digits) of proposed candidates to teach; others are refused "
+        "with 409 invalid_refresh.",
+    )
+
+
+class RefreshTaught(BaseModel):
+    """``POST /v1/banks/{name}/refresh``: what was taught and what teaching changed."""
+
+    taught: list[RefreshCandidate] = Field(description="The candidates taught, newest first.")
+    result: TeachResult = Field(description="The teach: versions, τ and s_max before → after, each image's scores.")
+
+
 MAX_TEACH_IMAGES = 64
 """Most images one ``POST /v1/banks/{name}/references`` may add."""
 
@@ -225,7 +247,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, description in (
         (401, "Missing or wrong bearer token."),
         (404, "Unknown bank, job or inspection run id."),
-        (409, "Bank exists, is being built, or is unusable (invalid, other settings, or failed its test inspection)."),
+        (
+            409,
+            "Bank exists, is being built, or is unusable (invalid, other settings, or failed its test inspection); "
+            "a refresh names images its proposal does not hold now (invalid_refresh).",
+        ),
         (413, "Upload or archive too large."),
         (422, "Invalid field, image, bank name or archive."),
         (429, "Queue full; see Retry-After."),
@@ -770,6 +796,43 @@ def _v1_router(service: Service) -> APIRouter:
                 raise
             raise mapped from None
 
+    @router.get(
+        "/banks/{name}/refresh",
+        response_model=RefreshProposal,
+        tags=["banks"],
+        summary="Propose recent kept inspections of good parts to teach the bank (POST approves them)",
+    )
+    async def propose_refresh(
+        name: BankNamePath, count: Annotated[int | None, Query(ge=1, le=64, description="Most candidates.")] = None
+    ) -> RefreshProposal:
+        validate_bank_name(name)
+        if not await run_in_threadpool(pipeline.banks.exists, name):
+            raise BankNotFoundError(f"no bank named {name!r}")
+        return await run_in_threadpool(_refresh_proposal, service, name, count)
+
+    @router.post(
+        "/banks/{name}/refresh",
+        response_model=RefreshTaught,
+        tags=["banks"],
+        summary="Teach the bank the approved candidates of its refresh proposal, as a new version",
+        responses=BODY_ERROR_RESPONSES,
+    )
+    async def apply_refresh(name: BankNamePath, request: RefreshRequest) -> RefreshTaught:
+        validate_bank_name(name)
+        if service.jobs.active_for(name):
+            raise BankBusy(f"bank {name!r} is being built; refresh it when the job has finished")
+        if not await run_in_threadpool(pipeline.banks.exists, name):
+            raise BankNotFoundError(f"no bank named {name!r}")
+        try:
+            taught, result = await run_in_threadpool(_refresh_apply, service, name, request.image_sha256)
+        except Exception as exc:
+            mapped = as_eagle_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from None
+        logger.info("bank %r refreshed with %d image(s): version %s", name, len(taught), result.version)
+        return RefreshTaught(taught=taught, result=result)
+
     @router.post(
         "/banks/{name}/rollback",
         response_model=RolledBack,
@@ -807,6 +870,27 @@ def _v1_router(service: Service) -> APIRouter:
         return Deleted(deleted=name)
 
     return router
+
+
+def _refresh_proposal(service: Service, name: str, count: int | None) -> RefreshProposal:
+    """The refresh proposal of bank ``name`` (:func:`eagle.bank_refresh.propose_for`)."""
+    from eagle.bank_refresh import propose_for
+    from eagle.kept_images import KeptImages
+
+    kept = KeptImages.of(service.settings)
+    return propose_for(service.pipeline, service.settings, name, service.audit, kept, count=count)
+
+
+def _refresh_apply(service: Service, name: str, sha256s: list[str]) -> tuple[list[RefreshCandidate], TeachResult]:
+    """Teach bank ``name`` the named candidates of its current proposal (others refused: ``invalid_refresh``)."""
+    from eagle.bank_refresh import apply, propose_for, select
+    from eagle.kept_images import KeptImages
+
+    kept = KeptImages.of(service.settings)
+    proposal = propose_for(service.pipeline, service.settings, name, service.audit, kept, count=64)
+    chosen = select(proposal, sha256s)
+    result = apply(service.pipeline, name, chosen, kept, data_dir=Path(service.settings.data_dir), approved_by="api")
+    return chosen, result
 
 
 def _admit_inspection(service: Service) -> ServiceError | None:
@@ -894,6 +978,7 @@ def _inspect_task(
         raise
     latency_ms = (time.perf_counter() - start) * 1000.0
     service.audit.record(result, source="api", run_id=run_id, latency_ms=latency_ms)
+    keep_inspected_image(service.settings, result.image_sha256, data)
     if audit is not None:
         audit["audited"] = True  # a later failure (the annotated PNG, a client gone) is not a second row
     service.metrics.observe_inspection(result.bank, result.verdict, result.timings_ms)

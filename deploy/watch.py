@@ -74,6 +74,7 @@ from eagle.audit import AuditLog, utc_now
 from eagle.banks import BankNotFoundError
 from eagle.errors import ErrorInfo, describe, one_line
 from eagle.images import IMAGE_EXTENSIONS, TAIL_BYTES, TruncatedImageError, image_sha256, looks_complete
+from eagle.kept_images import keep_inspected_image
 
 if TYPE_CHECKING:
     from eagle.pipeline import InspectionPipeline
@@ -475,6 +476,7 @@ class FolderWatcher:
         atomic.write_bytes(self.out_dir / f"{stem}.annotated.png", picture)
         atomic.write_bytes(self.out_dir / f"{stem}.json", json.dumps(record, indent=2).encode("utf-8"))
         audited = self.audit.record(result, source="watch", run_id=run_id, latency_ms=latency_ms)
+        keep_inspected_image(getattr(self.pipeline, "settings", None), result.image_sha256, data)
         destination = self._move(claimed, self.done_dir, name, run_id)
         logger.info("%s: %s (score %.4g, tau %.4g) -> %s", name, result.verdict, result.score, result.tau, destination)
         return Outcome(name, run_id, "done", destination, self.out_dir / f"{stem}.json", audited)

@@ -33,6 +33,7 @@ __all__ = [
     "CAASSettings",
     "DriftSettings",
     "ExpertSettings",
+    "KeepImagesSettings",
     "MLLMSettings",
     "PromptSetting",
     "PromptSettings",
@@ -95,6 +96,33 @@ class ServiceSettings(_Group):
     )
 
 
+class KeepImagesSettings(_Group):
+    """Kept inspected images and growing a bank from them (``eagle bank refresh``; docs/edge.md: growing the bank).
+
+    Off by default: without it the audit log keeps only each image's name and sha256.
+    """
+
+    enabled: bool = Field(
+        False,
+        description="Keep a copy of every successfully inspected image under <data_dir>/kept-images (named by its "
+        "sha256), so a bank can be refreshed from confirmed good parts. Privacy: these are the line's own pictures.",
+    )
+    max_count: int = Field(1000, ge=1, description="Most images kept; the oldest are deleted on each write.")
+    max_days: float = Field(30.0, gt=0, description="Images older than this many days are deleted on each write.")
+    refresh_margin: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="A refresh proposes expert passes with score <= margin x tau (and parts an operator said good).",
+    )
+    refresh_count: int = Field(20, ge=1, le=64, description="How many images a refresh proposes at most.")
+    auto_refresh: bool = Field(
+        False,
+        description="Allow `eagle bank refresh NAME --auto` to teach the proposal without asking (each one is "
+        "logged in <data_dir>/bank-refresh.jsonl); false: a refresh always waits for approval.",
+    )
+
+
 class Settings(BaseSettings):
     """The root of all configuration. Build with :func:`load_settings` to get clear errors."""
 
@@ -126,6 +154,10 @@ class Settings(BaseSettings):
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     health: DriftSettings = Field(
         default_factory=DriftSettings, description="Line health: windows and limits of the drift check."
+    )
+    keep_images: KeepImagesSettings = Field(
+        default_factory=KeepImagesSettings,
+        description="Kept inspected images (off by default) and bank refresh from them.",
     )
 
     @field_validator("data_dir")
