@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share the two cores: one OpenMP thread each, in every thread (torch.set_num_threads binds only the
+    # calling thread under OpenMP, so a front end's worker thread would otherwise use two and round differently
+    # from the main thread) and in the subprocesses the tests start.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 from tests.synthetic import make_mvtec_like
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _limit_threads():
-    """The CI box has 2 shared cores: keep torch from oversubscribing them."""
-    torch.set_num_threads(2)
+    """The CI box has 2 shared cores: keep torch from oversubscribing them.
+
+    Under pytest-xdist (``-n 2``, the README's test command) each worker process gets one thread, so the two workers
+    together use the two cores; a serial run uses both.
+    """
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
     yield
 
 
@@ -27,8 +39,12 @@ def _shared_onnx_cache(tmp_path_factory):
     atomically under a per-key lock (:mod:`expert.onnx_cache`), so different configurations never collide. Tests
     of the cache itself use folders of their own.
     """
+    base = tmp_path_factory.getbasetemp()
+    # xdist workers each have a base folder of their own under one shared parent: share the cache across them too.
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "onnx-cache"
+    cache.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EAGLE_ONNX_CACHE_DIR", str(tmp_path_factory.mktemp("onnx-cache")))
+        patch.setenv("EAGLE_ONNX_CACHE_DIR", str(cache))
         yield
 
 

@@ -153,3 +153,15 @@ def test_the_link_check_finds_what_is_broken(tmp_path):
         "a.md: ../elsewhere.md (outside the repository)",
         "a.md: #not-a-heading (no heading #not-a-heading in a.md)",
     ]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """`.ci/run` runs the README's "Run the tests" command verbatim, so a missing install step fails CI."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("**Run the tests**", 1)[1]
+    command = re.search(r"```bash\n(.+?)\n```", section, re.DOTALL)
+    assert command is not None, "the README's test section has no bash block"
+    (line,) = command.group(1).splitlines()
+    assert "-m pytest -n 2" in line, "the README runs the suite in two xdist workers"
+    ci_lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert line in ci_lines, f".ci/run does not run the README's test command {line!r}"
