@@ -270,7 +270,7 @@ class BankService:
             BankNotFoundError: no such bank. ReferenceImagesError: some images are unreadable (nothing changes).
             BankError: the bank cannot be loaded, or the running backbone weights are not the bank's.
         """
-        from expert.build import build_bank
+        from expert.build import build_bank, stored_embeddings
 
         validate_bank_name(name)
         if not images:
@@ -309,6 +309,7 @@ class BankService:
                 onnx_cache=self.backbone.onnx_cache,
                 mask=bank.mask,  # the inspection mask stays
                 mask_source=meta.mask.source if meta.mask is not None else "",
+                stored=stored_embeddings(bank),  # the references' own embeddings: only the new images are embedded
             )
 
         shown = ", ".join(new_names[:3]) + (f" and {len(new_names) - 3} more" if len(new_names) > 3 else "")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 from pydantic import ValidationError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from common import atomic
@@ -32,6 +32,8 @@ from expert.bank_checks import check_consistency, check_meaning, settings_mismat
 from expert.bank_schema import (
     BANK_FORMAT_VERSION,
     DEFAULT_REFERENCE_MAX_SIDE,
+    EMBEDDINGS_FILE,
+    EMBEDDINGS_TENSOR,
     LEGACY_REFERENCE_MAX_SIDE,
     MASK_TENSOR,
     META_FILE,
@@ -43,6 +45,7 @@ from expert.bank_schema import (
     Bank,
     BankError,
     BankMeta,
+    EmbeddingsMeta,
     compute_bank_id,
 )
 
@@ -99,6 +102,7 @@ def save_bank(
     try:
         _write_references(staging, bank, meta, reference_images, reference_max_side)
         meta.backbone.onnx_sha256 = _write_onnx(staging, bank, onnx_source)
+        meta.embeddings = _write_embeddings(staging, bank, meta)
         meta.format_version = BANK_FORMAT_VERSION
         meta.bank_id = compute_bank_id(tensors, meta)
         save_file(tensors, str(staging / TENSORS_FILE), metadata={"eagle_bank_format": str(BANK_FORMAT_VERSION)})
@@ -184,6 +188,35 @@ def _write_onnx(staging: Path, bank: Bank, onnx_source: str | Path | None) -> st
     return file_sha256(staging / ONNX_FILE)
 
 
+def _write_embeddings(staging: Path, bank: Bank, meta: BankMeta) -> EmbeddingsMeta | None:
+    """Store the references' patch embeddings when they came from the graph the bank now carries, else none.
+
+    A bank loaded from a directory (no embeddings in memory) keeps its stored file while it still describes the
+    same references and graph; embeddings from another graph, or a bank without one, store nothing.
+    """
+    graph = meta.backbone.onnx_sha256
+    if graph is None:
+        return None
+    out = staging / EMBEDDINGS_FILE
+    if bank.patch_embeddings is not None:
+        if bank.embeddings_graph != graph:
+            return None
+        features = np.ascontiguousarray(bank.patch_embeddings, dtype=np.float32)
+        expected = (len(meta.references), meta.dims.patches_per_image, meta.dims.feature_dim)
+        if features.shape != expected:
+            raise BankError(f"patch embeddings of shape {features.shape} for a bank of shape {expected}")
+        save_file({EMBEDDINGS_TENSOR: features}, str(out), metadata={"eagle_bank_format": str(BANK_FORMAT_VERSION)})
+        return EmbeddingsMeta(sha256=file_sha256(out), graph_sha256=graph)
+    old = bank.meta.embeddings
+    if bank.directory is None or old is None or old.graph_sha256 != graph:
+        return None
+    source = bank.directory / EMBEDDINGS_FILE
+    if not source.is_file():
+        return None
+    atomic.link_or_copy(source, out)
+    return old.model_copy()
+
+
 def _write_meta(path: Path, meta: BankMeta) -> None:
     path.write_text(meta.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
@@ -226,6 +259,7 @@ def load_bank(directory: str | Path, settings: ExpertSettings | None = None) -> 
             "the bank was modified or corrupted after it was written; rebuild it"
         )
     check_meaning(root, meta, tensors)
+    _check_embeddings_header(root, meta)  # after the meaning: a forged bank is refused for what it claims first
     bank = Bank(
         memory_bank=tensors["memory_bank"],
         train_scores=tensors["train_scores"],
@@ -248,6 +282,85 @@ def load_bank(directory: str | Path, settings: ExpertSettings | None = None) -> 
         bank.notes.append(small)
         log.warning("bank %s: %s", meta.name, small)
     return bank
+
+
+def _embeddings_file(root: Path, meta: BankMeta) -> Path | None:
+    """The stored embeddings file meta.json names, or None: none listed, or the file left out (a copy without it).
+
+    The file only saves teaching time, so a bank copied without it still loads (teaching then re-embeds every
+    reference), as do embeddings listed for another graph than the bank's (never reused); a file meta.json does
+    not list is refused.
+    """
+    path = root / EMBEDDINGS_FILE
+    if meta.embeddings is None:
+        if path.exists():
+            raise BankError(f"{path}: stored embeddings present but meta.json lists none")
+        return None
+    if meta.backbone.onnx_sha256 is None or meta.embeddings.graph_sha256 != meta.backbone.onnx_sha256:
+        return None  # not from the bank's own graph: never reused (what the graph itself means is checked apart)
+    if not path.is_file():
+        log.info("bank %s: %s is missing; teaching will embed every reference again", meta.name, EMBEDDINGS_FILE)
+        return None
+    return path
+
+
+def _check_embeddings_header(root: Path, meta: BankMeta) -> None:
+    """The stored embeddings' name, dtype and shape from the file's header (the data is read only by teaching)."""
+    path = _embeddings_file(root, meta)
+    if path is None:
+        return
+    expected = (len(meta.references), meta.dims.patches_per_image, meta.dims.feature_dim)
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            names = list(handle.keys())
+            if names != [EMBEDDINGS_TENSOR]:
+                raise BankError(f"{path}: expected the one tensor {EMBEDDINGS_TENSOR!r}, found {sorted(names)[:5]}")
+            info = handle.get_slice(EMBEDDINGS_TENSOR)
+            dtype, shape = info.get_dtype(), tuple(info.get_shape())
+    except (SafetensorError, OSError, ValueError) as err:
+        if isinstance(err, BankError):
+            raise
+        raise BankError(f"{path}: unreadable safetensors file ({one_line_error(err)})") from None
+    if dtype != "F32":
+        raise BankError(f"{path}: {EMBEDDINGS_TENSOR} dtype {dtype}, expected F32")
+    if shape != expected:
+        raise BankError(f"{path}: {EMBEDDINGS_TENSOR} shape {shape}, meta.json implies {expected}")
+
+
+def load_embeddings(bank: Bank) -> np.ndarray | None:
+    """The references' stored patch embeddings, float32 [N, P, D], or None when there are none (or no file).
+
+    Read on demand (teaching), checked in full: the file's sha256 against meta.json (so the bank id covers it),
+    its one tensor's name, dtype and shape against meta.json, and finite values.
+
+    Raises:
+        BankError: the bank was never saved, or the file is missing, corrupted or does not fit the bank.
+    """
+    if bank.patch_embeddings is not None:
+        return bank.patch_embeddings
+    if bank.meta.embeddings is None:
+        return None
+    if bank.directory is None:
+        raise BankError(f"bank {bank.meta.name!r} has not been saved to a directory yet")
+    path = _embeddings_file(bank.directory, bank.meta)
+    if path is None:
+        return None
+    if file_sha256(path) != bank.meta.embeddings.sha256:
+        raise BankError(f"{path}: checksum differs from meta.json (corrupted or replaced); rebuild the bank")
+    _check_embeddings_header(bank.directory, bank.meta)
+    try:
+        features = load_file(str(path))[EMBEDDINGS_TENSOR]
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        raise BankError(f"{path}: unreadable safetensors file ({one_line_error(err)})") from None
+    if not np.isfinite(features).all():
+        raise BankError(f"{path}: {EMBEDDINGS_TENSOR} contains NaN or infinite values")
+    return features
+
+
+def one_line_error(err: BaseException) -> str:
+    """The first line of an exception's message (never file contents: these come from the libraries)."""
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
 
 
 def small_references_note(root: Path, meta: BankMeta, wanted: int) -> str | None:
@@ -337,7 +450,7 @@ def _check_files(root: Path, meta: BankMeta) -> None:
 
 def bank_file_pattern() -> re.Pattern[str]:
     """The relative paths a bank directory may hold (docs/bank-format.md); anything else is not part of a bank."""
-    names = "|".join(re.escape(n) for n in (TENSORS_FILE, META_FILE, ONNX_FILE))
+    names = "|".join(re.escape(n) for n in (TENSORS_FILE, META_FILE, ONNX_FILE, EMBEDDINGS_FILE))
     return re.compile(rf"^(?:{names}|{re.escape(REFERENCES_DIR)}/[0-9]{{4,}}\.png)$")
 
 

@@ -7,6 +7,8 @@ A bank is a directory (format described for users in ``docs/bank-format.md``)::
                          global_descriptors [N, Dg] f32, optional inspection_mask [grid_h, grid_w] u8 (format 2)
       meta.json          BankMeta: versions, settings it was built with, tau, counts, references
       backbone.onnx      the exported feature extractor (optional: see BackboneMeta.onnx_sha256)
+      embeddings.safetensors  optional: patch_embeddings [N, P, D] f32, every reference's patch features from
+                         backbone.onnx (EmbeddingsMeta); teaching reuses them instead of re-embedding
       references/        downscaled PNG copies of the N reference images (0000.png, 0001.png, ...)
 
 This module says what a bank is; :mod:`expert.bank` reads and writes the directories and
@@ -53,6 +55,10 @@ TENSOR_DTYPES = {
     "coreset_image_ids": np.int64,
     "global_descriptors": np.float32,
 }
+EMBEDDINGS_FILE = "embeddings.safetensors"
+"""Optional file: the references' patch embeddings (:class:`EmbeddingsMeta`), read only when a bank is taught."""
+EMBEDDINGS_TENSOR = "patch_embeddings"
+"""The one tensor of :data:`EMBEDDINGS_FILE`: float32 [N, P, D] (every patch, the inspection mask not applied)."""
 MASK_TENSOR = "inspection_mask"
 """Optional tensor (format 2): uint8 [grid_h, grid_w], 1 = the patch is inspected; present iff meta.json's ``mask``."""
 DEFAULT_REFERENCE_MAX_SIDE = 1024
@@ -166,6 +172,20 @@ class ThresholdMeta(_Meta):
     )
 
 
+class EmbeddingsMeta(_Meta):
+    """The stored patch embeddings of the references (``embeddings.safetensors``): what they are and where from.
+
+    They are float32, bit for bit what the bank's features were computed as, so a teach that reuses them gives
+    the coreset, τ and s_max of a full rebuild. They are reused only while the graph that computed them is the
+    one that will embed the new images (``graph_sha256``): an int8 bank is re-calibrated on every teach, so its
+    new graph differs and every reference is embedded again.
+    """
+
+    sha256: str = Field(description="sha256 of embeddings.safetensors (covered by the bank id through meta.json)")
+    dtype: Literal["float32"] = "float32"
+    graph_sha256: str = Field(description="sha256 of the ONNX graph that computed them (the bank's backbone.onnx)")
+
+
 class MaskMeta(_Meta):
     """The bank's inspection mask (format 2): how many patches it keeps, the rule and where it came from."""
 
@@ -221,6 +241,9 @@ class BankMeta(_Meta):
     )
     mask: MaskMeta | None = Field(
         None, description="the inspection mask (format 2; null or absent: every patch is inspected)"
+    )
+    embeddings: EmbeddingsMeta | None = Field(
+        None, description="the stored patch embeddings of the references (null or absent: none are stored)"
     )
 
 
@@ -357,6 +380,11 @@ class Bank:
         notes: non-fatal differences between the bank and the running settings found by :func:`load_bank`.
         inspection_mask: bool [grid_h, grid_w], True where patches are inspected; None: every patch (no mask).
             Patches outside never count: the memory bank, ``train_scores`` and query scores only use those inside.
+        patch_embeddings: float32 [N, P, D] every reference's patch features, to store in ``embeddings.safetensors``
+            (set by a build; :func:`expert.bank.load_bank` leaves it None and :func:`expert.bank.load_embeddings`
+            reads the file on demand, so inspecting never holds them in memory).
+        embeddings_graph: sha256 of the ONNX graph ``patch_embeddings`` came from (None: not from a saved graph,
+            they are not stored).
     """
 
     memory_bank: np.ndarray
@@ -367,6 +395,8 @@ class Bank:
     directory: Path | None = None
     notes: list[str] = field(default_factory=list)
     inspection_mask: np.ndarray | None = None
+    patch_embeddings: np.ndarray | None = field(default=None, repr=False)
+    embeddings_graph: str | None = None
 
     def tensors(self) -> dict[str, np.ndarray]:
         """The tensors by their file names, as contiguous arrays of their file dtypes (the mask only when set)."""
@@ -431,6 +461,7 @@ _LATER_FIELDS: dict[tuple[str, str], Any] = {
     ("", "mask"): None,
     ("backbone", "precision"): "fp32",
     ("backbone", "quantization"): None,
+    ("", "embeddings"): None,
 }
 """(meta group, field) added to format 1 after banks were saved without it, with its default ("": top level)."""
 

@@ -34,6 +34,7 @@ import hashlib
 import logging
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ import torch
 from common import atomic
 from common.progress import ProgressCallback, report
 from expert.backbone import PatchEmbedder, build_patch_embedder
-from expert.bank import save_bank
+from expert.bank import file_sha256, load_embeddings, save_bank
 from expert.bank_schema import Bank, MaskMeta, QuantizationMeta, make_meta
 from expert.config import ExpertSettings
 from expert.coreset import greedy_coreset
@@ -68,7 +69,7 @@ log = logging.getLogger(__name__)
 EXPORT_SCRATCH_PREFIX = ".eagle-export-"
 """Scratch folder of a build, next to its output (:func:`common.atomic.staging_dir`)."""
 
-__all__ = ["ReferenceCountError", "build_bank", "fit_bank"]
+__all__ = ["ReferenceCountError", "StoredEmbeddings", "build_bank", "fit_bank", "stored_embeddings"]
 
 
 class ReferenceCountError(DBTError):
@@ -96,16 +97,49 @@ def _check_inputs(images: Sequence[np.ndarray], names: Sequence[str], settings: 
         ) from None
 
 
+@dataclass(frozen=True)
+class StoredEmbeddings:
+    """Patch embeddings of a bank's first references, kept from an earlier build, and the graph that made them.
+
+    Attributes:
+        features: float32 [K, P, D], the first K references' patch features (every patch, no mask applied).
+        graph_sha256: sha256 of the ONNX graph that computed them; :func:`build_bank` reuses them only when its
+            own graph is that one (an int8 graph re-calibrated on new references is not: all are embedded again).
+    """
+
+    features: np.ndarray
+    graph_sha256: str
+
+
+def stored_embeddings(bank: Bank) -> StoredEmbeddings | None:
+    """The bank's stored embeddings for :func:`build_bank` to reuse (None: the bank stores none, as older banks).
+
+    Raises:
+        BankError: the stored file is corrupted or does not fit the bank (:func:`expert.bank.load_embeddings`).
+    """
+    features = load_embeddings(bank)
+    graph = bank.meta.embeddings.graph_sha256 if bank.meta.embeddings is not None else bank.embeddings_graph
+    if features is None or graph is None:
+        return None
+    return StoredEmbeddings(features=features, graph_sha256=graph)
+
+
 def _embed_stage(
     embedder: Embedder,
     images: Sequence[np.ndarray],
     settings: ExpertSettings,
     progress: ProgressCallback | None,
     normalization: Normalization,
+    known: np.ndarray | None = None,
 ) -> np.ndarray:
+    """[N, P, D] float32 features of ``images``; the first ``len(known)`` are taken from ``known``, not embedded."""
     features: np.ndarray | None = None  # [N, P, D], allocated once the first batch gives P and D
-    report(progress, "embed", 0.0)
-    for start in range(0, len(images), settings.batch_size):
+    first = 0 if known is None else len(known)
+    if known is not None and first:
+        features = np.empty((len(images), *known.shape[1:]), dtype=np.float32)
+        features[:first] = known
+    report(progress, "embed", first / len(images))
+    for start in range(first, len(images), settings.batch_size):
         chunk = list(images[start : start + settings.batch_size])
         batch, _ = embed_images(
             embedder,
@@ -283,6 +317,18 @@ def _int8_graph(
     return int8_graph(cache, key, fp32_graph, calibration, fallback_dir=scratch)
 
 
+def _reusable(stored: StoredEmbeddings | None, graph: str, n_images: int) -> np.ndarray | None:
+    """The stored features when they came from ``graph`` and fit the build, else None (embed them again)."""
+    if stored is None:
+        return None
+    if stored.graph_sha256 != graph:
+        log.info("stored embeddings come from another graph (an int8 graph is re-calibrated): embedding all images")
+        return None
+    if len(stored.features) > n_images:
+        return None
+    return stored.features
+
+
 def fit_bank(
     images: Sequence[np.ndarray],
     names: Sequence[str],
@@ -295,6 +341,7 @@ def fit_bank(
     embedder: Embedder | None = None,
     mask: np.ndarray | None = None,
     mask_source: str = "",
+    known_features: np.ndarray | None = None,
 ) -> Bank:
     """Compute a bank in memory (stages ``embed``, ``coreset``, ``dbt``); nothing is written.
 
@@ -306,9 +353,11 @@ def fit_bank(
     :func:`build_bank` passes the exported ONNX backbone, the same one that will score queries).
     ``backbone`` may be None when ``embedder`` is given (the patch grid then follows the features).
     ``mask`` / ``mask_source``: as :func:`build_bank`.
+    ``known_features``: float32 [K, P, D] features of the first K images, computed earlier by this same
+    ``embedder`` (only the other N - K images are embedded; the caller vouches for their origin).
 
     Returns:
-        An unsaved :class:`~expert.bank_schema.Bank` (``directory`` is None).
+        An unsaved :class:`~expert.bank_schema.Bank` (``directory`` is None) with ``patch_embeddings`` set.
     """
     count_warning = _check_inputs(images, names, settings)
     normalization = expert_normalization(settings)  # the backbone's statistics (or the settings'), recorded in meta
@@ -319,7 +368,9 @@ def fit_bank(
         if backbone is None:
             raise ValueError("fit_bank needs a backbone or an embedder")
         embedder = TorchEmbedder(_as_patch_embedder(backbone, settings.crop))
-    features = _embed_stage(embedder, images, settings, progress, normalization)
+    if known_features is not None:
+        known_features = _check_known(known_features, len(images))
+    features = _embed_stage(embedder, images, settings, progress, normalization, known_features)
     grid = _patch_grid(backbone, settings.crop, features.shape[1])
     if mask is not None:
         try:
@@ -334,7 +385,7 @@ def fit_bank(
     for warning in _threshold_warnings(scores, used, threshold):
         log.warning("bank %s: %s", name, warning)
         warnings.append(warning)
-    return _assemble_bank(
+    bank = _assemble_bank(
         names=names,
         grid=grid,
         settings=settings,
@@ -350,6 +401,15 @@ def fit_bank(
         mask=mask,
         mask_source=mask_source,
     )
+    bank.patch_embeddings = features
+    return bank
+
+
+def _check_known(known: np.ndarray, n_images: int) -> np.ndarray:
+    known = np.asarray(known)
+    if known.dtype != np.float32 or known.ndim != 3 or len(known) > n_images:
+        raise ValueError(f"known features must be float32 [K <= {n_images}, P, D], got {known.dtype} {known.shape}")
+    return known
 
 
 def build_bank(
@@ -365,6 +425,7 @@ def build_bank(
     onnx_cache: OnnxCache | str | Path | None = None,
     mask: np.ndarray | None = None,
     mask_source: str = "",
+    stored: StoredEmbeddings | None = None,
 ) -> Bank:
     """Build a bank from normal reference images and save it to ``out_dir`` (atomically).
 
@@ -393,6 +454,11 @@ def build_bank(
             patches outside it never count: not in the coreset, not in the DBT training scores (τ), and queries
             scored against the bank ignore them too. None: every patch.
         mask_source: where the mask came from (recorded in meta.json ``mask.source``).
+        stored: patch embeddings of the first ``len(stored.features)`` images from an earlier build
+            (:func:`stored_embeddings`, a teach): used instead of embedding those images again when they came from
+            the very graph this build embeds with (float32, so the coreset, τ and s_max are those of a full
+            rebuild), else ignored and every image is embedded. The bank stores every reference's embeddings
+            (``embeddings.safetensors``) for the next teach.
 
     Returns:
         The saved :class:`~expert.bank_schema.Bank` (``bank.directory`` set).
@@ -422,6 +488,8 @@ def build_bank(
         quantization = None
         if settings.precision == "int8":  # the bank's own references calibrate the int8 graph (expert.quantize)
             onnx_file, quantization = _int8_graph(cache, key, onnx_file, images, settings, scratch)
+        graph = file_sha256(onnx_file)
+        known = _reusable(stored, graph, len(images))
         bank = fit_bank(
             images,
             names,
@@ -433,7 +501,9 @@ def build_bank(
             embedder=OnnxEmbedder(onnx_file, providers_for(settings.precision)),
             mask=mask,
             mask_source=mask_source,
+            known_features=known,
         )
+        bank.embeddings_graph = graph
         bank.meta.backbone.quantization = quantization
         report(progress, "save", 0.0)
         save_bank(

@@ -63,7 +63,9 @@ def _id_as_before(tensors: dict[str, np.ndarray], meta) -> str:
         array = np.ascontiguousarray(tensors[name])
         digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
         digest.update(memoryview(array).cast("B"))
-    described = meta.model_dump(mode="json", exclude={"bank_id", "created_utc", "reference_max_side", "mask"})
+    described = meta.model_dump(
+        mode="json", exclude={"bank_id", "created_utc", "reference_max_side", "mask", "embeddings"}
+    )
     described["threshold"].pop("search", None)
     for later in ("precision", "quantization"):  # backbone fields added later still
         described["backbone"].pop(later, None)
