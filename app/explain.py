@@ -55,6 +55,8 @@ HOW_TO_READ = "\n".join(
 
 def verdict_reason(result: InspectionResult) -> str:
     """Why the verdict is what it is, in words (expert sure / unsure, and what the model did)."""
+    if result.score is None or result.tau is None:  # a declared line without a bank: the MLLM alone, 0-shot
+        return "No bank yet: the verdict is the multimodal model's alone, 0-shot (no template, no expert hints)."
     above = result.score > result.tau
     if result.low_confidence:
         expert = (

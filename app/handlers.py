@@ -31,8 +31,9 @@ from eagle.annotate import annotated_image
 from eagle.archives import ArchiveLimits
 from eagle.audit import STATS_COLUMNS, AuditFilter, AuditLog, default_audit_path, parse_time, write_stats_csv
 from eagle.errors import describe
-from eagle.kept_images import keep_inspected_image
+from eagle.kept_images import KeptImages, keep_inspected_image
 from eagle.line_health import DriftState, LineHealth
+from eagle.lines import DeclaredLine, collect_confirmed
 from eagle.pipeline import Pipeline
 from eagle.records import OPERATOR_VERDICTS, InspectionResult, InspectOptions, OperatorVerdict, Verdict
 
@@ -79,17 +80,28 @@ def user_facing(func: Callable) -> Callable:
     return wrapper
 
 
+def declared_lines(pipeline: Pipeline) -> list[DeclaredLine]:
+    """The lines declared before their bank exists."""
+    return pipeline.banks.declared()
+
+
 def bank_names(pipeline: Pipeline) -> list[str]:
-    """Names of the saved banks, newest first."""
-    return [summary.name for summary in pipeline.banks.list()]
+    """Names of the saved banks, newest first, then the lines declared without a bank (they can be inspected)."""
+    return [summary.name for summary in pipeline.banks.list()] + [line.name for line in declared_lines(pipeline)]
+
+
+DECLARED_MARK = "declared (empty)"
+"""What the banks table shows in a declared line's threshold column: no bank, no τ yet."""
 
 
 def bank_table(pipeline: Pipeline) -> list[list[Any]]:
-    """Rows for the banks table."""
-    return [
+    """Rows for the banks table: the saved banks, then the declared lines (collected parts as references)."""
+    rows = [
         [s.name, s.n_references, s.coreset_size, s.threshold_method, round(s.tau, 5), round(s.s_max, 5), s.created]
         for s in pipeline.banks.list()
     ]
+    rows += [[line.name, line.collected, "", DECLARED_MARK, "", "", line.declared] for line in declared_lines(pipeline)]
+    return rows
 
 
 BANK_TABLE_HEADERS = ["bank", "references", "coreset", "τ method", "τ", "s_max", "created"]
@@ -118,6 +130,10 @@ def stats_bank_choice(pipeline: Pipeline, selected: str | None) -> dict[str, Any
     return gr.update(choices=[("all banks", ""), *[(n, n) for n in names]], value=selected if selected in names else "")
 
 
+_PRECISION_WORDS: dict[str, str] = {"fp32": "fp32", "int8": "int8: a quantised copy, faster on a CPU"}
+"""How the facts name a bank's precision (``EAGLE_EXPERT__PRECISION``)."""
+
+
 def bank_facts_markdown(pipeline: Pipeline, name: str) -> str:
     """A short Markdown description of a bank."""
     s = pipeline.banks.summary(name)
@@ -128,7 +144,8 @@ def bank_facts_markdown(pipeline: Pipeline, name: str) -> str:
     return (
         f"**{s.name}** — {s.n_references} references, {s.n_patches:,} patches, coreset {s.coreset_size:,} "
         f"({s.coreset_ratio:.0%}), threshold `{s.threshold_method}`: τ = {s.tau:.5g}, s_max = {s.s_max:.5g}; "
-        f"backbone `{s.backbone}` ({s.weights_source} weights); distance `{s.distance}`."
+        f"backbone `{s.backbone}` ({s.weights_source} weights, {_PRECISION_WORDS[s.precision]}); "
+        f"distance `{s.distance}`."
         + ("" if s.mask is None else f" Inspection mask: {s.mask}; the outside is greyed in the heatmap.")
         + "".join(f"\n\n⚠️ {warning}" for warning in warnings)
     )
@@ -191,10 +208,70 @@ def build_bank(
 
 @user_facing
 def show_bank(pipeline: Pipeline, name: str | None):
-    """Facts and the DBT histogram of one bank."""
+    """Facts and the DBT histogram of one bank (a declared line: what it has collected, no histogram)."""
     if not name:
         return "No bank selected.", None
+    line = _declared(pipeline, name)
+    if line is not None:
+        return declared_markdown(line), None
     return bank_facts_markdown(pipeline, name), _dbt_figure(pipeline, name)
+
+
+def _declared(pipeline: Pipeline, name: str | None) -> DeclaredLine | None:
+    """The declared line ``name`` when it has no bank yet, else ``None``."""
+    if not name or not pipeline.banks.is_declared(name):
+        return None
+    return pipeline.banks.lines.get(name)
+
+
+def declared_markdown(line: DeclaredLine) -> str:
+    """A declared line in words: no bank yet, what an inspection does, what is collected, whether to build."""
+    inspection = (
+        "inspections are answered by the **MLLM alone, 0-shot** (no template, no expert hints, no CAAS)"
+        if line.inspection == "mllm-only-0shot"
+        else "inspections are **refused** until the bank is built (the MLLM is disabled)"
+    )
+    build = (
+        f" **Enough collected: build the bank** ({line.collected} good parts)."
+        if line.ready_to_build
+        else f" Confirm good parts in the Inspect tab to collect them ({line.min_references} needed)."
+    )
+    return (
+        f"**{line.name}** — declared (empty): no bank yet; {inspection}. "
+        f"{line.collected} of {line.min_references} good parts collected as its first references.{build}"
+    )
+
+
+@user_facing
+def declare_line(pipeline: Pipeline, name: str | None, note: str | None = None):
+    """Declare a line before its bank exists; returns the refreshed table, the choices and the line's facts."""
+    name = (name or "").strip()
+    if not name:
+        raise gr.Error("Name the line to declare.", print_exception=False)
+    line = pipeline.banks.declare(name, note=(note or "").strip())
+    gr.Info(f"Line {name!r} declared (no bank yet).")
+    return bank_table(pipeline), gr.update(choices=bank_names(pipeline), value=line.name), declared_markdown(line)
+
+
+@user_facing
+def build_collected(pipeline: Pipeline, name: str | None, progress=gr.Progress()):
+    """Build a declared line's bank from its collected good parts (the normal build path); returns facts and choices.
+
+    Returns the bank's facts (Markdown), its DBT figure and a dropdown update selecting it.
+    """
+    from eagle.lines import build_line
+
+    line = _declared(pipeline, name)
+    if line is None:
+        raise gr.Error("Select a declared line (one without a bank) to build.", print_exception=False)
+    progress(0.0, desc=f"building {line.name!r} from {line.collected} collected good parts")
+    summary = build_line(pipeline, line.name, progress=lambda stage, fraction: progress(fraction, desc=stage))
+    gr.Info(f"Bank {summary.name!r} built from {summary.n_references} collected good parts.")
+    return (
+        bank_facts_markdown(pipeline, summary.name),
+        _dbt_figure(pipeline, summary.name),
+        gr.update(choices=bank_names(pipeline), value=summary.name),
+    )
 
 
 @user_facing
@@ -317,10 +394,61 @@ def record_feedback(
         note=(note or "").strip() or None,
         source="app",
     )
+    return _feedback_words(row)
+
+
+def _feedback_words(row: dict[str, Any]) -> str:
     who = f" by {row['operator']}" if row["operator"] else ""
     if row["feedback"] == "confirmed":
         return f"✔ Verdict **{row['verdict']}** confirmed{who}."
     return f"✖ Verdict **{row['verdict']}** overruled{who}: correct verdict **{row['correct_verdict']}**."
+
+
+@user_facing
+def feedback_and_collect(
+    pipeline: Pipeline,
+    run_id: str | None,
+    feedback: str,
+    correct_verdict: str | None,
+    operator: str | None,
+    note: str | None,
+    image_path: str | None,
+) -> tuple[str, dict[str, Any]]:
+    """Record feedback; on a declared line, a part confirmed good is collected as one of its first references.
+
+    The image comes from the kept images where they are kept (``EAGLE_KEEP_IMAGES__ENABLED``), else it is the image
+    on screen. Returns the Markdown status and an update of the "build the bank" button: shown once enough good
+    parts are collected (``settings.expert.min_references``).
+    """
+    if not run_id:
+        raise gr.Error("Inspect an image first: feedback is about the verdict shown.", print_exception=False)
+    row = audit_log(pipeline).record_feedback(
+        run_id,
+        feedback,
+        correct_verdict=correct_verdict or None,
+        operator=(operator or "").strip() or None,
+        note=(note or "").strip() or None,
+        source="app",
+    )
+    text = _feedback_words(row)
+    lines = getattr(pipeline.banks, "lines", None)
+    if lines is None or not row.get("bank") or not lines.exists(row["bank"]):
+        return text, gr.update(visible=False)
+    kept = KeptImages.of(pipeline.settings) if pipeline.settings.keep_images.enabled else None
+    shown = None if kept is not None and kept.has(row.get("image_sha256") or "") else image_path
+    collected = collect_confirmed(lines, row, shown=shown, kept=kept)
+    if collected is None:
+        line = lines.get(row["bank"])
+        return f"{text}\n\n{declared_markdown(line)}", gr.update(visible=line.ready_to_build)
+    line, new = collected
+    if new:
+        text += f"\n\n✚ Collected as a first reference of line **{line.name}**: "
+    else:
+        text += f"\n\nThis part is already collected for line **{line.name}**: "
+    text += f"{line.collected} of {line.min_references}."
+    if line.ready_to_build:
+        text += " **Enough good parts: build the bank now.**"
+    return text, gr.update(visible=line.ready_to_build)
 
 
 @user_facing
@@ -419,21 +547,35 @@ VERDICT_TEXTS: dict[Verdict, str] = {"defect": "DEFECT", "no_defect": "NO DEFECT
 """What :func:`verdict_html` shows for each verdict word (every one of :data:`eagle.records.VERDICTS`)."""
 
 
+MLLM_ONLY_WORDS = "MLLM alone, 0-shot (no bank yet: no template, no expert hints, no CAAS)"
+"""How the verdict panel names a declared line's inspection (mode ``mllm-only-0shot``)."""
+
+
 def verdict_html(result: InspectionResult, run_id: str | None = None) -> str:
-    """The verdict, large and coloured, with the expert's view beside it."""
+    """The verdict, large and coloured, with the expert's view beside it (or, with no bank yet, the MLLM-only label)."""
     colour = VERDICT_COLOURS[result.verdict]
     text = VERDICT_TEXTS[result.verdict]
-    source = "MLLM" if result.mode == "expert+mllm" else "expert only"
-    unsure = " · expert unsure (τ ≤ score ≤ s_max)" if result.low_confidence else ""
-    caas = f" · CAAS α={result.caas_alpha:g}" if result.caas_applied else ""
-    why = html.escape(verdict_reason(result))
+    if result.score is None or result.tau is None or result.s_max is None:  # mllm-only-0shot: no expert ran
+        decided = f"decided by the {MLLM_ONLY_WORDS}"
+        why = html.escape(
+            "This line has no bank yet, so no expert scored the part; the model answered from the image alone. "
+            "Confirm good parts to collect them, then build the bank."
+        )
+    else:
+        source = "MLLM" if result.mode == "expert+mllm" else "expert only"
+        unsure = " · expert unsure (τ ≤ score ≤ s_max)" if result.low_confidence else ""
+        caas = f" · CAAS α={result.caas_alpha:g}" if result.caas_applied else ""
+        decided = (
+            f"decided by {source}; expert score {result.score:.4g} vs τ {result.tau:.4g} "
+            f"(s_max {result.s_max:.4g}){unsure}{caas}"
+        )
+        why = html.escape(verdict_reason(result))
     return (
-        f'<div id="eagle-verdict" data-verdict="{result.verdict}" data-sha="{result.image_sha256[:16]}" '
-        f'data-run-id="{run_id or ""}" '
+        f'<div id="eagle-verdict" data-verdict="{result.verdict}" data-mode="{result.mode}" '
+        f'data-sha="{result.image_sha256[:16]}" data-run-id="{run_id or ""}" '
         f'style="padding:14px;border-radius:8px;background:{colour};color:white">'
         f'<div style="font-size:2em;font-weight:700">{text}</div>'
-        f"<div>decided by {source}; expert score {result.score:.4g} vs τ {result.tau:.4g} "
-        f"(s_max {result.s_max:.4g}){unsure}{caas}</div>"
+        f"<div>{decided}</div>"
         f'<div id="eagle-verdict-why" style="margin-top:6px">{why}</div></div>'
     )
 
@@ -496,7 +638,7 @@ def inspect(
     keep_inspected_image(pipeline.settings, result.image_sha256, path)
     outputs = _render(result, pipeline, run_id)
     yield outputs
-    if explain and result.mode == "expert+mllm":
+    if explain and result.mode != "expert-only":
         text = ""
         for chunk in pipeline.explain_stream(image, result):
             text += chunk
@@ -507,15 +649,19 @@ def _render(result: InspectionResult, pipeline: Pipeline, run_id: str | None = N
     images = result.images
     answer = (
         f"{result.mllm_letter or '?'} → {result.mllm_answer}  (raw: {result.mllm_raw!r})"
-        if result.mode == "expert+mllm"
+        if result.mode != "expert-only"
         else "expert-only mode: no MLLM answer"
     )
+    if result.score is None or result.tau is None or result.s_max is None:
+        gauge = None  # a declared line: no expert, no score
+    else:
+        gauge = score_gauge(result.score, result.tau, result.s_max)
     crop = result.inspected_region
     w, h = result.image_size
     note = "" if crop == (0, 0, w, h) else f" (inspected region {crop}; the greyed border was not inspected)"
     return (
         verdict_html(result, run_id),
-        score_gauge(result.score, result.tau, result.s_max),
+        gauge,
         annotated_image(result) if images else None,
         images.boxed if images is not None and images.boxed is not None else None,
         images.template if images else None,
@@ -523,5 +669,9 @@ def _render(result: InspectionResult, pipeline: Pipeline, run_id: str | None = N
         result.explanation or "",
         images.attention_overlay if images else None,
         timings_markdown(result.timings_ms),
-        f"{len(result.boxes)} box(es); template: {result.template}{note}",
+        (
+            f"{len(result.boxes)} box(es); template: {result.template}{note}"
+            if result.score is not None
+            else f"mode `{result.mode}`: {MLLM_ONLY_WORDS}"
+        ),
     )

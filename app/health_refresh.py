@@ -73,8 +73,14 @@ def propose_refresh(pipeline: Pipeline, name: str | None) -> tuple[str, list[Any
 
 
 @user_facing
-def approve_refresh(pipeline: Pipeline, name: str | None, proposed: dict | None, progress=gr.Progress()) -> str:
-    """Teach bank ``name`` the proposal shown (still proposed now); returns Markdown of the change."""
+def approve_refresh(
+    pipeline: Pipeline, name: str | None, proposed: dict | None, progress=gr.Progress()
+) -> tuple[str, list, list, None]:
+    """Teach bank ``name`` the proposal shown (still proposed now).
+
+    Returns:
+        Markdown of the change, then an empty gallery, table and proposal: what was taught is no longer proposed.
+    """
     if not name or not proposed or not proposed.get("candidates"):
         raise gr.Error("Propose a refresh first: only the candidates shown are taught.", print_exception=False)
     shown = RefreshProposal.model_validate(proposed)
@@ -97,7 +103,10 @@ def approve_refresh(pipeline: Pipeline, name: str | None, proposed: dict | None,
     return (
         f"**Bank {name!r} refreshed** — version {result.version_before or 'unversioned'} → {result.version}, "
         f"{result.references_before} → {result.references_after} references, τ {result.tau_before:.5g} → "
-        f"{result.tau_after:.5g}. Undo with `eagle bank rollback {name} {result.version_before or ''}`."
+        f"{result.tau_after:.5g}. Undo with `eagle bank rollback {name} {result.version_before or ''}`.",
+        [],
+        [],
+        None,
     )
 
 

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import gradio as gr
 
@@ -132,12 +133,32 @@ def _banks_tab(pipeline: Pipeline, selector: gr.Dropdown) -> gr.Dataframe:
         upload = gr.File(label="Bank zip", file_types=[".zip"])
         upload_name = gr.Textbox(label="Name for the imported bank (default: the zip's name)")
         do_import = gr.Button("Import")
+    with gr.Accordion("Declare a line before its bank exists", open=False, elem_id="declare-line"):
+        gr.Markdown(
+            "A declared line has no bank yet: its inspections are answered by the **MLLM alone, 0-shot** (no "
+            "template, no expert hints, no CAAS), or refused when the MLLM is disabled. Parts an operator confirms "
+            "good in the Inspect tab are collected as its first references; build the bank once "
+            f"{pipeline.settings.expert.min_references} are collected. Same as `eagle bank create NAME --empty`."
+        )
+        with gr.Row():
+            line_name = gr.Textbox(label="Line name", placeholder="e.g. line-7", max_lines=1, elem_id="line-name")
+            line_note = gr.Textbox(label="Note (optional)", max_lines=1)
+        with gr.Row():
+            declare = gr.Button("Declare line (no bank yet)", elem_id="declare-line-button")
+            build_collected = gr.Button("Build the selected line's bank from its collected parts")
 
     refresh.click(functools.partial(handlers.refreshed_banks, pipeline), selector, [table, selector])
     selector.change(functools.partial(handlers.show_bank, pipeline), selector, [facts, histogram])
     delete.click(functools.partial(handlers.delete_bank, pipeline), selector, [table, selector])
     export.click(functools.partial(handlers.export_bank, pipeline), selector, download)
     do_import.click(functools.partial(handlers.import_bank, pipeline), [upload, upload_name], [table, selector])
+    declare.click(functools.partial(handlers.declare_line, pipeline), [line_name, line_note], [table, selector, facts])
+
+    def build_line(name, progress=gr.Progress()):
+        facts_md, figure, choice = handlers.build_collected(pipeline, name, progress)
+        return handlers.bank_table(pipeline), choice, facts_md, figure
+
+    build_collected.click(build_line, selector, [table, selector, facts, histogram])
     return table
 
 
@@ -207,7 +228,7 @@ def _inspect_tab(pipeline: Pipeline, bank: gr.Dropdown, gates: AppGates) -> gr.I
             gr.Markdown("**Timings (ms)**")
             timings = gr.Markdown(elem_id="timings")
             run_id = gr.State(None)
-            feedback_status = _feedback_row(pipeline, run_id)
+            feedback_status = _feedback_row(pipeline, run_id, image, bank)
             _teach_row(pipeline, image, bank, gates)
 
     outputs = [verdict, gauge, heatmap, boxed, template, answer, explanation, looked, timings, summary]
@@ -240,8 +261,13 @@ def _inspect_tab(pipeline: Pipeline, bank: gr.Dropdown, gates: AppGates) -> gr.I
     return image
 
 
-def _feedback_row(pipeline: Pipeline, run_id: gr.State) -> gr.Markdown:
-    """Confirm / overrule buttons for the verdict shown; each click is a feedback row in the audit log."""
+def _feedback_row(pipeline: Pipeline, run_id: gr.State, image: gr.Image, bank: gr.Dropdown) -> gr.Markdown:
+    """Confirm / overrule buttons for the verdict shown; each click is a feedback row in the audit log.
+
+    On a line declared before its bank exists, a part confirmed good is collected as one of its first references
+    (the image on screen, or the kept copy where images are kept); once enough are collected, "Build the bank from
+    the collected parts" appears and builds it with the normal build path.
+    """
     with gr.Accordion("Operator feedback on this verdict", open=True):
         with gr.Row():
             confirm = gr.Button("✔ Confirm verdict", elem_id="feedback-confirm")
@@ -251,16 +277,30 @@ def _feedback_row(pipeline: Pipeline, run_id: gr.State) -> gr.Markdown:
             operator = gr.Textbox(label="Operator", max_lines=1)
             note = gr.Textbox(label="Note", max_lines=1)
         status = gr.Markdown(elem_id="feedback-status")
+        build = gr.Button(
+            "Build the bank from the collected good parts",
+            variant="primary",
+            visible=False,
+            elem_id="build-collected",
+        )
     confirm.click(
-        lambda rid, who, text: handlers.record_feedback(pipeline, rid, "confirmed", None, who, text),
-        [run_id, operator, note],
-        status,
+        lambda rid, who, text, img: handlers.feedback_and_collect(pipeline, rid, "confirmed", None, who, text, img),
+        [run_id, operator, note, image],
+        [status, build],
     )
     overrule.click(
-        lambda rid, right, who, text: handlers.record_feedback(pipeline, rid, "overruled", right, who, text),
-        [run_id, correct, operator, note],
-        status,
+        lambda rid, right, who, text, img: handlers.feedback_and_collect(
+            pipeline, rid, "overruled", right, who, text, img
+        ),
+        [run_id, correct, operator, note, image],
+        [status, build],
     )
+
+    def build_bank(name, progress=gr.Progress()):
+        facts, _figure, choice = handlers.build_collected(pipeline, name, progress)
+        return facts, choice, gr.update(visible=False)
+
+    build.click(build_bank, bank, [status, bank, build])
     return status
 
 
@@ -328,9 +368,9 @@ def _health_tab(pipeline: Pipeline, health_tab: gr.Tab, inspected: gr.Image) -> 
             gr.update(value=timeline_fig, visible=timeline_fig is not None),
         )
 
-    _refresh_rows(pipeline, bank, inspected)
-
     outputs = [state, histogram, timeline]
+    _refresh_rows(pipeline, bank, inspected, after_teach=(show, outputs))
+
     refresh.click(show, bank, outputs)
     bank.input(show, bank, outputs)
     health_tab.select(lambda selected: handlers.bank_choice(pipeline, selected, default_first=True), bank, bank).then(
@@ -339,8 +379,13 @@ def _health_tab(pipeline: Pipeline, health_tab: gr.Tab, inspected: gr.Image) -> 
     return bank
 
 
-def _refresh_rows(pipeline: Pipeline, bank: gr.Dropdown, inspected: gr.Image) -> None:
-    """Grow the bank: propose kept inspections of good parts, teach them on approval (:mod:`app.health_refresh`)."""
+def _refresh_rows(
+    pipeline: Pipeline, bank: gr.Dropdown, inspected: gr.Image, *, after_teach: tuple[Callable, list]
+) -> None:
+    """Grow the bank: propose kept inspections of good parts, teach them on approval (:mod:`app.health_refresh`).
+
+    ``after_teach`` is the drift panel's ``(show, outputs)``: run once a refresh made a new version.
+    """
     gr.Markdown(
         "**Grow the bank** from confirmed good parts: the latest kept inspections of this version that the expert "
         "passed with margin or an operator confirmed good. Same proposal as `eagle bank refresh`.",
@@ -355,7 +400,12 @@ def _refresh_rows(pipeline: Pipeline, bank: gr.Dropdown, inspected: gr.Image) ->
     table = gr.Dataframe(headers=health_refresh.REFRESH_COLUMNS, elem_id="refresh-table", interactive=False)
     proposal = gr.State(None)
     propose.click(functools.partial(health_refresh.propose_refresh, pipeline), bank, [status, gallery, table, proposal])
-    approve.click(functools.partial(health_refresh.approve_refresh, pipeline), [bank, proposal], status)
+    show, shown = after_teach
+    approve.click(
+        functools.partial(health_refresh.approve_refresh, pipeline),
+        [bank, proposal],
+        [status, gallery, table, proposal],
+    ).success(show, bank, shown)
     teach_shown.click(functools.partial(health_refresh.teach_shown_image, pipeline), [inspected, bank], status)
 
 

@@ -92,6 +92,7 @@ from eagle.errors import EagleError, as_eagle_error, is_disk_full, one_line
 from eagle.images import ImageError, image_sha256
 from eagle.kept_images import keep_inspected_image
 from eagle.line_health import LineHealth
+from eagle.lines import DeclaredLine
 from eagle.pipeline import InspectionPipeline
 from eagle.records import CAASPolicy, InspectionResult, InspectOptions, OperatorVerdict, PromptSetting
 from eagle.settings import Settings
@@ -148,6 +149,29 @@ class BankList(BaseModel):
     """``GET /v1/banks``."""
 
     banks: list[BankSummary] = Field(description="The saved banks, newest first.")
+    declared: list[DeclaredLine] = Field(
+        default_factory=list,
+        description="Lines declared before their bank exists (state 'declared': no bank yet), newest first.",
+    )
+
+
+class DeclareLineRequest(BaseModel):
+    """``POST /v1/lines``: declare a line before its bank exists."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(
+        max_length=BANK_NAME_MAX_LENGTH,
+        description=f"The line's name (its bank's name later). {BANK_NAME_HELP}",
+        json_schema_extra=BANK_NAME_SCHEMA,
+    )
+    note: str = Field("", max_length=200, description="One line for people (what the line makes).")
+
+
+class DeclaredLines(BaseModel):
+    """``GET /v1/lines``."""
+
+    lines: list[DeclaredLine] = Field(description="Lines declared before their bank exists, newest first.")
 
 
 class JobList(BaseModel):
@@ -606,7 +630,7 @@ def _v1_router(service: Service) -> APIRouter:
         name = _clean_name(image_name or image.filename)
         audit["image_name"] = name
         validate_bank_name(bank)
-        if not await run_in_threadpool(pipeline.banks.exists, bank):
+        if not await run_in_threadpool(pipeline.banks.exists, bank) and not _is_declared(pipeline, bank):
             raise BankNotFoundError(f"no bank named {bank!r}")
         data = await image.read()
         audit["image_sha256"] = image_sha256(data)
@@ -661,12 +685,33 @@ def _v1_router(service: Service) -> APIRouter:
             )
         )
         service.metrics.observe_feedback(row["bank"] or "", row["feedback"])
+        await run_in_threadpool(_collect_confirmed, service, row)
         return FeedbackResponse(**{k: row[k] for k in FeedbackResponse.model_fields})
 
     @router.get("/banks", response_model=BankList, tags=["banks"], summary="List the saved banks")
     async def list_banks() -> BankList:
         summaries = await run_in_threadpool(pipeline.banks.list)
-        return BankList(banks=summaries)
+        return BankList(banks=summaries, declared=await run_in_threadpool(_declared_lines, pipeline))
+
+    @router.post(
+        "/lines",
+        response_model=DeclaredLine,
+        status_code=201,
+        tags=["banks"],
+        summary="Declare a line before its bank exists (inspections: the MLLM alone, 0-shot; or bank_empty)",
+        responses=BODY_ERROR_RESPONSES,
+    )
+    async def declare_line(body: DeclareLineRequest) -> JSONResponse:
+        validate_bank_name(body.name)
+        line = await run_in_threadpool(_declare_line, pipeline, body.name, body.note)
+        logger.info("line %r declared (no bank yet)", body.name)
+        return JSONResponse(line.model_dump(mode="json"), status_code=201, headers={"Location": "/v1/lines"})
+
+    @router.get(
+        "/lines", response_model=DeclaredLines, tags=["banks"], summary="List the lines declared without a bank"
+    )
+    async def list_lines() -> DeclaredLines:
+        return DeclaredLines(lines=await run_in_threadpool(_declared_lines, pipeline))
 
     @router.post(
         "/banks",
@@ -863,7 +908,7 @@ def _v1_router(service: Service) -> APIRouter:
         validate_bank_name(name)
         if service.jobs.active_for(name):
             raise BankBusy(f"bank {name!r} is being built; delete it when the job has finished")
-        if not await run_in_threadpool(pipeline.banks.exists, name):
+        if not await run_in_threadpool(pipeline.banks.exists, name) and not _is_declared(pipeline, name):
             raise BankNotFoundError(f"no bank named {name!r}")
         await run_in_threadpool(pipeline.banks.delete, name)
         logger.info("bank %r deleted", name)
@@ -891,6 +936,42 @@ def _refresh_apply(service: Service, name: str, sha256s: list[str]) -> tuple[lis
     chosen = select(proposal, sha256s)
     result = apply(service.pipeline, name, chosen, kept, data_dir=Path(service.settings.data_dir), approved_by="api")
     return chosen, result
+
+
+def _is_declared(pipeline: InspectionPipeline, name: str) -> bool:
+    """Whether ``name`` is a line declared without a bank."""
+    return pipeline.banks.is_declared(name)
+
+
+def _declare_line(pipeline: InspectionPipeline, name: str, note: str) -> DeclaredLine:
+    """Declare line ``name`` in the pipeline's bank store (:meth:`eagle.lines.DeclaredLines.declare`)."""
+    return pipeline.banks.declare(name, note=note)
+
+
+def _declared_lines(pipeline: InspectionPipeline) -> list[DeclaredLine]:
+    """The lines declared without a bank."""
+    return pipeline.banks.declared()
+
+
+def _collect_confirmed(service: Service, row: dict[str, Any]) -> None:
+    """A part an operator confirmed good on a declared line: collected as a first reference, from the kept images.
+
+    Only where inspected images are kept (``EAGLE_KEEP_IMAGES__ENABLED``); never fails the feedback itself.
+    """
+    from eagle.kept_images import KeptImages
+    from eagle.lines import collect_confirmed
+
+    lines = getattr(service.pipeline.banks, "lines", None)
+    if lines is None or not service.settings.keep_images.enabled:
+        return
+    try:
+        collected = collect_confirmed(lines, row, kept=KeptImages.of(service.settings))
+    except Exception as exc:  # noqa: BLE001 - the feedback is recorded; only the collected copy is missing
+        logger.warning("line %r: could not collect run %s: %s", row.get("bank"), row.get("run_id"), one_line(exc))
+        return
+    if collected is not None:
+        line = collected[0]
+        logger.info("line %r: %d of %d good parts collected", line.name, line.collected, line.min_references)
 
 
 def _admit_inspection(service: Service) -> ServiceError | None:

@@ -14,7 +14,9 @@ is a new row.
 Columns: ``time`` (UTC ISO 8601), ``run_id``, ``source`` (``api``/``watch``/``app``), ``image_name``,
 ``image_sha256``, ``bank``, ``bank_id``, ``score``, ``tau``, ``s_max``, ``decision`` (the expert's
 ``anomalous``/``normal``), ``low_confidence``, ``caas_applied``, ``mllm_answer``, ``verdict``, ``model_id``,
-``latency_ms``, ``status`` (``ok``/``error``), ``error_code``, ``error_message``.
+``latency_ms``, ``status`` (``ok``/``error``), ``error_code``, ``error_message``, ``mode`` (who decided:
+``expert-only``, ``expert+mllm`` or ``mllm-only-0shot``, a line declared before its bank exists, where ``score``,
+``tau``, ``s_max`` and ``decision`` are empty; empty on rows written before the column existed).
 
 Example:
     >>> import tempfile
@@ -78,6 +80,7 @@ COLUMNS: tuple[str, ...] = (
     "status",
     "error_code",
     "error_message",
+    "mode",
 )
 
 _SCHEMA = """
@@ -103,6 +106,7 @@ CREATE TABLE IF NOT EXISTS inspections (
     status        TEXT    NOT NULL,
     error_code    TEXT,
     error_message TEXT,
+    mode          TEXT,
     UNIQUE (image_sha256, image_name, run_id)
 );
 CREATE INDEX IF NOT EXISTS inspections_time ON inspections (time);
@@ -240,6 +244,9 @@ class AuditLog:
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             self._conn.executescript(_SCHEMA)
+            present = {row[1] for row in self._conn.execute("PRAGMA table_info(inspections)").fetchall()}
+            if "mode" not in present:  # a log written before the column existed: rows stay, their mode is empty
+                self._conn.execute("ALTER TABLE inspections ADD COLUMN mode TEXT")
             self._conn.commit()
 
     def close(self) -> None:
@@ -288,9 +295,9 @@ class AuditLog:
             "image_sha256": result.image_sha256,
             "bank": result.bank,
             "bank_id": result.bank_id,
-            "score": float(result.score),
-            "tau": float(result.tau),
-            "s_max": float(result.s_max),
+            "score": _number(result.score),
+            "tau": _number(result.tau),
+            "s_max": _number(result.s_max),
             "decision": result.expert_decision,
             "low_confidence": int(bool(result.low_confidence)),
             "caas_applied": int(bool(result.caas_applied)),
@@ -299,6 +306,7 @@ class AuditLog:
             "model_id": result.model_id,
             "latency_ms": None if latency_ms is None else float(latency_ms),
             "status": "ok",
+            "mode": getattr(result, "mode", None),
         }
         return self._insert(row)
 
@@ -357,7 +365,8 @@ class AuditLog:
             source: ``api``, ``watch`` or ``app``.
 
         Returns:
-            The stored feedback row, with the inspection's ``bank`` and original ``verdict``.
+            The stored feedback row, with the inspection's ``bank``, original ``verdict``, ``image_sha256``,
+            ``image_name`` and ``mode`` (what collecting a declared line's good parts needs).
 
         Raises:
             InspectionNotFoundError: no ``ok`` inspection carries ``run_id``.
@@ -372,7 +381,8 @@ class AuditLog:
                 raise FeedbackError(f"{label} is longer than {MAX_FEEDBACK_TEXT} characters")
         with self._lock:
             found = self._conn.execute(
-                "SELECT id, bank, verdict FROM inspections WHERE run_id = ? AND status = 'ok' ORDER BY id DESC LIMIT 1",
+                "SELECT id, bank, verdict, image_sha256, image_name, mode FROM inspections "
+                "WHERE run_id = ? AND status = 'ok' ORDER BY id DESC LIMIT 1",
                 (run_id,),
             ).fetchone()
         if found is None:
@@ -394,7 +404,15 @@ class AuditLog:
         with self._lock:
             cursor = self._conn.execute(f"INSERT INTO feedback ({names}) VALUES ({marks})", row)
             self._conn.commit()
-        return {"id": cursor.lastrowid, **row, "bank": found["bank"], "verdict": original}
+        return {
+            "id": cursor.lastrowid,
+            **row,
+            "bank": found["bank"],
+            "verdict": original,
+            "image_sha256": found["image_sha256"],
+            "image_name": found["image_name"] or None,
+            "mode": found["mode"],
+        }
 
     def feedback(self, run_id: str | None = None) -> list[dict[str, Any]]:
         """Feedback rows (all, or those of ``run_id``), oldest first."""
@@ -639,7 +657,8 @@ def line_stats(
         fp = sum(1 for flagged, real in truth if flagged and not real)
         fn = sum(1 for flagged, real in truth if not flagged and real)
         asked = [r for r in ok if r["mllm_answer"] is not None and r["verdict"] in VERDICTS]
-        disagree = sum(1 for r in asked if (r["decision"] == "anomalous") != (r["verdict"] == "defect"))
+        with_expert = [r for r in asked if r["decision"] is not None]  # an MLLM-only row has no expert to differ from
+        disagree = sum(1 for r in with_expert if (r["decision"] == "anomalous") != (r["verdict"] == "defect"))
         latencies = [float(r["latency_ms"]) for r in ok if r["latency_ms"] is not None]
         out.append(
             {
@@ -659,7 +678,7 @@ def line_stats(
                 "recall": _ratio(tp, tp + fn),
                 "mllm_asked": len(asked),
                 "expert_mllm_disagreements": disagree,
-                "expert_mllm_disagreement_rate": _ratio(disagree, len(asked)),
+                "expert_mllm_disagreement_rate": _ratio(disagree, len(with_expert)),
                 "latency_p50_ms": percentile(latencies, 50),
                 "latency_p90_ms": percentile(latencies, 90),
                 "latency_p99_ms": percentile(latencies, 99),
@@ -718,12 +737,21 @@ def format_table(rows: list[dict[str, Any]]) -> Iterator[str]:
         score = "" if row["score"] is None else f"{row['score']:.4g}"
         tau = "" if row["tau"] is None else f"{row['tau']:.4g}"
         latency = "" if row["latency_ms"] is None else f"{row['latency_ms']:.0f}"
-        decision = row["decision"] or ("error" if row["status"] == "error" else "")
+        mode_word = _MODE_WORDS.get(str(row.get("mode") or ""), "")
+        decision = row["decision"] or ("error" if row["status"] == "error" else mode_word)
         verdict = row["verdict"] or (row["error_code"] or "")
         yield (
             f"{row['time'][:26]:<26} {row['source']:<6} {_clip(row['image_name'], 28):<28} "
             f"{_clip(row['bank'] or '', 16):<16} {score:>8} {tau:>8} {decision:<10} {verdict:<10} {latency:>7}"
         )
+
+
+_MODE_WORDS = {"mllm-only-0shot": "mllm-0shot"}
+"""What the table's decision column says when no expert decided (a declared line's MLLM-only inspection)."""
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _clip(text: str, width: int) -> str:

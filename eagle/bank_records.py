@@ -26,6 +26,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from expert.config import Precision
+
 __all__ = ["BankSummary", "BankVersion", "TaughtImage", "TeachResult"]
 
 
@@ -51,6 +53,10 @@ class BankSummary(_Record):
     backbone: str = Field(description="The backbone's timm model name.")
     weights_source: str = Field(description="Where the backbone's weights came from: hub, file or random.")
     distance: str = Field(description="The unit of every score: sqeuclidean or euclidean.")
+    precision: Precision = Field(
+        "fp32",
+        description="The feature extractor's precision: fp32, or int8 (a quantised copy; EAGLE_EXPERT__PRECISION).",
+    )
     warning: str | None = Field(None, description="Built from fewer references than recommended; None: enough.")
     build_warnings: tuple[str, ...] = Field(
         (), description="The build's warnings (meta.json 'warnings', e.g. few references, an empty CAAS band)."

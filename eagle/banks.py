@@ -43,9 +43,10 @@ from eagle.archives import ArchiveLimits, describe_names, extract_zip, scan_zip
 from eagle.bank_records import BankSummary, BankVersion
 from eagle.bank_versions import BankVersionNotFoundError
 from eagle.errors import EagleError, is_disk_full
+from eagle.lines import DeclaredLines, LineStore
 from eagle.settings import ExpertSettings
 from expert.bank import is_bank_file, read_meta
-from expert.bank_schema import META_FILE, ONNX_FILE, TENSORS_FILE, BankError
+from expert.bank_schema import EMBEDDINGS_FILE, META_FILE, ONNX_FILE, TENSORS_FILE, BankError
 
 if TYPE_CHECKING:
     from expert.scorer import ExpertScorer
@@ -132,7 +133,7 @@ def validate_bank_name(name: object) -> str:
     return name  # type: ignore[return-value]
 
 
-class BankStore:
+class BankStore(DeclaredLines):
     """Banks under one root directory (``settings.banks_dir``), one sub-directory each.
 
     Banks are versioned (:mod:`eagle.bank_versions`): every change (:meth:`write_version`: build, teach, import)
@@ -145,8 +146,18 @@ class BankStore:
     when next asked for (a request that is using a dropped one finishes with it). Thread-safe.
     """
 
-    def __init__(self, root: Path, settings: ExpertSettings, *, versions_kept: int = 5, max_loaded: int = 4) -> None:
+    def __init__(
+        self,
+        root: Path,
+        settings: ExpertSettings,
+        *,
+        versions_kept: int = 5,
+        max_loaded: int = 4,
+        lines: LineStore | None = None,
+    ) -> None:
         self.root = Path(root)
+        self.lines = lines if lines is not None else LineStore(self.root, min_references=settings.min_references)
+        """The lines declared before their bank exists (:mod:`eagle.lines`)."""
         self.settings = settings
         self.versions_kept = max(1, int(versions_kept))
         self.max_loaded = max(1, int(max_loaded))
@@ -169,6 +180,10 @@ class BankStore:
         path = self.path(name)
         if not (path / META_FILE).is_file():
             known = ", ".join(s.name for s in self.list()) or "none yet"
+            if self.is_declared(name):
+                from eagle.lines import BankEmptyError
+
+                raise BankEmptyError(f"line {name!r} is declared but has no bank yet: build a bank first")
             raise BankNotFoundError(f"no bank named {name!r} (saved banks: {known})")
         return path
 
@@ -299,7 +314,10 @@ class BankStore:
                 del self._templates[key]
 
     def delete(self, name: str) -> None:
-        """Delete bank ``name`` from disk, with every kept version."""
+        """Delete bank ``name`` from disk, with every kept version (a declared line: its record and collected parts)."""
+        if self.lines.exists(name) and not self.exists(name):
+            self.lines.delete(name)
+            return
         path = self._require(name)
         with self._write_lock, bank_versions.writer_lock(self.root, name), self._lock:
             self.forget(name)
@@ -310,6 +328,8 @@ class BankStore:
                 path.rename(trash)
                 shutil.rmtree(trash, ignore_errors=True)
             bank_versions.remove_versions(self.root, name)
+        if self.lines.exists(name):  # a line declared before a bank of its name was built elsewhere
+            self.lines.delete(name)
 
     # ------------------------------------------------------------------ versions
     def write_version(self, name: str, write: Callable[[Path], object], *, action: str, note: str = "") -> int:
@@ -419,6 +439,8 @@ class BankStore:
             wanted = {META_FILE, TENSORS_FILE} | {ref.file for ref in meta.references}
             if meta.backbone.onnx_sha256 is not None:
                 wanted.add(ONNX_FILE)
+            if meta.embeddings is not None:  # optional: a bank without it teaches by embedding every reference again
+                wanted.add(EMBEDDINGS_FILE)
             outside = sorted(f for f in wanted if not is_bank_file(f))
             if outside:
                 raise BankError(f"{META_FILE}: reference files outside the bank format: {describe_names(outside)}")
@@ -432,7 +454,7 @@ class BankStore:
                     len(skipped),
                     describe_names(skipped),
                 )
-            missing = sorted(wanted - taken - {META_FILE})
+            missing = sorted(wanted - taken - {META_FILE, EMBEDDINGS_FILE})
             if missing:
                 raise BankError(f"the zip's bank lacks {describe_names(missing)}")
             try:
@@ -536,6 +558,7 @@ def summarize_bank(path: Path, settings: ExpertSettings, *, name: str | None = N
         backbone=meta.backbone.id,
         weights_source=meta.backbone.weights,
         distance=meta.distance,
+        precision=meta.backbone.precision,
         build_warnings=tuple(meta.warnings),
         mask=(
             None

@@ -10,6 +10,8 @@ Each subcommand is one ``_add_<name>(bank_subparsers)`` function registering one
 
 Examples:
     $ eagle bank list --json
+    $ eagle bank create line-7 --empty
+    $ eagle bank inspect line-7 part.png --json
     $ eagle bank show widget
     $ eagle bank export widget --out widget.zip
     $ eagle bank import widget.zip --name widget-line4
@@ -41,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``bank`` and its subcommands to the ``eagle`` parser."""
     bank = subparsers.add_parser(
         "bank",
-        help="List, show, export, import, delete, teach (add), history, rollback and line health of saved banks.",
+        help="List, declare (create --empty), inspect, show, export, import, delete, teach (add), history, "
+        "rollback and line health of saved banks.",
         description="Manage the banks under <data_dir>/banks with the same checks as the app and the API.",
     )
     bank_subparsers = bank.add_subparsers(dest="bank_command", metavar="SUBCOMMAND")
@@ -86,11 +89,13 @@ def _add_list(bank_subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_list(args: argparse.Namespace, settings: Settings) -> int:
-    """``eagle bank list``."""
+    """``eagle bank list``: the saved banks, then the lines declared without a bank (``state`` ``declared``)."""
     store = open_store(settings)
     summaries = store.list()
+    declared = store.declared()
     if args.json:
-        print(json.dumps([summary_dict(s, store) for s in summaries]))
+        lines = [{**line.model_dump(), "path": str(store.lines.folder(line.name))} for line in declared]
+        print(json.dumps([*[{**summary_dict(s, store), "state": "built"} for s in summaries], *lines]))
         return 0
     print(f"{'bank':<24} {'refs':>5} {'coreset':>8} {'tau':>10} {'s_max':>10}  {'created (UTC)':<26} bank_id")
     for s in summaries:
@@ -98,8 +103,100 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
             f"{s.name:<24} {s.n_references:>5} {s.coreset_size:>8} {s.tau:>10.5g} {s.s_max:>10.5g}  "
             f"{s.created[:26]:<26} {s.bank_id[:16]}"
         )
-    print(f"({len(summaries)} banks in {store.root})", file=sys.stderr)
+    for line in declared:
+        print(
+            f"{line.name:<24} {line.collected:>5} {'-':>8} {'-':>10} {'-':>10}  {line.declared[:26]:<26} "
+            f"declared (empty): {_declared_words(line)}"
+        )
+    print(f"({len(summaries)} banks, {len(declared)} declared lines in {store.root})", file=sys.stderr)
     return 0
+
+
+def _declared_words(line: Any) -> str:
+    """What a declared line's row says: collected so far, and what an inspection does now."""
+    inspection = "MLLM-only 0-shot inspection" if line.inspection == "mllm-only-0shot" else "inspection refused"
+    ready = "; ready to build" if line.ready_to_build else ""
+    return f"{line.collected}/{line.min_references} good parts collected, {inspection}{ready}"
+
+
+# -- create --empty (declare a line before its bank) --------------------------------------------------------------
+def _add_create(bank_subparsers: argparse._SubParsersAction) -> None:
+    parser = bank_subparsers.add_parser(
+        "create",
+        help="Declare a line before its bank exists (--empty).",
+        description="Declare a line with no bank yet: inspections against it are asked of the MLLM alone, 0-shot "
+        "(no template, no expert hints, no CAAS), labelled mllm-only-0shot; with the MLLM disabled they are "
+        "refused (bank_empty). Parts an operator confirms good are collected as its first references; build the "
+        "bank once enough are collected (the app offers it). Build a bank from images with eagle build-bank.",
+    )
+    _add_name(parser)
+    parser.add_argument("--empty", action="store_true", required=True, help="Declare it without a bank (required).")
+    parser.add_argument("--note", default="", help="One line for people (what the line makes).")
+    parser.add_argument("--json", action="store_true", help="Print the declared line as one JSON object.")
+    parser.set_defaults(func=run_create)
+
+
+def run_create(args: argparse.Namespace, settings: Settings) -> int:
+    """``eagle bank create NAME --empty``."""
+    store = open_store(settings)
+    line = store.declare(args.name, note=args.note)
+    if args.json:
+        print(json.dumps(line.model_dump()))
+    else:
+        print(f"{line.name}: declared (empty), {_declared_words(line)}")
+    print(f"eagle bank create: line {args.name!r} declared in {store.lines.root}", file=sys.stderr)
+    return 0
+
+
+# -- inspect (the one pipeline, as the app and the API inspect) -------------------------------------------------
+def _add_inspect(bank_subparsers: argparse._SubParsersAction) -> None:
+    parser = bank_subparsers.add_parser(
+        "inspect",
+        help="Inspect images against a bank or a declared line (the pipeline of the app and the API; not audited).",
+    )
+    _add_name(parser)
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="Image files to inspect.")
+    parser.add_argument("--no-mllm", action="store_true", help="Expert only (a declared line then refuses).")
+    parser.add_argument("--json", action="store_true", help="One JSON object (the inspection record) per line.")
+    parser.set_defaults(func=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace, settings: Settings) -> int:
+    """``eagle bank inspect NAME IMAGE...``: :meth:`eagle.pipeline.Pipeline.inspect` per image.
+
+    An unknown name, a declared line with the MLLM disabled (``bank_empty``) or an unusable bank stop it with one
+    line; an unreadable image is reported and the others are inspected (exit 1 when any failed).
+    """
+    from eagle.images import ImageError
+    from eagle.pipeline import Pipeline
+    from eagle.records import InspectOptions
+
+    pipeline = Pipeline(settings)
+    if not pipeline.banks.exists(args.name) and not pipeline.banks.is_declared(args.name):
+        pipeline.banks.load(args.name)  # the one bank_not_found message
+    options = InspectOptions(use_mllm=not args.no_mllm)
+    failed = 0
+    for path in args.images:
+        try:
+            result = pipeline.inspect(path, args.name, options, image_name=path.name)
+        except ImageError as err:
+            failed += 1
+            print(f"eagle bank inspect: error: {err}", file=sys.stderr)
+            continue
+        if args.json:
+            print(result.model_dump_json())
+        else:
+            print(_inspection_line(result))
+    return 1 if failed else 0
+
+
+def _inspection_line(result: Any) -> str:
+    """One line per inspection: image, verdict, and who decided (with the expert's score when it ran)."""
+    if result.score is None:
+        decided = f"{result.mode} (MLLM alone: no bank, no template, no expert hints, no CAAS)"
+    else:
+        decided = f"{result.mode}, score {result.score:.4g} vs τ {result.tau:.4g}"
+    return f"{result.image_name or result.image_sha256[:16]}: {result.verdict} — {decided}"
 
 
 # -- show --------------------------------------------------------------------------------------------------------
@@ -203,7 +300,7 @@ def run_import(args: argparse.Namespace, settings: Settings) -> int:
 
 # -- delete ------------------------------------------------------------------------------------------------------
 def _add_delete(bank_subparsers: argparse._SubParsersAction) -> None:
-    parser = bank_subparsers.add_parser("delete", help="Delete a saved bank.")
+    parser = bank_subparsers.add_parser("delete", help="Delete a saved bank (or a declared line).")
     _add_name(parser)
     parser.set_defaults(func=run_delete)
 
@@ -422,6 +519,8 @@ def run_refresh(args: argparse.Namespace, settings: Settings) -> int:
 
 BANK_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_list,
+    _add_create,
+    _add_inspect,
     _add_show,
     _add_export,
     _add_import,

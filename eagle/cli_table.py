@@ -45,7 +45,8 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "bank",
-        "List, show, export, import, delete, teach (add), history, rollback and line health of saved banks.",
+        "List, declare (create --empty), inspect, show, export, import, delete, teach (add), history, "
+        "rollback and line health of saved banks.",
         "eagle.cli_bank",
     ),
     Command("serve", "Run the headless HTTP inspection service (REST API, metrics).", "deploy.cli"),

@@ -1,7 +1,9 @@
 """Inspection: one image through the bank's expert and, when asked for, the multimodal LLM.
 
 :class:`Inspector` decodes a query (bounded in memory whatever its pixel count), scores it with the bank's
-expert, renders the pictures at the bounded view and asks the MLLM (CAAS applied when the expert is unsure).
+expert, renders the pictures at the bounded view and asks the MLLM (CAAS applied when the expert is unsure). A
+line declared before its bank exists (:mod:`eagle.lines`) is asked of the MLLM alone, 0-shot
+(:meth:`Inspector.inspect_mllm_only`).
 It takes where the scorers come from (:class:`ScorerSource`, the bank store) and the MLLM's lifecycle, so tests
 can give it a tiny scorer or model.
 """
@@ -9,7 +11,7 @@ can give it a tiny scorer or model.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -18,6 +20,7 @@ import numpy as np
 from eagle import results
 from eagle.images import DecodedImage, ImageError, decode_image, resize_rgb, view_size
 from eagle.images import image_sha256 as sha256_of_image
+from eagle.lines import BankEmptyError
 from eagle.models import MLLMModel, MLLMUnavailableError
 from eagle.records import InspectionResult, InspectOptions
 from eagle.settings import Settings
@@ -26,6 +29,10 @@ if TYPE_CHECKING:
     from expert.scorer import ExpertResult, ExpertScorer
     from mllm.choices import MultipleChoice
     from mllm.inspector import MLLMAnswer
+
+
+MLLM_ONLY_SETTING = "baseline"
+"""The prompt of a declared line's MLLM-only inspection: no expert hints (and no template block, no CAAS)."""
 
 
 class ScorerSource(Protocol):
@@ -131,11 +138,146 @@ class Inspector:
         decode_ms = (time.perf_counter() - t0) * 1000
         # One scorer for the whole request: a new bank version made current meanwhile (teach, rollback) is used
         # from the next request on, never half-way through this one (score, template and bank id agree).
-        scorer = self.banks.load(bank)
+        try:
+            scorer = self.banks.load(bank)
+        except BankEmptyError:  # a line declared before its bank exists: the MLLM alone, 0-shot, or refused
+            result = self.inspect_mllm_only(decoded, bank, options, image_name=image_name, image_sha256=sha)
+            result.timings_ms = {"decode": decode_ms, **result.timings_ms}
+            result.timings_ms["total"] = (time.perf_counter() - t0) * 1000
+            return result
         expert = _score(scorer, decoded)
         result = self.finish(decoded, expert, bank, options, image_name=image_name, image_sha256=sha, scorer=scorer)
         result.timings_ms = {"decode": decode_ms, **result.timings_ms}
         result.timings_ms["total"] = (time.perf_counter() - t0) * 1000
+        return result
+
+    def inspect_many(
+        self,
+        images: Sequence[tuple[np.ndarray | bytes | Path | DecodedImage, str | None]],
+        bank: str,
+        options: InspectOptions | None = None,
+        *,
+        batch_size: int = 4,
+    ) -> list[InspectionResult | Exception]:
+        """Inspect several images, the expert embedding up to ``batch_size`` of them in one forward pass.
+
+        Each result equals :meth:`inspect`'s for that image (up to float rounding of the batched embedding);
+        a failure of one image (undecodable, too odd to score, an MLLM error) is returned in its place and does
+        not stop the others. A bank that cannot be loaded fails every image. Timings: ``decode`` and ``total``
+        are the image's own; ``embed`` is its batch's embedding time divided by the batch's size.
+
+        Args:
+            images: ``(image, image_name)`` pairs, as :meth:`inspect` takes them.
+            bank: the bank's name.
+            options: as :meth:`inspect`'s, for every image.
+            batch_size: images per forward pass (1 to ``expert.scorer.MAX_SCORE_BATCH``).
+        """
+        t0 = time.perf_counter()
+        outcomes: list[InspectionResult | Exception | None] = [None] * len(images)
+        decoded: list[tuple[int, DecodedImage, str, float]] = []
+        for index, (image, name) in enumerate(images):
+            began = time.perf_counter()
+            try:
+                picture = self.decode(image, image_name=name)
+                decoded.append((index, picture, sha256_of_image(picture), (time.perf_counter() - began) * 1000))
+            except Exception as exc:  # noqa: BLE001 - returned in the image's place
+                outcomes[index] = exc
+        if decoded:
+            try:
+                scorer = self.banks.load(bank)  # one scorer for the whole batch, as for one request
+            except BankEmptyError:  # a declared line has no expert to batch: each image as alone (MLLM, 0-shot)
+                return [self._inspect_or_error(image, bank, options, name) for image, name in images]
+            except Exception as exc:  # noqa: BLE001 - the bank fails every image alike
+                for index, *_ in decoded:
+                    outcomes[index] = exc
+                decoded = []
+        experts = _score_batch(scorer, [picture for _, picture, _, _ in decoded], batch_size) if decoded else []
+        for (index, picture, sha, decode_ms), expert in zip(decoded, experts, strict=True):
+            if isinstance(expert, Exception):
+                outcomes[index] = expert
+                continue
+            name = images[index][1]
+            try:
+                result = self.finish(picture, expert, bank, options, image_name=name, image_sha256=sha, scorer=scorer)
+            except Exception as exc:  # noqa: BLE001 - returned in the image's place
+                outcomes[index] = exc
+                continue
+            result.timings_ms = {"decode": decode_ms, **result.timings_ms}
+            result.timings_ms["total"] = (time.perf_counter() - t0) * 1000
+            outcomes[index] = result
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _inspect_or_error(
+        self,
+        image: np.ndarray | bytes | Path | DecodedImage,
+        bank: str,
+        options: InspectOptions | None,
+        name: str | None,
+    ) -> InspectionResult | Exception:
+        try:
+            return self.inspect(image, bank, options, image_name=name)
+        except Exception as exc:  # noqa: BLE001 - returned in the image's place
+            return exc
+
+    def inspect_mllm_only(
+        self,
+        image: DecodedImage,
+        bank: str,
+        options: InspectOptions | None = None,
+        *,
+        image_name: str | None = None,
+        image_sha256: str | None = None,
+    ) -> InspectionResult:
+        """Inspect against a line declared before its bank exists: the MLLM alone, 0-shot.
+
+        No template, no expert hints (the ``baseline`` prompt without its template block), no CAAS: not the
+        paper's 1-shot+ baseline row, which shows a template. The record's ``mode`` is ``mllm-only-0shot``.
+
+        Raises:
+            BankEmptyError: the MLLM is disabled in settings or not asked for (``use_mllm`` off): only a bank can
+                inspect then, so the message says to build one first.
+            MLLMUnavailableError: the MLLM could not be loaded.
+        """
+        options = options or InspectOptions()
+        if not self.mllm.enabled or not options.use_mllm:
+            why = "the MLLM is disabled (EAGLE_MLLM__ENABLED=false)" if not self.mllm.enabled else "use_mllm is off"
+            raise BankEmptyError(
+                f"line {bank!r} has no bank yet and {why}: build a bank first (confirm good parts and build it in the "
+                f"app, `eagle build-bank --name {bank} IMAGES...` or POST /v1/banks)"
+            )
+        from PIL import Image
+
+        inspector = self.mllm.load()
+        view = self.view(image)
+        views: dict[str, Any] = {
+            "query": Image.fromarray(view),
+            "template": None,
+            "boxed": None,
+            "expert_anomalous": None,
+        }
+        answer: MLLMAnswer = inspector.ask(**views, setting=MLLM_ONLY_SETTING, caas=None)
+        timings = {f"mllm_{k}": v for k, v in answer.timings_ms.items()}
+        explanation = None
+        explain = self.settings.prompt.explain if options.explain is None else options.explain
+        if explain:
+            t1 = time.perf_counter()
+            explanation = "".join(inspector.explain_stream(**views, answer=answer, setting=MLLM_ONLY_SETTING)).strip()
+            timings["mllm_explain"] = (time.perf_counter() - t1) * 1000
+        result = results.mllm_only_result(
+            image,
+            view,
+            answer,
+            bank=bank,
+            image_name=image_name,
+            image_sha256=image_sha256,
+            explanation=explanation,
+            model_id=inspector.loaded.model_id,
+            timings=timings,
+        )
+        if options.attention_map and result.images is not None:
+            t1 = time.perf_counter()
+            result.images.attention_overlay = inspector.attention_overlay(**views, setting=MLLM_ONLY_SETTING)
+            result.timings_ms["mllm_attention"] = (time.perf_counter() - t1) * 1000
         return result
 
     def _caas_config(self, options: InspectOptions, expert: ExpertResult):
@@ -243,7 +385,7 @@ class Inspector:
 
         from mllm.inspector import MLLMAnswer
 
-        if result.mode != "expert+mllm" or result.images is None:
+        if result.mode == "expert-only" or result.images is None:
             raise MLLMUnavailableError("this result has no MLLM answer to explain")
         inspector = self.mllm.load()
         images = result.images
@@ -256,12 +398,15 @@ class Inspector:
             n_new_tokens=0,
         )
         # the same views as the answer turn: no template when the prompt sends none (0-shot, the reference profile)
-        template = Image.fromarray(images.template) if self.settings.prompt.template else None
+        template = (
+            Image.fromarray(images.template) if self.settings.prompt.template and images.template is not None else None
+        )
+        expert_anomalous = None if result.expert_decision is None else result.expert_decision == "anomalous"
         yield from inspector.explain_stream(
             query=Image.fromarray(self.view(image)),
             template=template,
             boxed=Image.fromarray(images.boxed) if images.boxed is not None else None,
-            expert_anomalous=result.expert_decision == "anomalous",
+            expert_anomalous=expert_anomalous,
             answer=answer,
             setting=result.prompt_setting or self.settings.prompt.setting,
         )
@@ -292,3 +437,25 @@ def _score(scorer: ExpertScorer, image: np.ndarray | DecodedImage) -> ExpertResu
     if isinstance(image, DecodedImage):
         return scorer.score(image.pixels, original_size=image.original_size)
     return scorer.score(image)
+
+
+def _score_batch(
+    scorer: ExpertScorer, images: Sequence[DecodedImage], batch_size: int
+) -> list[ExpertResult | Exception]:
+    """Score decoded queries in batches; when a batch fails, its images are scored alone (one bad image fails alone)."""
+    try:
+        return list(
+            scorer.score_many(
+                [image.pixels for image in images],
+                batch_size=batch_size,
+                original_sizes=[image.original_size for image in images],
+            )
+        )
+    except Exception:  # noqa: BLE001 - find which image fails, each on its own
+        results: list[ExpertResult | Exception] = []
+        for image in images:
+            try:
+                results.append(_score(scorer, image))
+            except Exception as exc:  # noqa: BLE001 - returned in the image's place
+                results.append(exc)
+        return results

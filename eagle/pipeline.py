@@ -30,6 +30,7 @@ from eagle.bank_service import BankService
 from eagle.banks import BankStore, BankSummary
 from eagle.images import DecodedImage
 from eagle.inspection import Inspector
+from eagle.lines import LineStore
 from eagle.models import BackboneGraph, MLLMLoader, MLLMModel
 from eagle.records import InspectionResult, InspectOptions
 from eagle.settings import Settings
@@ -37,6 +38,7 @@ from eagle.settings import Settings
 if TYPE_CHECKING:
     from eagle.audit import AuditLog
     from eagle.line_health import LineHealth
+    from eagle.lines import DeclaredLine
     from expert.scorer import ExpertResult, ExpertScorer
     from mllm.choices import MultipleChoice
 
@@ -72,6 +74,18 @@ class BankCatalog(Protocol):
         """The kept versions of a bank, oldest first (``BankNotFoundError``)."""
         ...
 
+    def is_declared(self, name: str) -> bool:
+        """Whether ``name`` is a line declared without a bank (:class:`~eagle.lines.DeclaredLines`)."""
+        ...
+
+    def declare(self, name: str, *, note: str = "") -> DeclaredLine:
+        """Declare a line before its bank exists (``LineExistsError`` when a bank or line of that name exists)."""
+        ...
+
+    def declared(self) -> list[DeclaredLine]:
+        """The lines declared without a bank, newest first."""
+        ...
+
 
 @runtime_checkable
 class InspectionPipeline(Protocol):
@@ -100,6 +114,17 @@ class InspectionPipeline(Protocol):
         image_name: str | None = None,
     ) -> InspectionResult:
         """Inspect one image (see :meth:`Pipeline.inspect`)."""
+        ...
+
+    def inspect_many(
+        self,
+        images: Sequence[tuple[np.ndarray | bytes | Path | DecodedImage, str | None]],
+        bank: str,
+        options: InspectOptions | None = None,
+        *,
+        batch_size: int = 4,
+    ) -> list[InspectionResult | Exception]:
+        """Inspect several images, the expert embedding them together (see :meth:`Pipeline.inspect_many`)."""
         ...
 
     def line_health(self, name: str, audit: AuditLog) -> LineHealth:
@@ -174,6 +199,12 @@ class Pipeline:
                 settings.expert,
                 versions_kept=settings.bank_versions_kept,
                 max_loaded=settings.max_loaded_banks,
+                lines=LineStore(
+                    settings.banks_dir if banks_dir is None else Path(banks_dir),
+                    min_references=settings.expert.min_references,
+                    max_pixels=settings.max_image_pixels,
+                    mllm_enabled=settings.mllm.enabled,
+                ),
             )
             banks.sweep()  # what killed writers left under the banks folder (nothing that a live process owns)
         self.banks = banks
@@ -311,6 +342,20 @@ class Pipeline:
     ) -> InspectionResult:
         """Inspect one image end to end (:meth:`~eagle.inspection.Inspector.inspect`)."""
         return self.inspector.inspect(image, bank, options, image_name=image_name)
+
+    def inspect_many(
+        self,
+        images: Sequence[tuple[np.ndarray | bytes | Path | DecodedImage, str | None]],
+        bank: str,
+        options: InspectOptions | None = None,
+        *,
+        batch_size: int = 4,
+    ) -> list[InspectionResult | Exception]:
+        """Inspect ``(image, name)`` pairs, the expert embedding them in batches; a failure is returned in its place.
+
+        See :meth:`~eagle.inspection.Inspector.inspect_many`; the watched folder uses it when several images wait.
+        """
+        return self.inspector.inspect_many(images, bank, options, batch_size=batch_size)
 
     def finish(
         self,

@@ -31,7 +31,7 @@ class StageBar:
     It is a :class:`~common.progress.ProgressCallback`. A stage not in ``stages`` counts as the last one.
 
     Args:
-        stages: the stages in the order they run (e.g. :data:`eagle.pipeline.BUILD_STAGES`).
+        stages: the stages in the order they run (e.g. :data:`eagle.bank_service.BUILD_STAGES`).
         desc: the bar's label.
         enabled: False draws nothing (``--no-progress``); the reports are still accepted.
         leave: keep the finished bar on screen.

@@ -29,6 +29,14 @@ ExpertDecision = Literal["anomalous", "normal"]
 
 EXPERT_DECISIONS: tuple[ExpertDecision, ...] = get_args(ExpertDecision)
 
+InspectionMode = Literal["expert-only", "expert+mllm", "mllm-only-0shot"]
+"""Who decided an inspection: the expert alone, the expert with the MLLM (the EAGLE pipeline), or, on a line
+declared before its bank exists, the MLLM alone 0-shot (no template, no expert hints, no CAAS: not the paper's
+1-shot+ baseline row)."""
+
+INSPECTION_MODES: tuple[InspectionMode, ...] = get_args(InspectionMode)
+MLLM_ONLY_MODE: InspectionMode = "mllm-only-0shot"
+
 
 class InspectOptions(BaseModel):
     """Per-request choices; ``None`` means "as configured in settings"."""
@@ -72,16 +80,19 @@ class InspectionResult(BaseModel):
     image_sha256: str
     image_size: tuple[int, int] = Field(description="(width, height) of the original image.")
     bank: str
-    bank_id: str
-    score: float
-    tau: float
-    s_max: float
-    expert_decision: ExpertDecision
+    bank_id: str | None = Field(description="The bank version that scored; None: a declared line without a bank.")
+    score: float | None = Field(description="The expert's score; None when no expert ran (mllm-only-0shot).")
+    tau: float | None = Field(description="The bank's τ; None when no expert ran (mllm-only-0shot).")
+    s_max: float | None = Field(description="The bank's s_max; None when no expert ran (mllm-only-0shot).")
+    expert_decision: ExpertDecision | None = Field(description="anomalous iff score >= tau; None: no expert ran.")
     low_confidence: bool = Field(description="tau <= score <= s_max: the expert is unsure.")
     boxes: list[BoxRecord]
     inspected_region: tuple[int, int, int, int] = Field(description="(x0, y0, x1, y1) the backbone saw.")
     template: str | None = Field(None, description="Reference image shown to the MLLM as the normal template.")
-    mode: Literal["expert-only", "expert+mllm"]
+    mode: InspectionMode = Field(
+        description="Who decided: expert-only, expert+mllm, or mllm-only-0shot (a line declared before its bank "
+        "exists: the MLLM alone, no template, no expert hints, no CAAS)."
+    )
     prompt_setting: PromptSetting | None = None
     caas_applied: bool = False
     caas_alpha: float | None = None

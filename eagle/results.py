@@ -119,3 +119,53 @@ def mllm_result(
         model_id=model_id,
         timings_ms=timings,
     )
+
+
+def mllm_only_result(
+    image: np.ndarray | DecodedImage,
+    view: np.ndarray,
+    answer: MLLMAnswer,
+    *,
+    bank: str,
+    image_name: str | None,
+    image_sha256: str | None,
+    explanation: str | None,
+    model_id: str,
+    timings: dict[str, float],
+) -> InspectionResult:
+    """The record of a declared line without a bank: the MLLM alone, 0-shot (no template, no hints, no CAAS).
+
+    No expert ran: ``score``, ``tau``, ``s_max``, ``expert_decision`` and ``bank_id`` are ``None``, there are no
+    boxes, and the picture is the query's view itself (nothing to overlay). The MLLM saw the whole image.
+    """
+    from eagle.records import MLLM_ONLY_MODE
+
+    pixels = image.pixels if isinstance(image, DecodedImage) else image
+    width, height = image.original_size if isinstance(image, DecodedImage) else (pixels.shape[1], pixels.shape[0])
+    return InspectionResult(
+        image_name=image_name,
+        image_sha256=image_sha256 or sha256_of_image(image),
+        image_size=(int(width), int(height)),
+        bank=bank,
+        bank_id=None,
+        score=None,
+        tau=None,
+        s_max=None,
+        expert_decision=None,
+        low_confidence=False,
+        boxes=[],
+        inspected_region=(0, 0, int(width), int(height)),
+        template=None,
+        mode=MLLM_ONLY_MODE,
+        prompt_setting="baseline",
+        caas_applied=False,
+        caas_alpha=None,
+        mllm_letter=answer.letter,
+        mllm_answer=answer.answer,
+        mllm_raw=answer.raw_text,
+        explanation=explanation,
+        verdict={"yes": "defect", "no": "no_defect"}.get(answer.answer, "unknown"),
+        model_id=model_id,
+        timings_ms=timings,
+        images=InspectionImages(heatmap_overlay=np.ascontiguousarray(view), boxed=None, template=None),
+    )

@@ -1,7 +1,7 @@
 """Helpers for the service tests: a real uvicorn on 127.0.0.1, images, zips, metrics parsing, a real bank.
 
-The fake pipeline the service tests use is :class:`tests.fake_pipeline.FakePipeline` (the one test double of
-:class:`eagle.pipeline.InspectionPipeline`).
+The pipeline the service tests use is :class:`tests.fake_pipeline.FakePipeline`: the real
+:class:`eagle.pipeline.Pipeline` with a tiny bank store, scorer, builder and MLLM injected.
 """
 
 from __future__ import annotations

@@ -254,7 +254,7 @@ def test_edge_command_starts_answers_and_stops_gracefully(tmp_path):
         assert healthcheck(stage, env) == 0
         ready = httpx.get(f"{base}/readyz")
         assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"  # no bank yet
-        assert httpx.get(f"{base}/v1/banks").json() == {"banks": []}
+        assert httpx.get(f"{base}/v1/banks").json() == {"banks": [], "declared": []}
         assert "/v1/inspect" in httpx.get(f"{base}/openapi.json").json()["paths"]
     finally:
         output = stop(process, tmp_path / "edge.log")

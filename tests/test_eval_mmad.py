@@ -342,7 +342,7 @@ def test_bank_root_builds_each_bank_from_the_original_training_images(tree, tmp_
         "n_images": 2,
     }
     assert json.loads((out / "run.json").read_text())["bank_from_templates"] is False
-    banks = {name: pipeline.banks.load(name)["names"] for name in (b.name for b in pipeline.banks.list())}
+    banks = {name: pipeline.banks.meta(name)["names"] for name in (b.name for b in pipeline.banks.list())}
     assert sorted(len(names) for names in banks.values()) == [2, 3, 3]
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# EAGLE evaluation report\n")

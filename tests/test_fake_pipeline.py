@@ -1,25 +1,29 @@
-"""The real pipeline and the one fake the tests use satisfy the same protocol.
+"""The one fake the tests use is the real pipeline: only its small injected parts are fakes.
 
-``InspectionPipeline`` is ``runtime_checkable``, but ``isinstance`` only checks that the members exist; the
-signatures are compared here too, so the fake cannot drift from what the front ends call.
+``FakePipeline`` overrides none of :class:`~eagle.pipeline.Pipeline`'s methods; its parts (bank store, scorer,
+builder, MLLM) are compared with the real parts' signatures here, so they cannot drift from what the pipeline calls.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import io
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from eagle.banks import BankNotFoundError, BankStore
+from eagle.bank_service import BankService
+from eagle.banks import BankNotFoundError
 from eagle.images import image_sha256
+from eagle.inspection import ScorerSource
 from eagle.models import MLLMUnavailableError
 from eagle.pipeline import BankCatalog, InspectionPipeline, Pipeline
 from eagle.records import InspectOptions
 from eagle.settings import Settings
-from tests.fake_pipeline import FakeBankStore, FakePipeline
+from tests.fake_pipeline import FakeBankStore, FakeBuilder, FakeMLLM, FakePipeline, FakeScorer
 from tests.service_helpers import png_bytes
 
 
@@ -58,14 +62,30 @@ def _front_end(pipeline: InspectionPipeline) -> InspectionPipeline:
     return pipeline
 
 
-@pytest.mark.parametrize("implementation", [Pipeline, FakePipeline])
-def test_both_pipelines_have_the_protocols_signatures(implementation):
-    _assert_compatible(implementation, InspectionPipeline)
+def test_the_fake_is_the_real_pipeline_with_nothing_overridden():
+    assert issubclass(FakePipeline, Pipeline)
+    overridden = {name for name in vars(FakePipeline) if not name.startswith("_")}
+    assert overridden == set(), overridden  # inspect, finish, decode, line_health, ready...: the real code
+    _assert_compatible(Pipeline, InspectionPipeline)
 
 
-@pytest.mark.parametrize("store", [BankStore, FakeBankStore])
-def test_both_bank_stores_have_the_catalogs_signatures(store):
-    _assert_compatible(store, BankCatalog)
+@pytest.mark.parametrize(
+    ("part", "real"),
+    [
+        (FakeBankStore, BankCatalog),
+        (FakeBankStore, ScorerSource),
+        (FakeBuilder, BankService),
+        (FakeScorer, "expert.scorer.ExpertScorer"),
+        (FakeMLLM, "mllm.inspector.MLLMInspector"),
+    ],
+)
+def test_each_fake_part_takes_every_call_of_the_real_one(part, real):
+    if isinstance(real, str):
+        module, name = real.rsplit(".", 1)
+        real = getattr(importlib.import_module(module), name)
+    wanted = {"score"} if part is FakeScorer else {"ask", "explain_stream", "attention_overlay"}
+    members = _members(real) if part not in (FakeScorer, FakeMLLM) else {n: vars(real)[n] for n in wanted}
+    _assert_compatible(part, type("Calls", (), members))
 
 
 def test_the_real_and_the_fake_pipeline_are_inspection_pipelines(tmp_path):
@@ -138,7 +158,7 @@ def test_a_seeded_bank_is_listed_and_deleted(tmp_path: Path):
 
 
 def test_teaching_the_fake_makes_a_new_version_and_lets_the_image_pass(tmp_path):
-    """The fake implements the protocol's teach call like the real one: a new version, τ recomputed, scores."""
+    """The fake builder teaches like the real one: a new version, τ recomputed, scores; the mask check is real."""
     fake = FakePipeline(tmp_path)
     references = [np.full((16, 16, 3), level, np.uint8) for level in (100, 102, 104, 106)]
     fake.build_bank(references, "bolts", names=[f"r{i}.png" for i in range(4)])
@@ -155,106 +175,43 @@ def test_teaching_the_fake_makes_a_new_version_and_lets_the_image_pass(tmp_path)
     (version,) = fake.banks.history("bolts")
     assert (version.version, version.n_references, version.current) == (2, 5, True)
 
-    fake.check_mask(png_bytes())
-    fake.check_mask('{"polygons": []}')
+    white = io.BytesIO()
+    Image.new("RGB", (32, 24), "white").save(white, format="PNG")
+    fake.check_mask(white.getvalue())  # the real check: a black-and-white picture, or polygons JSON
+    fake.check_mask('{"polygons": [[[0, 0], [10, 0], [10, 10]]]}')
     with pytest.raises(Exception, match="mask") as err:
         fake.check_mask(b"not an image")
     assert getattr(err.value, "code", None) == "invalid_mask"
 
 
-class _TinyScorer:
-    """A bank's expert for the real pipeline: the score is the mean intensity / 255, τ = 0.5, s_max = 0.7."""
-
-    bank = SimpleNamespace(meta=SimpleNamespace(bank_id="tiny-bank"))
-
-    def score(self, image: np.ndarray, *, original_size: tuple[int, int] | None = None):
-        from expert.boxes import Box
-        from expert.preprocess import Geometry
-        from expert.scorer import ExpertResult
-
-        height, width = image.shape[:2]
-        orig_w, orig_h = original_size or (width, height)
-        score = float(image.mean() / 255)
-        boxes = [Box(0, 0, max(1, orig_w // 2), max(1, orig_h // 2), score)] if score >= 0.5 else []
-        return ExpertResult(
-            score=score,
-            tau=0.5,
-            s_max=0.7,
-            anomalous=score >= 0.5,
-            low_confidence=0.5 <= score <= 0.7,
-            patch_scores=np.full((2, 2), score, np.float32),
-            crop_map=np.full((8, 8), score, np.float32),
-            boxes=boxes,
-            template_index=0,
-            template_name="ref0.png",
-            geometry=Geometry(orig_h, orig_w, 8, 8, 0, 0, 8, 8),
-            timings_ms={"embed": 1.0},
-        )
-
-    def reference_name(self, index: int) -> str:
-        return f"ref{index}.png"
-
-
-class _TinyBanks:
-    """The store calls an inspection makes (the scorer, and the template it retrieved), and an empty listing."""
-
-    def list(self) -> list:
-        return []
-
-    def load(self, name: str) -> _TinyScorer:
-        if name != "tiny":
-            raise BankNotFoundError(f"no bank named {name!r}")
-        return _TinyScorer()
-
-    def template_image(self, name: str, index: int, *, scorer=None) -> np.ndarray:
-        return np.full((8, 8, 3), 128, np.uint8)
-
-
-class _TinyMLLM:
-    """Answers what the expert said (yes when the boxed view is sent), CAAS on when the pipeline's gate says so."""
-
-    loaded = SimpleNamespace(model_id="tiny-mllm", quantization="none")
-
-    def __init__(self) -> None:
-        self.asked: list[tuple[str, bool, bool]] = []  # (setting, boxed sent, CAAS config given)
-
-    def ask(self, *, query, template, boxed, expert_anomalous, setting, caas=None, question=None):
-        from mllm.inspector import MLLMAnswer
-
-        self.asked.append((setting, boxed is not None, caas is not None))
-        answer = "yes" if expert_anomalous else "no"
-        return MLLMAnswer(answer[0].upper(), answer, answer, caas is not None, 10, 1, {"generate": 3.0})
-
-
-def test_the_real_pipeline_inspects_with_an_injected_scorer_and_mllm(tmp_path):
-    """The parts are constructor arguments: a front-end test runs the REAL inspection with tiny stand-ins."""
-    model = _TinyMLLM()
-    loads: list[object] = []
-    settings = Settings(data_dir=tmp_path, mllm={"enabled": True}, caas={"policy": "auto"})
-    pipeline = Pipeline(settings, banks=_TinyBanks(), mllm_loader=lambda progress: loads.append(progress) or model)
+def test_the_real_inspection_runs_the_fake_scorer_and_mllm_through_the_caas_gate():
+    """Record, boxes, pictures, timings and the CAAS gate are the real pipeline's; the answers the fake MLLM's."""
+    pipeline = FakePipeline(banks=["widget"], mllm_enabled=True)
     assert pipeline.mllm_status() == "MLLM not loaded yet (loads on the first inspection)"
 
     bright = np.full((30, 40, 3), 153, np.uint8)  # score 0.6: anomalous and unsure (τ ≤ 0.6 ≤ s_max)
-    result = pipeline.inspect(bright, "tiny", InspectOptions(prompt_setting="full"), image_name="b.png")
-    assert (result.mode, result.verdict, result.mllm_answer, result.model_id) == (
+    result = pipeline.inspect(bright, "widget", InspectOptions(prompt_setting="full", caas="auto"), image_name="b.png")
+    assert (result.mode, result.model_id, result.caas_applied, result.caas_alpha) == (
         "expert+mllm",
-        "defect",
-        "yes",
-        "tiny-mllm",
+        "fake-mllm",
+        True,
+        pipeline.settings.caas.alpha,
     )
-    assert result.score == pytest.approx(0.6) and result.caas_applied and result.bank_id == "tiny-bank"
-    assert result.image_size == (40, 30) and result.template == "ref0.png" and len(result.boxes) == 1
+    assert (result.mllm_answer, result.verdict) == ("no", "no_defect")  # CAAS on: the fake flips the expert's yes
+    assert result.score == pytest.approx(0.6) and result.bank_id == pipeline.banks.meta("widget")["bank_id"]
+    assert result.image_size == (40, 30) and result.template is None and len(result.boxes) == 1
     assert result.images.boxed is not None and result.images.heatmap_overlay.shape == (30, 40, 3)
     assert {"decode", "embed", "render", "mllm_generate", "total"} <= set(result.timings_ms)
 
+    off = pipeline.inspect(bright, "widget", InspectOptions(prompt_setting="full", caas="off"))
+    assert (off.mllm_answer, off.verdict, off.caas_applied) == ("yes", "defect", False)
     dark = np.full((30, 40, 3), 25, np.uint8)
-    normal = pipeline.inspect(dark, "tiny", InspectOptions(prompt_setting="full", use_mllm=True))
+    normal = pipeline.inspect(dark, "widget", InspectOptions(prompt_setting="full", caas="auto"))
     assert (normal.verdict, normal.caas_applied, normal.images.boxed) == ("no_defect", False, None)
-    assert model.asked == [("full", True, True), ("full", False, False)] and len(loads) == 1
-    assert pipeline.mllm_status() == "MLLM loaded: tiny-mllm (none)"
-    assert pipeline.ready() == {"banks": False, "mllm": True}
-    expert_only = pipeline.inspect(bright, "tiny", InspectOptions(use_mllm=False))
-    assert (expert_only.mode, expert_only.verdict) == ("expert-only", "defect") and len(model.asked) == 2
+    assert pipeline.mllm_status() == "MLLM loaded: fake-mllm (none)"
+    assert pipeline.ready() == {"banks": True, "mllm": True}
+    expert_only = pipeline.inspect(bright, "widget", InspectOptions(use_mllm=False))
+    assert (expert_only.mode, expert_only.verdict) == ("expert-only", "defect")
     with pytest.raises(BankNotFoundError):
         pipeline.inspect(bright, "other")
 
@@ -263,8 +220,11 @@ def test_a_failing_injected_loader_is_the_one_mllm_unavailable_error(tmp_path):
     def fail(progress):
         raise MLLMUnavailableError("no weights here")
 
-    pipeline = Pipeline(Settings(data_dir=tmp_path, mllm={"enabled": True}), banks=_TinyBanks(), mllm_loader=fail)
+    settings = Settings(data_dir=tmp_path, mllm={"enabled": True})
+    banks = FakeBankStore(settings.banks_dir)
+    banks.seed("widget")
+    pipeline = Pipeline(settings, banks=banks, mllm_loader=fail)
     with pytest.raises(MLLMUnavailableError, match="could not be loaded: no weights here; inspect with the expert"):
-        pipeline.inspect(np.zeros((8, 8, 3), np.uint8), "tiny")
+        pipeline.inspect(np.zeros((8, 8, 3), np.uint8), "widget")
     assert pipeline.mllm_status().startswith("MLLM unavailable (no weights here)")
-    assert pipeline.ready()["mllm"] is False
+    assert pipeline.ready() == {"banks": True, "mllm": False}

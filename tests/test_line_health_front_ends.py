@@ -42,7 +42,7 @@ def _levels(rng: np.random.Generator, n: int, drift: float = 0.0) -> list[float]
 @pytest.fixture
 def line(tmp_path):
     pipeline = FakePipeline(tmp_path / "fake")
-    pipeline.health_settings = LIMITS
+    pipeline.settings.health = LIMITS
     rng = np.random.default_rng(0)
     pipeline.build_bank([np.full((16, 16, 3), int(round(g)), np.uint8) for g in _levels(rng, 30)], "line")
     settings = Settings(

@@ -181,7 +181,7 @@ def test_inspect_annotated_png_has_red_boxes(client):
     red = (picture[..., 0] == 255) & (picture[..., 1] == 0) & (picture[..., 2] == 0)
     box = body["result"]["boxes"][0]
     assert red.any() and red[box["y0"], box["x0"]]  # the box outline starts at its corner
-    overlay = (bright.astype(np.float32) * 0.5 + 60).clip(0, 255).astype(np.uint8)
+    overlay = FakePipeline(banks=["widget"]).inspect(bright, "widget").images.heatmap_overlay
     assert (picture[~red] == overlay[~red]).all()  # elsewhere: the heatmap overlay itself
 
 
@@ -269,7 +269,7 @@ def test_bank_build_job_list_and_delete(live, client):
     done = wait_job(client, job["id"])
     assert done["state"] == "succeeded" and done["result"]["name"] == "bolts" and done["result"]["n_references"] == 2
     assert pipeline.builds[-1] == "bolts"
-    assert pipeline.banks.load("bolts")["names"] == ["good/a.png", "good/b.png"]  # only the images, in name order
+    assert pipeline.banks.meta("bolts")["names"] == ["good/a.png", "good/b.png"]  # only the images, in name order
     assert job["id"] in [j["id"] for j in client.get("/v1/jobs").json()["jobs"]]
     assert "bolts" in [b["name"] for b in client.get("/v1/banks").json()["banks"]]
 

@@ -148,7 +148,7 @@ class BankCache:
 
         Raises:
             FileNotFoundError: a reference image vanished.
-            eagle.pipeline.ReferenceImagesError: reference images are unreadable (all listed).
+            eagle.bank_service.ReferenceImagesError: reference images are unreadable (all listed).
         """
         key = cache_key(self.expert, references, root)
         name = bank_name(class_name, key)

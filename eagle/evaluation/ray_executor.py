@@ -221,7 +221,7 @@ class InspectActor:
 
         Raises:
             EvalConfigError: the data set root is not visible here.
-            eagle.pipeline.MLLMUnavailableError: the MLLM could not be loaded.
+            eagle.models.MLLMUnavailableError: the MLLM could not be loaded.
         """
         root = self.runner.dataset.root
         if not Path(root).is_dir():
