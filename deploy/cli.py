@@ -119,6 +119,7 @@ def run_watch(args: argparse.Namespace, settings: Any) -> int:
             poll_s=settings.service.watch_poll_s,
             truncated_retry_s=settings.service.watch_truncated_retry_s,
             events=settings.service.watch_events,
+            batch_size=settings.service.watch_batch_size,
         )
         try:
             watcher.open()

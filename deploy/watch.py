@@ -78,6 +78,7 @@ from eagle.kept_images import keep_inspected_image
 
 if TYPE_CHECKING:
     from eagle.pipeline import InspectionPipeline
+    from eagle.records import InspectionResult
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,17 @@ class Outcome:
     record: Path
     audited: bool
     error_code: str | None = None
+
+
+@dataclass(frozen=True)
+class _Input:
+    """A claimed input read and checked, waiting for its inspection."""
+
+    claimed: Path
+    run_id: str
+    name: str
+    data: bytes
+    sha256: str
 
 
 @dataclass
@@ -145,6 +157,9 @@ class FolderWatcher:
             passed since its last change; only then is it failed (0: fail at once).
         events: take a file as soon as its writer closes it (inotify close-write through watchdog, where
             available), polling kept as the fallback; ``False``: polling only.
+        batch_size: when several images are ready, up to this many are claimed together and the expert embeds
+            them in one forward pass (:meth:`~eagle.pipeline.Pipeline.inspect_many`); each still gets its own
+            outputs, audit row and move, exactly as alone. 1: one at a time.
     """
 
     def __init__(
@@ -162,7 +177,10 @@ class FolderWatcher:
         max_attempts: int = 3,
         truncated_retry_s: float = 30.0,
         events: bool = True,
+        batch_size: int = 1,
     ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.pipeline = pipeline
         self.in_dir = Path(in_dir)
         self.out_dir = Path(out_dir)
@@ -175,6 +193,7 @@ class FolderWatcher:
         self.max_attempts = max(1, max_attempts)
         self.truncated_retry_s = max(0.0, truncated_retry_s)
         self.events = events
+        self.batch_size = batch_size
         self.processing_dir = self.in_dir / PROCESSING
         self.done_dir = self.in_dir / DONE
         self.failed_dir = self.in_dir / FAILED
@@ -294,7 +313,7 @@ class FolderWatcher:
                 finish(outcome)
         bank_missing = False
         while not stop.is_set():
-            if not self.pipeline.banks.exists(self.bank):
+            if not self._can_inspect():
                 if once:
                     raise BankNotFoundError(f"no bank named {self.bank!r}")
                 if not bank_missing:
@@ -304,18 +323,22 @@ class FolderWatcher:
                 continue
             bank_missing = False
             ready, waiting = self.scan()
-            for path in ready:
+            for start in range(0, len(ready), self.batch_size):
                 if stop.is_set():
                     break
-                claimed = self.claim(path)
-                outcome = None if claimed is None else self.process_claimed(claimed)
-                if outcome is not None:
+                claimed = [c for c in (self.claim(path) for path in ready[start : start + self.batch_size]) if c]
+                for outcome in self.process_batch(claimed):
                     finish(outcome)
             if once and not ready and not waiting:
                 break
             if not ready:
                 self._pause(stop)
         return outcomes
+
+    def _can_inspect(self) -> bool:
+        """Whether the bank exists, or is a line declared without one that the MLLM alone can inspect (0-shot)."""
+        banks = self.pipeline.banks
+        return banks.exists(self.bank) or (self.pipeline.mllm_enabled and banks.is_declared(self.bank))
 
     def _pause(self, stop: threading.Event) -> None:
         """Wait ``poll_s``, or less when ``stop`` is set or an event says a file was closed."""
@@ -440,6 +463,47 @@ class FolderWatcher:
         never what it or its target holds. An image cut short whose last change is younger than
         ``truncated_retry_s`` is put back where it was (its writer may go on) and ``None`` is returned.
         """
+        (outcome,) = self._process([claimed])
+        return outcome
+
+    def process_batch(self, claimed: list[Path]) -> list[Outcome]:
+        """Inspect several claimed inputs, the expert embedding them together; each finished as if alone.
+
+        Returns the outcomes of the inputs that were finished (one put back because it is cut short has none).
+        """
+        return [outcome for outcome in self._process(claimed) if outcome is not None]
+
+    def _process(self, claimed: list[Path]) -> list[Outcome | None]:
+        """Read and check each input, inspect the readable ones in one call, then write, audit and move each."""
+        outcomes: list[Outcome | None] = []
+        pending: list[tuple[int, _Input]] = []
+        for path in claimed:
+            item = self._read_claimed(path)
+            if isinstance(item, _Input):
+                pending.append((len(outcomes), item))
+                outcomes.append(None)
+            else:
+                outcomes.append(item)
+        if not pending:
+            return outcomes
+        start = time.perf_counter()
+        if len(pending) == 1:
+            (_, item), results = pending[0], []
+            try:
+                results.append(self.pipeline.inspect(item.data, self.bank, self.options, image_name=item.name))
+            except Exception as exc:  # noqa: BLE001 - recorded below, as each input's failure
+                results.append(exc)
+        else:
+            images = [(item.data, item.name) for _, item in pending]
+            results = self.pipeline.inspect_many(images, self.bank, self.options, batch_size=len(pending))
+        # every image of a batch waited for the whole batch: that is its latency
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        for (index, item), result in zip(pending, results, strict=True):
+            outcomes[index] = self._complete(item, result, latency_ms)
+        return outcomes
+
+    def _read_claimed(self, claimed: Path) -> _Input | Outcome | None:
+        """The input read and checked, or its outcome when it failed already (None: put back, cut short)."""
         match = _CLAIMED.match(claimed.name)
         if match is None:
             raise ValueError(f"{claimed} is not a claimed input")
@@ -453,24 +517,22 @@ class FolderWatcher:
         if attempts > self.max_attempts:
             message = f"the process stopped {attempts - 1} times while inspecting this input"
             return self._fail(claimed, run_id, name, sha256, "crashed", message, None)
+        item = _Input(claimed, run_id, name, data, sha256)
         start = time.perf_counter()
         try:
             check_image_pixels(data, max_pixels=self.max_pixels, name=name)
-            result = self.pipeline.inspect(data, self.bank, self.options, image_name=name)
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded and the input kept in failed/
+            return self._failure(item, exc, (time.perf_counter() - start) * 1000.0)
+        return item
+
+    def _complete(self, item: _Input, result: InspectionResult | BaseException, latency_ms: float) -> Outcome | None:
+        claimed, run_id, name, data = item.claimed, item.run_id, item.name, item.data
+        if isinstance(result, BaseException):
+            return self._failure(item, result, latency_ms)
+        try:
             picture = encode_png(annotated_image(result))
         except Exception as exc:  # noqa: BLE001 - every failure is recorded and the input kept in failed/
-            if isinstance(exc, TruncatedImageError) and self._put_back(claimed, name, run_id):
-                return None
-            info = describe(exc)
-            if info is None:
-                logger.exception("unexpected error inspecting %s", name)
-                info = ErrorInfo("internal_error", 500, f"unexpected error: {type(exc).__name__}: {one_line(exc)}")
-            if isinstance(exc, TruncatedImageError) and self.truncated_retry_s > 0:
-                waited = f"unchanged for {self.truncated_retry_s:g} s (EAGLE_SERVICE__WATCH_TRUNCATED_RETRY_S)"
-                info = info._replace(message=f"{info.message}; {waited}")
-            latency_ms = (time.perf_counter() - start) * 1000.0
-            return self._fail(claimed, run_id, name, sha256, info.code, info.message, latency_ms)
-        latency_ms = (time.perf_counter() - start) * 1000.0
+            return self._failure(item, exc, latency_ms)
         stem = self._output_stem(name, run_id)
         record = {**result.model_dump(mode="json"), "run_id": run_id, "input_name": name}
         atomic.write_bytes(self.out_dir / f"{stem}.annotated.png", picture)
@@ -480,6 +542,19 @@ class FolderWatcher:
         destination = self._move(claimed, self.done_dir, name, run_id)
         logger.info("%s: %s (score %.4g, tau %.4g) -> %s", name, result.verdict, result.score, result.tau, destination)
         return Outcome(name, run_id, "done", destination, self.out_dir / f"{stem}.json", audited)
+
+    def _failure(self, item: _Input, exc: BaseException, latency_ms: float | None) -> Outcome | None:
+        """Record why ``item`` failed (or put it back when it is cut short and its writer may go on)."""
+        if isinstance(exc, TruncatedImageError) and self._put_back(item.claimed, item.name, item.run_id):
+            return None
+        info = describe(exc)
+        if info is None:
+            logger.error("unexpected error inspecting %s", item.name, exc_info=exc)
+            info = ErrorInfo("internal_error", 500, f"unexpected error: {type(exc).__name__}: {one_line(exc)}")
+        if isinstance(exc, TruncatedImageError) and self.truncated_retry_s > 0:
+            waited = f"unchanged for {self.truncated_retry_s:g} s (EAGLE_SERVICE__WATCH_TRUNCATED_RETRY_S)"
+            info = info._replace(message=f"{info.message}; {waited}")
+        return self._fail(item.claimed, item.run_id, item.name, item.sha256, info.code, info.message, latency_ms)
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _fail(
