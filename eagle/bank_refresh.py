@@ -182,6 +182,7 @@ def propose_for(
 
     validate_bank_name(name)
     keep = settings.keep_images
+    kept.prune()  # the retention limits hold even after keeping was turned off (nothing new is kept then)
     summary = next((s for s in pipeline.banks.list() if s.name == name), None)
     if summary is None:
         raise BankNotFoundError(f"no bank named {name!r}")

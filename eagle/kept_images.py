@@ -86,7 +86,8 @@ class KeptImages:
         if not self.root.exists():
             if not create:
                 return None
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.root, 0o700)  # pictures of the line: the service's user alone reads them, whatever the umask
         if not self.root.is_dir():
             raise KeptImageError(f"the kept-images folder {str(self.root)!r} is not a folder")
         return self.root
@@ -171,6 +172,7 @@ class KeptImages:
             os.utime(path, (now, now), follow_symlinks=False)
         else:
             atomic.write_bytes(path, data)  # os.replace swaps a link in the way, never writes through it
+            _owner_only(path)
             os.utime(path, (now, now), follow_symlinks=False)
         self.prune(now=now)
         return self.has(sha256)
@@ -219,3 +221,12 @@ def keep_inspected_image(settings, sha256: str, image: bytes | str | Path) -> bo
     except Exception as err:  # noqa: BLE001 - the inspection is done and audited; only the copy is missing
         _log.warning("could not keep inspected image %s: %s", str(sha256)[:16], err)
         return False
+
+
+def _owner_only(path: Path) -> None:
+    """Make a kept file readable by its owner alone (0600), opened without following a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)

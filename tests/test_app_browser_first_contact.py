@@ -49,7 +49,7 @@ def test_offline_with_an_empty_cache_the_page_says_what_is_missing_before_any_up
         assert "Bank building is unavailable" in status.inner_text()
         assert "Expert-only mode" in status.inner_text()
         details = page.locator("#capability-details")
-        assert details.is_visible()
+        details.wait_for(state="visible", timeout=30_000)  # rendered just after the status on a loaded box
         text = details.inner_text()
         assert "hf download timm/wide_resnet50_2.tv_in1k" in text and "EAGLE_EXPERT__WEIGHTS=random" in text
         assert "offline mode" in text

@@ -138,7 +138,10 @@ def test_the_app_proposes_shows_and_teaches_on_approval(tmp_path):
     assert [row[1] for row in rows] == ["shot2.png", "shot1.png", "shot0.png"] and len(rows[0]) == 5
     before = pipeline.banks.history("line")[-1].version
 
-    done = health_refresh.approve_refresh(pipeline, "line", proposed, lambda *a, **k: None)
+    done, gallery_after, rows_after, proposal_after = health_refresh.approve_refresh(
+        pipeline, "line", proposed, lambda *a, **k: None
+    )
+    assert gallery_after == rows_after == [] and proposal_after is None  # what was taught is no longer shown
     assert f"version {before} → {before + 1}" in done and "references" in done
     assert pipeline.banks.history("line")[-1].version == before + 1
     assert health_refresh.propose_refresh(pipeline, "line")[2] == []

@@ -160,3 +160,24 @@ def test_writes_are_atomic_no_partial_file_is_left(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert list((tmp_path / KEPT_DIR).iterdir()) == []
     assert kept.keep(sha(data), data) and kept.read(sha(data)) == data
+
+
+def test_kept_pictures_are_readable_by_the_owner_alone_whatever_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        kept = store(tmp_path)
+        data = png(40)
+        assert kept.keep(sha(data), data)
+    finally:
+        os.umask(previous)
+    assert (tmp_path / KEPT_DIR).stat().st_mode & 0o777 == 0o700
+    assert kept.path(sha(data)).stat().st_mode & 0o777 == 0o600
+
+
+def test_retention_still_holds_when_keeping_was_turned_off(tmp_path):
+    """Proposing a refresh prunes (eagle.bank_refresh.propose_for): old pictures go even when nothing new is kept."""
+    kept = store(tmp_path, max_days=1.0)
+    data = png(50)
+    kept.keep(sha(data), data, now=time.time() - 3 * DAY)
+    assert kept.has(sha(data))  # kept three days ago
+    assert kept.prune() == [sha(data)] and not kept.has(sha(data))
