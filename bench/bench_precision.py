@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DEFAULT_VENV = Path("/tmp/benchvenv-precision")
+ANCHOR_VENV = Path("/work/anchor-venv")
 PHOTOS = ("brick", "grass", "gravel", "immunohistochemistry")
 CROP = 256
 BATCHES = (1, 2, 4, 8)
@@ -174,8 +175,12 @@ def make_embedder(kind: str, fp32_graph: Path, calibration, scratch: Path):
     began = time.perf_counter()
     if kind == "fp32":
         return OnnxEmbedder(fp32_graph), 0.0
-    if kind in ("int8", "int8-qop"):
-        recipe = QuantRecipe() if kind == "int8" else QuantRecipe(format="qoperator")
+    if kind in ("int8", "int8-qop", "int8-s8sym"):
+        recipe = {
+            "int8": QuantRecipe(),
+            "int8-qop": QuantRecipe(format="qoperator"),
+            "int8-s8sym": QuantRecipe(activations="int8", symmetric_activations=True),
+        }[kind]
         target = scratch / f"{kind}-{time.time_ns()}.onnx"
         quantize_graph(fp32_graph, target, calibration, recipe)
         return OnnxEmbedder(target, ["CPUExecutionProvider"]), time.perf_counter() - began
@@ -274,6 +279,7 @@ def worker(kind: str, data: Path, cache_dir: Path, repeats: int) -> dict:
             "fit_s": fit_s,
             "build_s": quantise_s + fit_s,
             "tau": bank.meta.threshold.tau,
+            "bank_rows": len(bank.memory_bank),
             "image_auroc": float(roc_auc_score(labels, scores)),
             "pixel_auroc": float(roc_auc_score(np.concatenate(pixel_truth), np.concatenate(pixel_scores))),
             "rows": rows,
@@ -395,12 +401,54 @@ def run_worker(args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def run_anchor(venv: Path, data: Path, fp32: dict, repeats: int, work: Path) -> dict:
+    """anomalib's OpenVINO PatchCore (bench/bench_anomalib_anchor.py) in the anchor venv, or why it did not run."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        return {"anchor": "none", "why": f"no anchor venv at {venv} (bench/README.md, precision)"}
+    import torch
+
+    from expert.config import ExpertSettings
+    from expert.weights import load_backbone
+
+    weights = work / "backbone-state.pt"
+    torch.save(load_backbone(ExpertSettings(weights="random", seed=0))[0].state_dict(), weights)
+    rows = fp32["sets"]["synthetic"]["bank_rows"]
+    command = [str(python), str(REPO / "bench" / "bench_anomalib_anchor.py"), "--data", str(data)]
+    command += ["--weights", str(weights), "--bank-size", str(rows), "--repeats", str(repeats)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
+    if done.returncode != 0:
+        return {"anchor": "failed", "why": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "?"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def anchor_table(anchor: dict, fp32: dict) -> str:
+    """The anchor's rows (end-to-end ms vs EAGLE fp32), or the line saying which anchor ran and why not."""
+    if "kinds" not in anchor:
+        return f"anchor: {anchor['anchor']} ({anchor['why']})"
+    lines = [
+        f"anchor: {anchor['anchor']}, bank {anchor['bank_rows']} rows, build {anchor['build_s']:.1f} s",
+        "| anchor kind | score ms end to end | EAGLE fp32 ms / anchor ms | image AUROC (synthetic) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for kind, row in anchor["kinds"].items():
+        if "skipped" in row:
+            lines.append(f"| anomalib-ov-{kind} | skipped: {row['skipped']} | | |")
+            continue
+        lines.append(
+            f"| anomalib-ov-{kind} | {row['score_ms']:.0f} | {fp32['score_ms'] / row['score_ms']:.2f} | "
+            f"{row['image_auroc']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kinds", default="fp32,int8,int8-qop,int8-ov")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="few images and 5 repeats (a smoke run)")
     parser.add_argument("--bench-venv", type=Path, default=DEFAULT_VENV)
+    parser.add_argument("--anchor-venv", type=Path, default=ANCHOR_VENV, help="venv with anomalib, openvino, nncf")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
@@ -457,7 +505,8 @@ def main() -> None:
                 str(args.bench_venv),
             ]
         )
-    text = table(results)
+    anchor = run_anchor(args.anchor_venv, data, results["fp32"], repeats, work)
+    text = table(results) + "\n\n" + anchor_table(anchor, results["fp32"])
     print(text)
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -471,6 +520,7 @@ def main() -> None:
         "weights": "random (seed 0): real speed, accuracy of random features",
         "results": results,
         "comparisons": {k: compare(results["fp32"], r) for k, r in results.items() if k != "fp32"},
+        "anchor": anchor,
         "table": text,
     }
     out = REPO / "bench" / "results" / f"precision-{datetime.now(timezone.utc):%Y%m%d-%H%M}.json"

@@ -53,6 +53,7 @@ __all__ = [
     "QuantRecipe",
     "calibration_digest",
     "calibration_tensors",
+    "fp32_nodes",
     "int8_graph",
     "quantize_graph",
 ]
@@ -75,14 +76,23 @@ class QuantRecipe:
         per_channel: one weight scale per output channel (needed for accuracy: channel ranges differ a lot).
         method: calibration method (``minmax``: the observed range of every activation).
         max_images: see :data:`MAX_CALIBRATION_IMAGES`.
+        symmetric_activations: activation ranges symmetric around zero (onnxruntime ``ActivationSymmetric``).
+        fp32_first_convs: how many of the graph's first Conv nodes (in graph order) stay float32.
+        fp32_last_convs: how many of its last Conv nodes (the patch pooling, then the last layer3 block) stay
+            float32.
+        flip_augment: calibrate also on the left-right mirror of every calibration image.
     """
 
     format: Literal["qdq", "qoperator"] = "qdq"
     activations: Literal["uint8", "int8"] = "uint8"
     weights: Literal["int8"] = "int8"
     per_channel: bool = True
-    method: Literal["minmax"] = "minmax"
+    method: Literal["minmax", "percentile", "entropy"] = "minmax"
     max_images: int = MAX_CALIBRATION_IMAGES
+    symmetric_activations: bool = False
+    fp32_first_convs: int = 0
+    fp32_last_convs: int = 0
+    flip_augment: bool = False
 
 
 DEFAULT_RECIPE = QuantRecipe()
@@ -200,20 +210,25 @@ def calibration_tensors(
     center_crop: bool,
     normalization: Normalization,
     limit: int = MAX_CALIBRATION_IMAGES,
+    flip_augment: bool = DEFAULT_RECIPE.flip_augment,
 ) -> np.ndarray:
-    """The network inputs the activation ranges are calibrated on: float32 ``[n, 3, crop, crop]``, n ≤ ``limit``.
+    """The network inputs the activation ranges are calibrated on: float32 ``[n, 3, crop, crop]``.
 
-    The references are preprocessed exactly as queries are (:func:`expert.preprocess.preprocess`).
+    The references are preprocessed exactly as queries are (:func:`expert.preprocess.preprocess`); n ≤ ``limit``,
+    or ≤ 2 × ``limit`` with ``flip_augment`` (every image and its left-right mirror).
     """
     if not images:
         raise ValueError("int8 calibration needs at least one reference image")
     chosen = [images[i] for i in calibration_indices(len(images), limit)]
-    return np.stack(
+    batch = np.stack(
         [
             preprocess(image, resize=resize, crop=crop, center_crop=center_crop, normalization=normalization)[0]
             for image in chosen
         ]
     ).astype(np.float32)
+    if flip_augment:
+        batch = np.concatenate([batch, batch[..., ::-1]]).astype(np.float32)
+    return np.ascontiguousarray(batch)
 
 
 def _reader(batch: np.ndarray) -> Any:
@@ -257,9 +272,15 @@ def quantize_graph(
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
     with tempfile.TemporaryDirectory(prefix=".eagle-quant-", dir=target.parent) as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
+        excluded = fp32_nodes(prepared, recipe)
         quantize_static(
             str(prepared),
             str(target),
@@ -268,10 +289,23 @@ def quantize_graph(
             per_channel=recipe.per_channel,
             activation_type=types[recipe.activations],
             weight_type=types[recipe.weights],
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=methods[recipe.method],
             use_external_data_format=False,
+            nodes_to_exclude=excluded,
+            extra_options={"ActivationSymmetric": recipe.symmetric_activations},
         )
     return target
+
+
+def fp32_nodes(graph: str | Path, recipe: QuantRecipe) -> list[str]:
+    """Names of the Conv nodes ``recipe`` keeps in float32 (its first and last Conv nodes, in graph order)."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    convs = [node.name for node in model.graph.node if node.op_type == "Conv"]
+    head = convs[: recipe.fp32_first_convs]
+    tail = convs[len(convs) - recipe.fp32_last_convs :] if recipe.fp32_last_convs else []
+    return sorted(set(head + tail))
 
 
 def quantization_meta(key: QuantKey, images: int) -> QuantizationMeta:

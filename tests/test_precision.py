@@ -315,3 +315,32 @@ def test_score_many_refuses_unbounded_or_empty_batches(banks):
     with pytest.raises(ValueError, match="original sizes"):
         scorer.score_many([image], original_sizes=[None, None])
     assert scorer.score_many([]) == []
+
+
+def test_recipe_knobs_exclude_convs_and_mirror_calibration(tmp_path: Path) -> None:
+    """fp32_first/last_convs name the graph's first and last Conv nodes; flip_augment doubles the calibration."""
+    from onnx import TensorProto, helper
+
+    from expert.preprocess import Normalization
+    from expert.quantize import QuantRecipe, calibration_tensors, fp32_nodes
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [3, 3, 1, 1], [0.0] * 9)
+    nodes = [helper.make_node("Conv", ["x" if i == 0 else f"y{i - 1}", "w"], [f"y{i}"], name=f"c{i}") for i in range(4)]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y3", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [weight],
+    )
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert fp32_nodes(path, QuantRecipe()) == []
+    assert fp32_nodes(path, QuantRecipe(fp32_first_convs=1, fp32_last_convs=2)) == ["c0", "c2", "c3"]
+
+    images = [np.full((32, 32, 3), 40 * i, np.uint8) for i in range(3)]
+    norm = Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    plain = calibration_tensors(images, resize=32, crop=32, center_crop=True, normalization=norm)
+    mirrored = calibration_tensors(images, resize=32, crop=32, center_crop=True, normalization=norm, flip_augment=True)
+    assert plain.shape == (3, 3, 32, 32) and mirrored.shape == (6, 3, 32, 32)
+    np.testing.assert_array_equal(mirrored[3:], plain[..., ::-1])
