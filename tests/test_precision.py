@@ -236,7 +236,9 @@ def test_the_int8_graph_is_cached_per_reference_set(
     banks, references, random_backbone, random_weights_info, cache, quantise_calls, tmp_path
 ):
     images, names = references
-    assert quantise_calls == [len(images)]  # the module's int8 build quantised once
+    # The module's int8 build quantised, unless another xdist worker sharing the run's ONNX cache did it first.
+    assert quantise_calls[:1] in ([len(images)], [])
+    before = list(quantise_calls)
     build_bank(
         images,
         names,
@@ -247,7 +249,7 @@ def test_the_int8_graph_is_cached_per_reference_set(
         name="again",
         onnx_cache=cache,
     )
-    assert quantise_calls == [len(images)]  # same references: a cache hit
+    assert quantise_calls == before  # same references: a cache hit
     assert (tmp_path / "again" / ONNX_FILE).read_bytes() == (banks["int8"] / ONNX_FILE).read_bytes()
     build_bank(  # one reference fewer (as after teaching, the calibration set changed): quantised again
         images[:-1],
@@ -259,7 +261,7 @@ def test_the_int8_graph_is_cached_per_reference_set(
         name="taught",
         onnx_cache=cache,
     )
-    assert quantise_calls == [len(images), len(images) - 1]
+    assert quantise_calls == [*before, len(images) - 1]
 
 
 def test_quant_keys_differ_by_calibration_recipe_and_base_and_prune_keeps_derived(tmp_path):
