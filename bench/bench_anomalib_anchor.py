@@ -10,7 +10,7 @@ What it does, on the benchmark's own synthetic set (``DIR/synthetic``: train/goo
 
 * builds ``anomalib.models.Patchcore(backbone="wide_resnet50_2", layers=["layer2", "layer3"],
   pre_trained=False)`` and loads EAGLE's backbone weights into its timm feature extractor (``FILE``: the state
-  dict of :func:`expert.weights.load_backbone`'s module, saved by the parent with ``torch.save``; the loading is
+  dict of :func:`expert.weights.load_backbone`'s module, saved by the parent as safetensors; the loading is
   strict, so the two networks are provably the same);
 * fills the memory bank from the references (the model's training forward) and subsamples it with anomalib's
   own k-center-greedy coreset to ``N`` rows, EAGLE's bank size;
@@ -75,7 +75,9 @@ def build_model(weights: Path, refs, bank_size: int):
     began = time.perf_counter()
     model = Patchcore(backbone="wide_resnet50_2", layers=["layer2", "layer3"], pre_trained=False)
     extractor = model.model.feature_extractor.feature_extractor
-    extractor.load_state_dict(torch.load(weights, weights_only=True), strict=True)
+    from safetensors.torch import load_file
+
+    extractor.load_state_dict(load_file(str(weights)), strict=True)
     model.eval()
     pre = model.pre_processor
     torch_model = model.model

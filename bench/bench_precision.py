@@ -406,13 +406,15 @@ def run_anchor(venv: Path, data: Path, fp32: dict, repeats: int, work: Path) -> 
     python = venv / "bin" / "python"
     if not python.exists():
         return {"anchor": "none", "why": f"no anchor venv at {venv} (bench/README.md, precision)"}
-    import torch
+
+    from safetensors.torch import save_file
 
     from expert.config import ExpertSettings
     from expert.weights import load_backbone
 
-    weights = work / "backbone-state.pt"
-    torch.save(load_backbone(ExpertSettings(weights="random", seed=0))[0].state_dict(), weights)
+    weights = work / "backbone-state.safetensors"  # safetensors: nothing is ever unpickled
+    state = load_backbone(ExpertSettings(weights="random", seed=0))[0].state_dict()
+    save_file({key: value.contiguous() for key, value in state.items()}, str(weights))
     rows = fp32["sets"]["synthetic"]["bank_rows"]
     command = [str(python), str(REPO / "bench" / "bench_anomalib_anchor.py"), "--data", str(data)]
     command += ["--weights", str(weights), "--bank-size", str(rows), "--repeats", str(repeats)]
