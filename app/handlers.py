@@ -384,6 +384,18 @@ def record_feedback(
 
     A new feedback row in the audit log, linked by run id (the inspection row is never changed).
     """
+    return _feedback_words(_feedback_row(pipeline, run_id, feedback, correct_verdict, operator, note))
+
+
+def _feedback_row(
+    pipeline: Pipeline,
+    run_id: str | None,
+    feedback: str,
+    correct_verdict: str | None,
+    operator: str | None,
+    note: str | None,
+) -> dict[str, Any]:
+    """The app's feedback row in the audit log (refused before any inspection: nothing to give feedback on)."""
     if not run_id:
         raise gr.Error("Inspect an image first: feedback is about the verdict shown.", print_exception=False)
     row = audit_log(pipeline).record_feedback(
@@ -394,7 +406,7 @@ def record_feedback(
         note=(note or "").strip() or None,
         source="app",
     )
-    return _feedback_words(row)
+    return row
 
 
 def _feedback_words(row: dict[str, Any]) -> str:
@@ -420,16 +432,7 @@ def feedback_and_collect(
     on screen. Returns the Markdown status and an update of the "build the bank" button: shown once enough good
     parts are collected (``settings.expert.min_references``).
     """
-    if not run_id:
-        raise gr.Error("Inspect an image first: feedback is about the verdict shown.", print_exception=False)
-    row = audit_log(pipeline).record_feedback(
-        run_id,
-        feedback,
-        correct_verdict=correct_verdict or None,
-        operator=(operator or "").strip() or None,
-        note=(note or "").strip() or None,
-        source="app",
-    )
+    row = _feedback_row(pipeline, run_id, feedback, correct_verdict, operator, note)
     text = _feedback_words(row)
     lines = getattr(pipeline.banks, "lines", None)
     if lines is None or not row.get("bank") or not lines.exists(row["bank"]):
