@@ -18,7 +18,10 @@ What it does, on the benchmark's own synthetic set (``DIR/synthetic``: train/goo
   with NNCF ``nncf.quantize`` on the references, which is what anomalib's ``CompressionType.INT8_PTQ`` runs —
   that path insists on a datamodule with ≥ 300 validation images, which a 50-reference bank does not have);
 * times ``anomalib.deploy.OpenVINOInferencer.predict`` on the test images (uint8 HWC arrays, as EAGLE gets them):
-  median of ``--repeats`` after 3 warm-up runs, and reports its image AUROC.
+  median of ``--repeats`` after 3 warm-up runs on the first (reference-sized) test image, and reports its image
+  AUROC. The IR is exported with a static ``[1, 3, H, W]`` input (the references' size): anomalib's default
+  symbolic batch cannot be reshaped to 1 without breaking its upsampling on CPU, so test images of another size
+  are resized to H x W first (outside the timing).
 
 It prints one JSON line: ``{"anchor": "anomalib <version> OpenVINOInferencer", "kinds": {kind: {...}}}``.
 """
@@ -53,6 +56,15 @@ def read_set(base: Path):
         for path in sorted(folder.glob("*.png"))
     ]
     return refs, tests
+
+
+def fit(image, shape):
+    """``image`` at the references' size: the static-shape IR takes nothing else (EAGLE resizes internally)."""
+    import cv2
+
+    if image.shape[:2] == shape[:2]:
+        return image.copy()
+    return cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -101,17 +113,18 @@ def export(model, kind: str, refs, root: Path) -> Path:
     import openvino as ov
 
     height, width = refs[0].shape[:2]
-    path = model.to_openvino(root / kind, input_size=(height, width))
+    # A static batch of 1 (what the inferencer feeds): anomalib's default export has a symbolic batch that it
+    # traces with an example of 2, and reshaping that IR to 1 afterwards breaks its bilinear upsampling on CPU.
+    path = model.to_openvino(root / kind, input_size=(height, width), onnx_kwargs={"dynamic_shapes": None})
+    if kind == "fp32":
+        return path
     core = ov.Core()
     ir = core.read_model(str(path))
-    ir.reshape([1, 3, height, width])  # the exporter traces a batch of 2; the inferencer feeds one image
-    if kind == "fp32":
-        target = root / "fp32" / "model_b1.xml"
-        ov.save_model(ir, target)
-        return target
     import nncf
 
-    batches = [(np.asarray(image, np.float32) / 255.0).transpose(2, 0, 1)[None].copy() for image in refs]
+    batches = [
+        (np.asarray(fit(image, refs[0].shape), np.float32) / 255.0).transpose(2, 0, 1)[None].copy() for image in refs
+    ]
     quantised = nncf.quantize(ir, nncf.Dataset(batches), subset_size=len(batches))
     target = root / "int8" / "model_int8.xml"
     ov.save_model(quantised, target)
@@ -152,7 +165,7 @@ def main() -> None:
             continue
         export_s = time.perf_counter() - began
         inferencer = OpenVINOInferencer(path=path, device="CPU")
-        scores = [float(inferencer.predict(image.copy()).pred_score.reshape(-1)[0]) for _, image in tests]
+        scores = [float(inferencer.predict(fit(image, refs[0].shape)).pred_score.reshape(-1)[0]) for _, image in tests]
         image = tests[0][1]
         out["kinds"][kind] = {
             "export_s": export_s,

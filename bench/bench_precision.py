@@ -9,9 +9,11 @@ that of random features) on two data sets:
   256-px crops, defective tests are crops with a painted defect (a stain, a scratch or a pasted foreign patch;
   the painted pixels are the ground-truth mask).
 
-Kinds (``--kinds``): ``fp32`` (the exported graph), ``int8`` (EAGLE's default int8 recipe: onnxruntime
-``quantize_static``, QDQ, uint8 activations, int8 per-channel weights, min/max calibration on the bank's own
-references), ``int8-qop`` (the same in QOperator format) and ``int8-ov`` (OpenVINO with NNCF post-training
+Kinds (``--kinds``, default ``fp32,int8,int8-plain,int8-ov``): ``fp32`` (the exported graph), ``int8`` (EAGLE's
+default int8 recipe: onnxruntime ``quantize_static``, QDQ, uint8 activations, int8 per-channel weights, min/max
+calibration on the bank's own references, only Conv nodes quantised and the last two kept float32),
+``int8-plain`` (onnxruntime's plain recipe: every operator quantised), ``int8-qop`` (plain in QOperator format),
+``int8-s8sym`` (plain with int8 symmetric activations) and ``int8-ov`` (OpenVINO with NNCF post-training
 quantisation on the same calibration images). Each kind runs in its own subprocess (peak RSS per kind) and:
 
 * builds one bank per data set (calibration + quantisation, then embed → coreset → DBT; the bank is not saved,
@@ -37,6 +39,11 @@ Usage::
     .venv/bin/python bench/bench_precision.py                       # ~15-25 min on 2 shared cores
     .venv/bin/python bench/bench_precision.py --quick               # few images and repeats: a smoke run
     .venv/bin/python bench/bench_precision.py --kinds fp32,int8     # without the alternatives
+    .venv/bin/python bench/bench_precision.py --accuracy-only --kinds int8-plain,int8-plain:method=percentile
+                                                                    # a recipe search: accuracy only (no timings)
+
+Kinds of the form ``int8:field=value:...`` are the default recipe with :class:`expert.quantize.QuantRecipe` fields
+changed.
 """
 
 from __future__ import annotations
@@ -167,20 +174,52 @@ class OpenVinoEmbedder:
         return np.asarray(self.compiled(np.ascontiguousarray(batch, dtype=np.float32))[self.output])
 
 
+NAMED_RECIPES = {
+    "int8-plain": {},
+    "int8-qop": {"format": "qoperator"},
+    "int8-s8sym": {"activations": "int8", "symmetric_activations": True},
+}
+"""Kinds with a name of their own: fields changed from onnxruntime's plain recipe ``QuantRecipe()`` (``int8-plain``:
+every operator quantised, uint8 activations, min/max). ``int8`` is EAGLE's :data:`expert.quantize.DEFAULT_RECIPE`."""
+
+
+def kind_recipe(kind: str):
+    """The :class:`expert.quantize.QuantRecipe` of an onnxruntime int8 kind; None for the others.
+
+    ``int8`` (EAGLE's default) or a name of :data:`NAMED_RECIPES`, optionally followed by ``:field=value:...`` —
+    that recipe with fields changed (``int8-plain:method=percentile``; values are parsed as JSON, else strings).
+    """
+    from dataclasses import fields, replace
+
+    from expert.quantize import DEFAULT_RECIPE, QuantRecipe
+
+    name, *parts = kind.split(":")
+    if name != "int8" and name not in NAMED_RECIPES:
+        return None
+    base = DEFAULT_RECIPE if name == "int8" else replace(QuantRecipe(), **NAMED_RECIPES[name])
+    known = {f.name for f in fields(DEFAULT_RECIPE)}
+    changes: dict = {}
+    for part in parts:
+        field, _, value = part.partition("=")
+        if field not in known:
+            raise SystemExit(f"unknown recipe field {field!r} in kind {kind!r} (known: {', '.join(sorted(known))})")
+        try:
+            changes[field] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[field] = value
+    return replace(base, **changes)
+
+
 def make_embedder(kind: str, fp32_graph: Path, calibration, scratch: Path):
     """(embedder, quantisation seconds) for ``kind``."""
     from expert.embedder import OnnxEmbedder
-    from expert.quantize import QuantRecipe, quantize_graph
+    from expert.quantize import quantize_graph
 
     began = time.perf_counter()
     if kind == "fp32":
         return OnnxEmbedder(fp32_graph), 0.0
-    if kind in ("int8", "int8-qop", "int8-s8sym"):
-        recipe = {
-            "int8": QuantRecipe(),
-            "int8-qop": QuantRecipe(format="qoperator"),
-            "int8-s8sym": QuantRecipe(activations="int8", symmetric_activations=True),
-        }[kind]
+    recipe = kind_recipe(kind)
+    if recipe is not None:
         target = scratch / f"{kind}-{time.time_ns()}.onnx"
         quantize_graph(fp32_graph, target, calibration, recipe)
         return OnnxEmbedder(target, ["CPUExecutionProvider"]), time.perf_counter() - began
@@ -217,7 +256,7 @@ def worker(kind: str, data: Path, cache_dir: Path, repeats: int) -> dict:
     from expert.config import ExpertSettings
     from expert.onnx_cache import ExportKey, OnnxCache
     from expert.preprocess import expert_normalization
-    from expert.quantize import calibration_tensors
+    from expert.quantize import MAX_CALIBRATION_IMAGES, calibration_tensors
     from expert.scorer import ExpertScorer
     from expert.weights import WeightsInfo, load_backbone
 
@@ -235,8 +274,15 @@ def worker(kind: str, data: Path, cache_dir: Path, repeats: int) -> dict:
         category = read_category(base)
         names = [n for n, _ in category["refs"]]
         images = [im for _, im in category["refs"]]
+        recipe = kind_recipe(kind)
         calibration = calibration_tensors(
-            images, resize=settings.resize, crop=settings.crop, center_crop=True, normalization=normalization
+            images,
+            resize=settings.resize,
+            crop=settings.crop,
+            center_crop=True,
+            normalization=normalization,
+            limit=recipe.max_images if recipe is not None else MAX_CALIBRATION_IMAGES,
+            flip_augment=recipe is not None and recipe.flip_augment,
         )
         embedder, quantise_s = make_embedder(kind, fp32_graph, calibration, scratch)
         began = time.perf_counter()
@@ -287,6 +333,9 @@ def worker(kind: str, data: Path, cache_dir: Path, repeats: int) -> dict:
         if base.name == "synthetic":
             speed_scorer, speed_images = scorer, [t[2] for t in category["tests"]]
     assert speed_scorer is not None
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    if repeats == 0:  # --accuracy-only
+        return out
     image = speed_images[0]
     tensor, _ = speed_scorer._preprocess(image)
     embed = speed_scorer.embedder
@@ -373,6 +422,8 @@ def table(results: dict[str, dict]) -> str:
             f"{every['mean_abs_diff_over_tau']:.3f} ({every['mean_abs_diff_over_tau_good']:.3f}) | "
             f"{every['box_iou_vs_fp32']:.2f} |"
         )
+    if any("embed_ms" not in r for r in results.values()):  # --accuracy-only
+        return "\n".join(lines)
     lines += [
         "",
         "| kind | embed ms (batch 1) | × fp32 | score ms end to end | × fp32 | images/s at batch "
@@ -418,7 +469,8 @@ def run_anchor(venv: Path, data: Path, fp32: dict, repeats: int, work: Path) -> 
     rows = fp32["sets"]["synthetic"]["bank_rows"]
     command = [str(python), str(REPO / "bench" / "bench_anomalib_anchor.py"), "--data", str(data)]
     command += ["--weights", str(weights), "--bank-size", str(rows), "--repeats", str(repeats)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
+    # cwd: anomalib's inferencer writes its compiled-model cache to ./openvino_cache
+    done = subprocess.run(command, capture_output=True, text=True, cwd=work, check=False)
     if done.returncode != 0:
         return {"anchor": "failed", "why": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "?"}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -446,9 +498,12 @@ def anchor_table(anchor: dict, fp32: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kinds", default="fp32,int8,int8-qop,int8-ov")
+    parser.add_argument("--kinds", default="fp32,int8,int8-plain,int8-ov")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="few images and 5 repeats (a smoke run)")
+    parser.add_argument(
+        "--accuracy-only", action="store_true", help="the accuracy table only: no timings, no anchor (recipe search)"
+    )
     parser.add_argument("--bench-venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--anchor-venv", type=Path, default=ANCHOR_VENV, help="venv with anomalib, openvino, nncf")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -476,7 +531,7 @@ def main() -> None:
         if "int8-ov" in kinds:
             print("OpenVINO/NNCF not installed in the bench venv: skipping int8-ov", file=sys.stderr)
             kinds.remove("int8-ov")
-    repeats = 5 if args.quick else max(20, args.repeats)
+    repeats = 0 if args.accuracy_only else 5 if args.quick else max(20, args.repeats)
     work = Path(tempfile.mkdtemp(prefix="bench-precision-"))
     data, cache = work / "data", work / "cache"
     cache.mkdir(parents=True)
@@ -507,8 +562,12 @@ def main() -> None:
                 str(args.bench_venv),
             ]
         )
-    anchor = run_anchor(args.anchor_venv, data, results["fp32"], repeats, work)
-    text = table(results) + "\n\n" + anchor_table(anchor, results["fp32"])
+    if args.accuracy_only:
+        anchor: dict = {"skipped": "--accuracy-only"}
+        text = table(results)
+    else:
+        anchor = run_anchor(args.anchor_venv, data, results["fp32"], repeats, work)
+        text = table(results) + "\n\n" + anchor_table(anchor, results["fp32"])
     print(text)
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -525,7 +584,8 @@ def main() -> None:
         "anchor": anchor,
         "table": text,
     }
-    out = REPO / "bench" / "results" / f"precision-{datetime.now(timezone.utc):%Y%m%d-%H%M}.json"
+    stem = "precision-accuracy" if args.accuracy_only else "precision"
+    out = REPO / "bench" / "results" / f"{stem}-{datetime.now(timezone.utc):%Y%m%d-%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print(f"saved {out}", file=sys.stderr)

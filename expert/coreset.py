@@ -28,13 +28,24 @@ features per step), so two exact accelerations are used:
   distances do not change). The squared distance over the first 16 axes is a lower bound of the full
   squared distance; a patch whose lower bound already exceeds its current distance cannot change, so
   only the remaining candidates are gathered and updated. Late in the loop this skips most patches.
-  A small relative tolerance keeps the skip decision safe against float32 rounding.
+  A small relative tolerance keeps the skip decision safe against float32 rounding: row x is skipped
+  only when ``||y_x[:16] - c[:16]||^2 - tol·(||y_x||^2 + ||c||^2) > d_x`` (d_x its current distance,
+  tol = 1e-4). The full squared distance is at least its head part, and the float32 value the dense
+  update would compute is within about k·2^-24·(||y_x||^2 + ||c||^2) of the exact one (8e-6 of that
+  scale for k = 128), as is the float32 evaluation of the test itself; together they stay below the
+  tolerance, so the dense value would be >= d_x and ``min`` would keep d_x bit for bit. Every path
+  (dense, pruned, any ``chunk_size``) therefore stores the same distances and takes the same argmax.
+  The test is evaluated in one pass per step: the 16 head axes are stored transposed with a row of
+  ones (a vector-matrix product streams them, with ``||c[:16]||^2 - tol·||c||^2`` added by that row),
+  and the right side ``d_x - ||y_x[:16]||^2 + tol·||y_x||^2`` is kept per row and refreshed only for
+  the rows whose distance changed.
 * matrix-vector products always run over row blocks that are multiples of 64 rows; with OpenBLAS this
   makes each row's dot product bitwise independent of how rows are grouped, so the pruned path, the
   dense path and every ``chunk_size`` give exactly the same selection.
 
-Memory: besides the input, one float32 array of N x projection_dim (plus a N x 16 copy of its leading
-axes) and a few length-N vectors; temporaries are bounded by ``chunk_size`` rows (distance updates) or a
+Memory: besides the input, one float32 array of N x projection_dim (plus a 17 x N copy of its 16
+leading axes, transposed, and a row of ones) and a few length-N vectors (distances, squared norms, the
+row test's right side); temporaries are bounded by ``chunk_size`` rows (distance updates) or a
 fixed 4096-row block (projection; fixed so that the result does not depend on ``chunk_size``).
 
 Determinism: the same features, arguments and seed give the same indices on the same machine and BLAS
@@ -170,7 +181,7 @@ class _ProjectedSpace:
     n: int  # real rows; rows n.. are zero padding
     neg2: np.ndarray  # [Np, k] float32, -2 * y
     sq: np.ndarray  # [Np] float32, ||y||^2
-    head_neg2: np.ndarray | None  # [Np, h] float32 copy of neg2's first h columns (None: no pruning)
+    head_t: np.ndarray | None  # [h + 1, Np] float32: neg2's first h columns transposed, then a row of ones
     head_sq: np.ndarray | None  # [Np] float32, ||y[:h]||^2
     slack: np.ndarray | None  # [Np] float32, tolerance * ||y||^2
 
@@ -197,12 +208,14 @@ class _ProjectedSpace:
             y[s:e] = (y[s:e] - mean32) @ rotation
         sq = np.einsum("ij,ij->i", y, y, dtype=np.float32)
         y *= np.float32(-2.0)
-        head = head_sq = slack = None
+        head_t = head_sq = slack = None
         if k >= _MIN_DIMS_FOR_PRUNING:
-            head = np.ascontiguousarray(y[:, :_HEAD_DIMS])
+            head = y[:, :_HEAD_DIMS]
             head_sq = np.ascontiguousarray(np.einsum("ij,ij->i", head, head, dtype=np.float32) * np.float32(0.25))
             slack = (sq * np.float32(_ROUNDING_TOLERANCE)).astype(np.float32)
-        return cls(n=n, neg2=y, sq=sq, head_neg2=head, head_sq=head_sq, slack=slack)
+            head_t = np.ones((_HEAD_DIMS + 1, padded), dtype=np.float32)
+            head_t[:_HEAD_DIMS] = head.T
+        return cls(n=n, neg2=y, sq=sq, head_t=head_t, head_sq=head_sq, slack=slack)
 
     def row(self, index: int) -> np.ndarray:
         """The projected row ``y[index]`` (undoing the exact -2 scaling)."""
@@ -289,17 +302,34 @@ def _greedy_select(
     """The greedy loop: take the argmax, lower the distances; selected rows are pinned at -inf."""
     selected = np.empty(n_select, dtype=np.int64)
     buffer = np.empty(min(chunk, len(min_dist)), dtype=np.float32)
-    pruning = _PruningSchedule(enabled=space.head_neg2 is not None)
+    pruning = _PruningSchedule(enabled=space.head_t is not None)
+    room = _headroom(space, min_dist) if space.head_t is not None else None
     every = max(1, n_select // 100)  # about 100 reports, whatever the coreset size
     for step in range(n_select):
         index = int(np.argmax(min_dist))
         selected[step] = index
         min_dist[index] = -np.inf
+        if room is not None:
+            room[index] = -np.inf
         if step + 1 < n_select:
-            _lower_distances(space, min_dist, index, chunk, buffer, pruning)
+            _lower_distances(space, min_dist, room, index, chunk, buffer, pruning)
         if progress is not None and ((step + 1) % every == 0 or step + 1 == n_select):
             report(progress, "coreset", (step + 1) / n_select)
     return selected
+
+
+def _headroom(space: _ProjectedSpace, min_dist: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """``min_dist - ||y[:h]||^2 + tol·||y||^2`` for every row (or only ``rows``): the right side of the row test."""
+    head_sq, slack = space.head_sq, space.slack
+    if head_sq is None or slack is None:
+        raise CoresetError("internal: candidate pruning asked for on a space built without it")
+    if rows is None:
+        room: np.ndarray = min_dist - head_sq
+        room += slack
+        return room
+    part: np.ndarray = min_dist[rows] - head_sq[rows]
+    part += slack[rows]
+    return part
 
 
 @dataclass
@@ -327,34 +357,50 @@ class _PruningSchedule:
 
 
 def _lower_distances(
-    space: _ProjectedSpace, min_dist: np.ndarray, index: int, chunk: int, buf: np.ndarray, pruning: _PruningSchedule
+    space: _ProjectedSpace,
+    min_dist: np.ndarray,
+    room: np.ndarray | None,
+    index: int,
+    chunk: int,
+    buf: np.ndarray,
+    pruning: _PruningSchedule,
 ) -> None:
-    """min_dist = min(min_dist, ||y - y_index||^2), skipping rows the lower bound proves unchanged."""
+    """min_dist = min(min_dist, ||y - y_index||^2), skipping rows the lower bound proves unchanged.
+
+    ``room`` (the row test's right side, see :func:`_headroom`) is kept in step with ``min_dist``.
+    """
     c = space.row(index)
     cc = space.sq[index]
     candidates = None
-    if pruning.should_try():
-        candidates = _candidates(space, min_dist, index, c, chunk, buf)
+    if room is not None and pruning.should_try():
+        candidates = _candidates(space, room, index, c, chunk, buf)
         pruning.record(candidates is not None)
     if candidates is None:
         _update_dense(space, min_dist, c, cc, chunk, buf)
+        if room is not None:
+            room[:] = _headroom(space, min_dist)
     elif len(candidates):
         _update_rows(space, min_dist, c, cc, candidates)
+        if room is not None:
+            room[candidates] = _headroom(space, min_dist, candidates)
 
 
 def _candidates(
-    space: _ProjectedSpace, min_dist: np.ndarray, index: int, c: np.ndarray, chunk: int, buf: np.ndarray
+    space: _ProjectedSpace, room: np.ndarray, index: int, c: np.ndarray, chunk: int, buf: np.ndarray
 ) -> np.ndarray | None:
     """Rows whose head-axes lower bound does not exceed their distance (None: too many, go dense).
 
-    Lower bound test, per row x: ||y_x[:h] - c[:h]||^2 - tol·(||y_x||^2 + ||c||^2) <= min_dist[x].
+    Lower bound test, per row x: ||y_x[:h] - c[:h]||^2 - tol·(||y_x||^2 + ||c||^2) <= min_dist[x], evaluated
+    as ``-2·y_x[:h]·c[:h] + (||c[:h]||^2 - tol·||c||^2) <= room[x]`` with one vector-matrix product over the
+    transposed head axes (its row of ones adds the bracket) and one comparison.
     """
-    head_neg2, head_sq, slack = space.head_neg2, space.head_sq, space.slack
-    if head_neg2 is None or head_sq is None or slack is None:
+    head_t, head_sq = space.head_t, space.head_sq
+    if head_t is None or head_sq is None:
         raise CoresetError("internal: candidate pruning asked for on a space built without it")
-    head_c = c[:_HEAD_DIMS]
-    offset = np.float32(head_sq[index] - _ROUNDING_TOLERANCE * space.sq[index])
-    padded = len(min_dist)
+    probe = np.empty(_HEAD_DIMS + 1, dtype=np.float32)
+    probe[:_HEAD_DIMS] = c[:_HEAD_DIMS]
+    probe[_HEAD_DIMS] = head_sq[index] - np.float32(_ROUNDING_TOLERANCE) * space.sq[index]
+    padded = len(room)
     limit = int(_DENSE_FRACTION * space.n)
     found: list[np.ndarray] = []
     count = 0
@@ -362,12 +408,8 @@ def _candidates(
     for s in range(0, padded, chunk):
         e = min(padded, s + chunk)
         bound = buf[: e - s]
-        np.matmul(head_neg2[s:e], head_c, out=bound)
-        bound += head_sq[s:e]
-        bound += offset
-        bound -= slack[s:e]
-        hit = np.less_equal(bound, min_dist[s:e], out=mask[: e - s])
-        rows = np.flatnonzero(hit)
+        np.matmul(probe, head_t[:, s:e], out=bound)
+        rows = np.less_equal(bound, room[s:e], out=mask[: e - s]).nonzero()[0]
         count += len(rows)
         if count > limit:
             return None

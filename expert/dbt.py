@@ -178,6 +178,11 @@ def training_scores(
     its cost of keeping own_i + 1 candidates per query. A batch in which some query has none of another image
     among the 16 is searched again, the same batch, with k = own_i + 1.
 
+    The bounds of every image are computed first (numpy), then the exact searches (faiss): each library's
+    threads keep spinning for a while after their work, so alternating the two image by image made every search
+    wait for the cores (on 2 cores, a 200-reference build's DBT went from 22 s to about 11 s in two passes). The
+    scores are bitwise those of the one-pass order (the same rows meet the same batches).
+
     Args:
         features: [N, P, D] patch features of the N training images.
         coreset_idx: [M] unique indices into the flattened [N * P] patches (the coreset).
@@ -204,10 +209,17 @@ def training_scores(
         raise DBTError(_no_scores_message(n_images, n_patches, len(coreset_idx), min_unsampled, reasons))
     scorer = _TrainingScorer(features, coreset_idx, distance, use_gpu, leave_own_out=search == "leave_own_out")
     indices = np.flatnonzero(used)
-    scores = []
+    # Two passes, not one per image: numpy's BLAS threads (the bounds) and faiss's OpenMP threads (the exact
+    # search) each keep spinning for a while after their work, so alternating them image by image made every
+    # faiss search wait for the cores (measured: 96 ms per search interleaved, 30 ms in a pass of its own).
+    bounds = []
     for done, i in enumerate(indices, start=1):
-        scores.append(scorer.image_score(int(i)))
-        report(progress, "dbt", done / len(indices))
+        bounds.append(scorer.upper_bounds(int(i)))
+        report(progress, "dbt", 0.5 * done / len(indices))
+    scores = []
+    for done, (i, image_bounds) in enumerate(zip(indices, bounds, strict=True), start=1):
+        scores.append(scorer.image_score(int(i), image_bounds))
+        report(progress, "dbt", 0.5 + 0.5 * done / len(indices))
     return np.asarray(scores, dtype=np.float32), used
 
 
@@ -272,11 +284,25 @@ class _TrainingScorer:
         rows = np.asarray(rows, dtype=np.float32)
         return np.ascontiguousarray(rows @ self.projection if self.projection is not None else rows)
 
-    def image_score(self, i: int) -> float:
-        """Image i's score: max over its unsampled patches of the nearest-neighbour distance in the search bank."""
-        queries = np.ascontiguousarray(self.features[i][~self.sampled[i]], dtype=np.float32)
+    def queries(self, i: int) -> np.ndarray:
+        """Image i's unsampled patches (the rows its score is the maximum over)."""
+        return np.ascontiguousarray(self.features[i][~self.sampled[i]], dtype=np.float32)
+
+    def upper_bounds(self, i: int) -> np.ndarray:
+        """Per unsampled patch of image i, an upper bound of its squared distance in the search bank."""
+        return self._upper_bounds(self.queries(i), i)
+
+    def image_score(self, i: int, bounds: np.ndarray | None = None) -> float:
+        """Image i's score: max over its unsampled patches of the nearest-neighbour distance in the search bank.
+
+        Args:
+            i: the image.
+            bounds: :meth:`upper_bounds` of image i, when already computed.
+        """
+        queries = self.queries(i)
         own = int(self.own_counts[i])
-        bounds = self._upper_bounds(queries, i)
+        if bounds is None:
+            bounds = self._upper_bounds(queries, i)
         order = np.argsort(-bounds, kind="stable")
         best, start, batch = -np.inf, 0, _FIRST_BATCH
         while start < len(order) and bounds[order[start]] * (1 + _BOUND_SLACK) >= best:

@@ -3,7 +3,8 @@
 ``EAGLE_EXPERT__PRECISION=int8`` makes :func:`expert.build.build_bank` take the fp32 graph from the export cache
 (:mod:`expert.onnx_cache`) and quantise it with onnxruntime's static quantisation
 (``onnxruntime.quantization.quantize_static``; the recipe is :data:`DEFAULT_RECIPE`: QDQ format, uint8 activations
-per tensor, int8 weights per output channel, min/max calibration) before embedding the references with it. The
+per tensor, int8 weights per output channel, min/max calibration, only the Conv nodes quantised and the last two of
+them kept float32) before embedding the references with it. The
 bank then carries the int8 graph as its ``backbone.onnx``, so its memory bank, τ and s_max are computed with the
 very extractor that scores queries, and ``meta.json`` records ``backbone.precision = "int8"`` and the recipe.
 
@@ -81,6 +82,9 @@ class QuantRecipe:
         fp32_last_convs: how many of its last Conv nodes (the patch pooling, then the last layer3 block) stay
             float32.
         flip_augment: calibrate also on the left-right mirror of every calibration image.
+        quantized_ops: ``all`` (every operator onnxruntime can quantise: Conv, the residual Add, Concat, Resize,
+            MaxPool) or ``conv`` (only the Conv nodes: their inputs and weights are quantised, while the results
+            of the residual sums, the resize and the concatenation of the two layers are not re-quantised).
     """
 
     format: Literal["qdq", "qoperator"] = "qdq"
@@ -93,10 +97,13 @@ class QuantRecipe:
     fp32_first_convs: int = 0
     fp32_last_convs: int = 0
     flip_augment: bool = False
+    quantized_ops: Literal["all", "conv"] = "all"
 
 
-DEFAULT_RECIPE = QuantRecipe()
-"""The recipe ``precision=int8`` uses (chosen by ``bench/bench_precision.py``; see docs/models.md)."""
+DEFAULT_RECIPE = QuantRecipe(quantized_ops="conv", fp32_last_convs=2)
+"""The recipe ``precision=int8`` uses: only Conv nodes quantised, the last two (the patch pooling and the last
+layer3 block) kept float32. Chosen by ``bench/bench_precision.py`` among the recipe knobs: the one that met the
+verdict-agreement goal at u8 speed (docs/models.md). ``QuantRecipe()`` is onnxruntime's plain recipe."""
 
 
 def _version(distribution: str) -> str:
@@ -292,6 +299,7 @@ def quantize_graph(
             calibrate_method=methods[recipe.method],
             use_external_data_format=False,
             nodes_to_exclude=excluded,
+            op_types_to_quantize=["Conv"] if recipe.quantized_ops == "conv" else None,
             extra_options={"ActivationSymmetric": recipe.symmetric_activations},
         )
     return target

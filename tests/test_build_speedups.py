@@ -258,3 +258,22 @@ def test_an_int8_teach_recalibrates_so_the_stored_embeddings_are_not_reused(
     assert sum(embedded) == len(images)  # the stale embeddings were not used
     _build(images, names, tmp_path / "rebuilt", STORE_INT8, random_backbone, random_weights_info)
     _assert_same_bank(tmp_path / "taught", tmp_path / "rebuilt", STORE_INT8)
+
+
+def test_every_bound_is_computed_before_the_first_exact_search(monkeypatch):
+    """Two passes (numpy bounds, then faiss searches): alternating them per image made their threads contend."""
+    features = _per_image_clusters(6, 120, 160, 1.0, 4)
+    coreset = greedy_coreset(features.reshape(-1, 160), ratio=0.2, seed=4)
+    calls: list[str] = []
+    bounds, exact = dbt._TrainingScorer.upper_bounds, dbt._TrainingScorer._exact
+    monkeypatch.setattr(dbt._TrainingScorer, "upper_bounds", lambda self, i: (calls.append("b"), bounds(self, i))[1])
+    monkeypatch.setattr(
+        dbt._TrainingScorer, "_exact", lambda self, q, i, own: (calls.append("e"), exact(self, q, i, own))[1]
+    )
+    fractions: list[float] = []
+    scores, used = training_scores(
+        features, coreset, min_unsampled=8, use_gpu=False, progress=lambda stage, f: fractions.append(f)
+    )
+    assert calls[: used.sum()] == ["b"] * int(used.sum()) and set(calls[used.sum() :]) == {"e"}
+    np.testing.assert_array_equal(scores, _reference_scores(features, coreset, used, "leave_own_out"))
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) == 2 * used.sum()

@@ -346,3 +346,38 @@ def test_recipe_knobs_exclude_convs_and_mirror_calibration(tmp_path: Path) -> No
     mirrored = calibration_tensors(images, resize=32, crop=32, center_crop=True, normalization=norm, flip_augment=True)
     assert plain.shape == (3, 3, 32, 32) and mirrored.shape == (6, 3, 32, 32)
     np.testing.assert_array_equal(mirrored[3:], plain[..., ::-1])
+
+
+@pytest.mark.parametrize(("ops", "add_quantized"), [("all", True), ("conv", False)])
+def test_quantized_ops_conv_leaves_the_residual_sum_in_float(tmp_path: Path, ops: str, add_quantized: bool) -> None:
+    """``quantized_ops="conv"``: Conv nodes get int8 weights, while the residual sum stays a float tensor."""
+    from onnx import TensorProto, helper
+
+    from expert.embedder import ONNX_INPUT_NAME
+    from expert.quantize import QuantRecipe, quantize_graph
+
+    rng = np.random.default_rng(0)
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [3, 3, 1, 1], rng.standard_normal(9).astype(np.float32))
+    nodes = [
+        helper.make_node("Conv", [ONNX_INPUT_NAME, "w"], ["c"], name="conv"),
+        helper.make_node("Add", ["c", ONNX_INPUT_NAME], ["y"], name="residual"),
+    ]
+    shape = [1, 3, 8, 8]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(ONNX_INPUT_NAME, TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        [weight],
+    )
+    source, target = tmp_path / "g.onnx", tmp_path / "g-int8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(source))
+    calibration = rng.standard_normal((4, *shape[1:])).astype(np.float32)
+    quantize_graph(source, target, calibration, QuantRecipe(quantized_ops=ops))  # type: ignore[arg-type]
+    model = onnx.load(str(target))
+    producers = {out: node.op_type for node in model.graph.node for out in node.output}
+    add = next(node for node in model.graph.node if node.op_type == "Add")
+    consumers = [node.op_type for node in model.graph.node if add.output[0] in node.input]
+    assert ("QuantizeLinear" in consumers) is add_quantized  # "all" re-quantises the sum, "conv" keeps it float
+    conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    assert producers.get(conv.input[1]) == "DequantizeLinear"  # the weights are int8 either way
