@@ -31,13 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-WARMUP = 3
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_precision import median_ms  # noqa: E402  (stdlib-only at import: safe in the anchor venv)
 
 
 def read_set(base: Path):
@@ -65,17 +66,6 @@ def fit(image, shape):
     if image.shape[:2] == shape[:2]:
         return image.copy()
     return cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(WARMUP):
-        fn()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - began) * 1000.0)
-    return statistics.median(times)
 
 
 def build_model(weights: Path, refs, bank_size: int):

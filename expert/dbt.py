@@ -292,17 +292,15 @@ class _TrainingScorer:
         """Per unsampled patch of image i, an upper bound of its squared distance in the search bank."""
         return self._upper_bounds(self.queries(i), i)
 
-    def image_score(self, i: int, bounds: np.ndarray | None = None) -> float:
+    def image_score(self, i: int, bounds: np.ndarray) -> float:
         """Image i's score: max over its unsampled patches of the nearest-neighbour distance in the search bank.
 
         Args:
             i: the image.
-            bounds: :meth:`upper_bounds` of image i, when already computed.
+            bounds: :meth:`upper_bounds` of image i.
         """
         queries = self.queries(i)
         own = int(self.own_counts[i])
-        if bounds is None:
-            bounds = self._upper_bounds(queries, i)
         order = np.argsort(-bounds, kind="stable")
         best, start, batch = -np.inf, 0, _FIRST_BATCH
         while start < len(order) and bounds[order[start]] * (1 + _BOUND_SLACK) >= best:
