@@ -44,6 +44,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -192,6 +193,10 @@ def worker_ours(category: Path, n_refs: int, repeats: int, onnx_cache: Path | No
         "n_refs": n_refs,
         "n_test": len(queries),
         "memory_bank": list(bank.memory_bank.shape),
+        # what a faster build must leave unchanged (compare two runs' values): the coreset and the threshold
+        "memory_bank_sha256": hashlib.sha256(np.ascontiguousarray(bank.memory_bank).tobytes()).hexdigest(),
+        "tau": bank.meta.threshold.tau,
+        "s_max": bank.meta.threshold.s_max,
         "build_s": seconds,
         "inference": inference,
         "auroc": float(roc_auc_score(labels, np.asarray(scores))),

@@ -96,6 +96,13 @@ class QuantizationMeta(_Meta):
     method: str = Field(description="calibration method, e.g. minmax")
     calibration_images: int = Field(ge=1, description="reference images the activation ranges were calibrated on")
     calibration_sha256: str = Field(description="sha256 over the calibration tensors (part of the graph's cache key)")
+    quantized_ops: Literal["all", "conv"] = Field(
+        "all", description="which operators were quantised: all (every one onnxruntime can) or conv (Conv nodes only)"
+    )
+    fp32_first_convs: int = Field(0, ge=0, description="how many of the graph's first Conv nodes were kept float32")
+    fp32_last_convs: int = Field(0, ge=0, description="how many of its last Conv nodes were kept float32")
+    symmetric_activations: bool = Field(False, description="activation ranges symmetric around zero")
+    flip_augment: bool = Field(False, description="calibrated also on the mirror image of every calibration image")
 
 
 class BackboneMeta(_Meta):
@@ -462,8 +469,24 @@ _LATER_FIELDS: dict[tuple[str, str], Any] = {
     ("backbone", "precision"): "fp32",
     ("backbone", "quantization"): None,
     ("", "embeddings"): None,
+    ("backbone.quantization", "quantized_ops"): "all",
+    ("backbone.quantization", "fp32_first_convs"): 0,
+    ("backbone.quantization", "fp32_last_convs"): 0,
+    ("backbone.quantization", "symmetric_activations"): False,
+    ("backbone.quantization", "flip_augment"): False,
 }
-"""(meta group, field) added to format 1 after banks were saved without it, with its default ("": top level)."""
+"""(meta group, field) added to format 1 after banks were saved without it, with its default.
+
+The group is a dotted path into the meta ("": top level; ``backbone.quantization``: a nested group, skipped
+where it is null, as in an fp32 bank)."""
+
+
+def _later_field_holder(described: dict[str, Any], group: str) -> dict[str, Any] | None:
+    """The dict of ``described`` that the dotted ``group`` names, or None where a step is missing or null."""
+    holder: Any = described
+    for step in group.split(".") if group else ():
+        holder = holder.get(step) if isinstance(holder, dict) else None
+    return holder if isinstance(holder, dict) else None
 
 
 def compute_bank_id(tensors: dict[str, np.ndarray], meta: BankMeta) -> str:
@@ -481,8 +504,8 @@ def compute_bank_id(tensors: dict[str, np.ndarray], meta: BankMeta) -> str:
         digest.update(array.data.cast("B"))
     described = meta.model_dump(mode="json", exclude={"bank_id", "created_utc"})
     for (group, key), default in _LATER_FIELDS.items():
-        holder = described.get(group, {}) if group else described
-        if holder.get(key, default) == default:
+        holder = _later_field_holder(described, group)
+        if holder is not None and holder.get(key, default) == default:
             holder.pop(key, None)
     digest.update(json.dumps(described, sort_keys=True, separators=(",", ":")).encode())
     return digest.hexdigest()[:16]

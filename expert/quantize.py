@@ -327,6 +327,11 @@ def quantization_meta(key: QuantKey, images: int) -> QuantizationMeta:
         method=recipe.method,
         calibration_images=images,
         calibration_sha256=key.calibration,
+        quantized_ops=recipe.quantized_ops,
+        fp32_first_convs=recipe.fp32_first_convs,
+        fp32_last_convs=recipe.fp32_last_convs,
+        symmetric_activations=recipe.symmetric_activations,
+        flip_augment=recipe.flip_augment,
     )
 
 

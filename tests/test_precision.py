@@ -6,6 +6,7 @@ the session's shared ONNX cache) and shared by the tests below.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 from pydantic import ValidationError
+from safetensors.numpy import load_file
 from sklearn.metrics import roc_auc_score
 
 import expert.quantize as quantize_module
@@ -21,7 +23,7 @@ from eagle.images import list_images, load_image
 from eagle.settings import ExpertSettings, Settings
 from expert.bank import load_bank
 from expert.bank_checks import QUANTIZED_OPS, _check_onnx
-from expert.bank_schema import META_FILE, ONNX_FILE, BankError
+from expert.bank_schema import META_FILE, ONNX_FILE, TENSORS_FILE, BankError
 from expert.build import build_bank
 from expert.onnx_cache import ExportKey, OnnxCache
 from expert.quantize import QuantKey, QuantRecipe, calibration_digest, calibration_indices
@@ -123,6 +125,14 @@ def test_int8_bank_records_its_precision_and_recipe_and_carries_a_quantised_grap
     assert backbone.quantization.calibration_images == len(references[0])  # 12 references: all of them
     assert backbone.quantization.format == quantize_module.DEFAULT_RECIPE.format
     assert backbone.quantization.calibration_sha256.startswith("sha256:")
+    recipe = quantize_module.DEFAULT_RECIPE
+    recorded = backbone.quantization
+    assert (recorded.quantized_ops, recorded.fp32_first_convs, recorded.fp32_last_convs) == (
+        recipe.quantized_ops,
+        recipe.fp32_first_convs,
+        recipe.fp32_last_convs,
+    ) == ("conv", 0, 2)
+    assert (recorded.symmetric_activations, recorded.flip_augment) == (False, False)
     ops = {node.op_type for node in onnx.load(str(banks["int8"] / ONNX_FILE)).graph.node}
     assert ops & QUANTIZED_OPS
     int8_size = (banks["int8"] / ONNX_FILE).stat().st_size
@@ -144,6 +154,41 @@ def test_a_bank_saved_before_precision_existed_loads_as_fp32_with_its_id(banks, 
     bank = load_bank(copy, FP32)
     assert bank.meta.backbone.precision == "fp32"
     assert bank.meta.bank_id == load_bank(banks["fp32"], FP32).meta.bank_id
+
+
+RECIPE_FIELDS = ("quantized_ops", "fp32_first_convs", "fp32_last_convs", "symmetric_activations", "flip_augment")
+
+
+def _id_before_recipe_fields(tensors: dict[str, np.ndarray], raw: dict) -> str:
+    """The bank_id as EAGLE computed it before meta.json recorded the recipe knobs (written out, not imported)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(memoryview(array).cast("B"))
+    described = {key: value for key, value in raw.items() if key not in ("bank_id", "created_utc")}
+    for group, key, default in (("threshold", "search", "leave_own_out"), ("", "mask", None), ("", "embeddings", None)):
+        holder = described[group] if group else described
+        if holder.get(key, default) == default:
+            holder.pop(key, None)
+    digest.update(json.dumps(described, sort_keys=True, separators=(",", ":")).encode())
+    return digest.hexdigest()[:16]
+
+
+def test_an_int8_bank_saved_before_the_recipe_fields_keeps_its_id_and_reads_as_the_plain_recipe(banks, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(banks["int8"], tmp_path / "old-int8")
+    raw = json.loads((copy / META_FILE).read_text())
+    for name in RECIPE_FIELDS:  # those banks were quantised with onnxruntime's plain recipe: every operator, none kept
+        del raw["backbone"]["quantization"][name]
+    raw["bank_id"] = _id_before_recipe_fields(load_file(str(copy / TENSORS_FILE)), json.loads(json.dumps(raw)))
+    (copy / META_FILE).write_text(json.dumps(raw))
+    old = load_bank(copy, INT8).meta  # load_bank recomputes the id: a mismatch would be refused
+    assert old.bank_id == raw["bank_id"]
+    assert (old.backbone.quantization.quantized_ops, old.backbone.quantization.fp32_last_convs) == ("all", 0)
+    # where they differ from the plain recipe the fields are part of the id: recording conv/2 changed it
+    assert load_bank(banks["int8"], INT8).meta.bank_id != old.bank_id
 
 
 # ------------------------------------------------------------------------------------------- accuracy
