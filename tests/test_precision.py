@@ -127,11 +127,8 @@ def test_int8_bank_records_its_precision_and_recipe_and_carries_a_quantised_grap
     assert backbone.quantization.calibration_sha256.startswith("sha256:")
     recipe = quantize_module.DEFAULT_RECIPE
     recorded = backbone.quantization
-    assert (recorded.quantized_ops, recorded.fp32_first_convs, recorded.fp32_last_convs) == (
-        recipe.quantized_ops,
-        recipe.fp32_first_convs,
-        recipe.fp32_last_convs,
-    ) == ("conv", 0, 2)
+    knobs = ("quantized_ops", "fp32_first_convs", "fp32_last_convs")
+    assert [getattr(recorded, k) for k in knobs] == [getattr(recipe, k) for k in knobs] == ["conv", 0, 2]
     assert (recorded.symmetric_activations, recorded.flip_augment) == (False, False)
     ops = {node.op_type for node in onnx.load(str(banks["int8"] / ONNX_FILE)).graph.node}
     assert ops & QUANTIZED_OPS
