@@ -3,6 +3,7 @@ and the bank_id, so that only the meaning checks (and the test inspection) can t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -78,3 +79,18 @@ def fake_onnx(*, input_dims: tuple = ("batch", 3, 224, 224), output_dims: tuple 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
+
+
+def hash_bank(tensors: dict[str, np.ndarray], described: dict[str, Any]) -> str:
+    """A bank_id written out by hand: sha256 over the tensors (name, dtype, shape, bytes) and ``described`` as JSON.
+
+    Tests of old bank formats build ``described`` the way the EAGLE of that time did (which fields it left out) and
+    check that today's :func:`compute_bank_id` still gives the same id.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(memoryview(array).cast("B"))
+    digest.update(json.dumps(described, sort_keys=True, separators=(",", ":")).encode())
+    return digest.hexdigest()[:16]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -15,6 +14,7 @@ from safetensors.numpy import load_file
 from eagle.settings import ExpertSettings
 from expert.bank import load_bank, read_meta, save_bank
 from expert.bank_schema import DEFAULT_REFERENCE_MAX_SIDE, LEGACY_REFERENCE_MAX_SIDE, compute_bank_id
+from tests.bank_tamper import hash_bank
 from tests.test_bank import _bank, write_fake_onnx
 
 # (height, width): a VisA-like large image, an MVTec-like one exactly at the limit, a small one
@@ -58,19 +58,13 @@ def test_the_setting_may_raise_the_limit(tmp_path, onnx_file):
 
 def _id_as_before(tensors: dict[str, np.ndarray], meta) -> str:
     """The bank_id as EAGLE computed it before meta.json had reference_max_side (and threshold.search)."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(memoryview(array).cast("B"))
     described = meta.model_dump(
         mode="json", exclude={"bank_id", "created_utc", "reference_max_side", "mask", "embeddings"}
     )
     described["threshold"].pop("search", None)
     for later in ("precision", "quantization"):  # backbone fields added later still
         described["backbone"].pop(later, None)
-    digest.update(json.dumps(described, sort_keys=True, separators=(",", ":")).encode())
-    return digest.hexdigest()[:16]
+    return hash_bank(tensors, described)
 
 
 def _make_legacy(bank_dir: Path) -> None:

@@ -6,7 +6,6 @@ every bank here is built in well under a second and its τ can be recomputed by 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from types import SimpleNamespace
@@ -33,6 +32,7 @@ from expert.mask import (
 )
 from expert.preprocess import preprocess
 from expert.scorer import ExpertScorer
+from tests.bank_tamper import hash_bank
 from tests.synthetic import noisy_part, part_with_red_square
 
 SETTINGS = ExpertSettings(weights="random", min_references=2, recommended_references=2)
@@ -354,19 +354,13 @@ def test_a_mask_tensor_without_meta_is_refused(tmp_path, banks):
 
 def _format1_bank_id(tensors: dict[str, np.ndarray], raw: dict) -> str:
     """The bank id exactly as format-1 EAGLE computed it (its later-field rule included)."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(memoryview(array).cast("B"))
     described = {k: v for k, v in raw.items() if k not in ("bank_id", "created_utc")}
     described["threshold"] = dict(described["threshold"])
     if described["threshold"].get("search", "leave_own_out") == "leave_own_out":
         described["threshold"].pop("search", None)
     if described.get("reference_max_side") is None:
         described.pop("reference_max_side", None)
-    digest.update(json.dumps(described, sort_keys=True, separators=(",", ":")).encode())
-    return digest.hexdigest()[:16]
+    return hash_bank(tensors, described)
 
 
 def test_a_format_1_bank_still_loads_with_its_id(tmp_path, banks):

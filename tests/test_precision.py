@@ -6,7 +6,6 @@ the session's shared ONNX cache) and shared by the tests below.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,7 +27,7 @@ from expert.build import build_bank
 from expert.onnx_cache import ExportKey, OnnxCache
 from expert.quantize import QuantKey, QuantRecipe, calibration_digest, calibration_indices
 from expert.scorer import MAX_SCORE_BATCH, load_expert, make_embedder
-from tests.bank_tamper import tamper
+from tests.bank_tamper import hash_bank, tamper
 
 pytestmark = pytest.mark.slow
 
@@ -158,18 +157,12 @@ RECIPE_FIELDS = ("quantized_ops", "fp32_first_convs", "fp32_last_convs", "symmet
 
 def _id_before_recipe_fields(tensors: dict[str, np.ndarray], raw: dict) -> str:
     """The bank_id as EAGLE computed it before meta.json recorded the recipe knobs (written out, not imported)."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(memoryview(array).cast("B"))
     described = {key: value for key, value in raw.items() if key not in ("bank_id", "created_utc")}
     for group, key, default in (("threshold", "search", "leave_own_out"), ("", "mask", None), ("", "embeddings", None)):
         holder = described[group] if group else described
         if holder.get(key, default) == default:
             holder.pop(key, None)
-    digest.update(json.dumps(described, sort_keys=True, separators=(",", ":")).encode())
-    return digest.hexdigest()[:16]
+    return hash_bank(tensors, described)
 
 
 def test_an_int8_bank_saved_before_the_recipe_fields_keeps_its_id_and_reads_as_the_plain_recipe(banks, tmp_path):
