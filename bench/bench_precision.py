@@ -36,7 +36,7 @@ appends its site-packages AFTER the project's, so the project's numpy, torch and
 
 Usage::
 
-    .venv/bin/python bench/bench_precision.py                       # ~15-25 min on 2 shared cores
+    .venv/bin/python bench/bench_precision.py                       # ~8 min on 2 idle cores (with the anchor)
     .venv/bin/python bench/bench_precision.py --quick               # few images and repeats: a smoke run
     .venv/bin/python bench/bench_precision.py --kinds fp32,int8     # without the alternatives
     .venv/bin/python bench/bench_precision.py --accuracy-only --kinds int8-plain,int8-plain:method=percentile
